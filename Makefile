@@ -1,0 +1,29 @@
+# Two entry points, both starting from nothing: `make serve` and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test test-fast embedded lint
+
+install:
+	bash scripts/install.sh
+
+# Serve the embedded sandbox ensemble on 127.0.0.1:8000.
+serve: install
+	$(BIN)/ensemble-serve up
+
+# The whole suite, end-to-end tests with the real vLLM engine included.
+test: install
+	$(BIN)/python -m pytest -q
+
+# Unit tests only (no engine start).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Rebuild the embedded substrate and starting population (about 10 minutes on 2 cores).
+embedded: install
+	$(BIN)/ensemble-train substrate --config configs/substrate.yaml --out ensemble_serve/embedded/substrate
+	$(BIN)/ensemble-train init --config configs/init.yaml --base ensemble_serve/embedded/substrate \
+		--out ensemble_serve/embedded/population --overwrite
+
+lint: install
+	$(BIN)/ruff check ensemble_serve trainer clients tests bench

@@ -1,0 +1,1 @@
+"""Examples of calling ensemble-serve: openai client, streaming, RAG, LangChain."""

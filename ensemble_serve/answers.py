@@ -1,0 +1,334 @@
+"""Final-answer extraction, shared by the server's voting and the trainer's verifier.
+
+An extractor turns a model's free-form output into an :class:`Extraction`: the
+normalized answer (``value``), a ``status`` ("ok"; "missing" when no answer was
+found; "malformed" when an answer marker was found but its content is unusable)
+and the answer text as found (``raw``).
+
+A *spec* names the extractor: a mode from :data:`EXTRACTORS` ("auto", "marked",
+"boxed", "number", "choice", "text") or ``{"regex": PATTERN}``.
+Only the last :data:`MAX_TEXT_CHARS` characters of a text are searched.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+MAX_TEXT_CHARS = 200_000
+
+Status = Literal["ok", "missing", "malformed"]
+AnswerSpec = str | Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The outcome of extracting a final answer from a text."""
+
+    value: str | None  # normalized answer; None unless status == "ok"
+    status: Status
+    raw: str | None  # the answer (or the offending snippet) as found in the text
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+Extractor = Callable[[str], Extraction]
+
+MISSING = Extraction(None, "missing", None)
+
+
+def _ok(value: str, raw: str) -> Extraction:
+    return Extraction(value, "ok", raw)
+
+
+def _malformed(raw: str | None) -> Extraction:
+    return Extraction(None, "malformed", raw)
+
+
+# ---------------------------------------------------------------------------
+# Normalization
+# ---------------------------------------------------------------------------
+
+# A whole string that is a number: optional sign, strict thousands groups or plain digits, optional fraction.
+_NUMBER_FULL = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)")
+
+# A number inside running text. A sign only counts when it is not a binary operator ("3-5" -> 5);
+# digits glued to a word or a decimal point are not a separate number.
+_NUMBER_IN_TEXT = re.compile(r"(?:(?<![\w)\]}])[+-])?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?![\d])|\d+)(?:\.\d+)?")
+
+
+def canonical_number(s: str) -> str | None:
+    """Canonical form of a numeric string ("+1,234.50" -> "1234.5", "-0" -> "0"); None if not a number."""
+    s = s.strip()
+    if not _NUMBER_FULL.fullmatch(s):
+        return None
+    negative = s[0] == "-"
+    s = s.lstrip("+-").replace(",", "")
+    int_part, _, frac = s.partition(".")
+    int_part = int_part.lstrip("0") or "0"
+    frac = frac.rstrip("0")
+    if int_part == "0" and not frac:
+        return "0"
+    return ("-" if negative else "") + int_part + ("." + frac if frac else "")
+
+
+def collapse_text(s: str) -> str:
+    """Whitespace collapsed to single spaces, stripped, one trailing period removed."""
+    s = " ".join(s.split())
+    if s.endswith("."):
+        s = s[:-1].rstrip()
+    return s
+
+
+def _to_str(s: str | float) -> str:
+    if isinstance(s, bool) or not isinstance(s, (str, int, float)):
+        raise TypeError(f"an answer must be a string or a number, got {type(s).__name__}")
+    if isinstance(s, float):
+        if not math.isfinite(s):
+            raise ValueError(f"an answer must be a finite number, got {s!r}")
+        return format(Decimal(repr(s)), "f")
+    return str(s)
+
+
+def normalize_answer(s: str | float) -> str:
+    """The canonical number if `s` is numeric, else the collapsed text (case kept)."""
+    text = collapse_text(_to_str(s))
+    return canonical_number(text) or text
+
+
+def answers_equal(a: str | float | None, b: str | float | None) -> bool:
+    """Numeric equality when both are numbers, else equality of normalized text; None equals nothing."""
+    if a is None or b is None:
+        return False
+    na, nb = normalize_answer(a), normalize_answer(b)
+    num_a, num_b = canonical_number(na), canonical_number(nb)
+    if num_a is not None and num_b is not None:
+        return Decimal(num_a) == Decimal(num_b)
+    return na == nb
+
+
+# ---------------------------------------------------------------------------
+# Locating answers
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """An answer marker found in a text: its content (None when empty or broken) and the snippet."""
+
+    content: str | None
+    snippet: str
+
+
+_MARKED = re.compile(r"^[ \t]*####(?!#)(.*)$", re.MULTILINE)
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_IS = re.compile(r"\banswer\s*(?:is\b\s*:?|:)[ \t]*(?:\r?\n[ \t]*)?([^\r\n]*)", re.IGNORECASE)
+_SNIPPET_CHARS = 200
+
+
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    last = None
+    for last in pattern.finditer(text):
+        pass
+    return last
+
+
+def _marked_hit(text: str) -> _Hit | None:
+    """The last line starting with '####'."""
+    m = _last(_MARKED, text)
+    if m is None:
+        return None
+    content = m.group(1).strip()
+    return _Hit(content or None, m.group(0).strip())
+
+
+def _boxed_hit(text: str) -> _Hit | None:
+    """The last \\boxed{...}, braces balanced (escaped braces ignored)."""
+    m = _last(_BOXED, text)
+    if m is None:
+        return None
+    depth, i = 1, m.end()
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                content = text[m.end() : i].strip()
+                return _Hit(content or None, text[m.start() : i + 1])
+        i += 1
+    return _Hit(None, text[m.start() : m.start() + _SNIPPET_CHARS])
+
+
+def _marker_hit(text: str) -> _Hit | None:
+    """A '####' line if any, else a \\boxed{} if any."""
+    return _marked_hit(text) or _boxed_hit(text)
+
+
+def _answer_is_contents(text: str) -> list[str]:
+    """Non-empty texts after 'answer is' / 'answer:', last one last."""
+    return [c for m in _ANSWER_IS.finditer(text) if (c := m.group(1).strip())]
+
+
+def _from_hit(hit: _Hit, convert: Callable[[str], str | None]) -> Extraction:
+    """Apply `convert` to a marker's content; empty, broken or unconvertible content is malformed."""
+    if hit.content is None:
+        return _malformed(hit.snippet)
+    value = convert(hit.content)
+    return _ok(value, hit.content) if value else _malformed(hit.content)
+
+
+# ---------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------
+
+
+def extract_marked(text: str) -> Extraction:
+    """The last '#### answer' line (the sandbox's format)."""
+    hit = _marked_hit(text)
+    return MISSING if hit is None else _from_hit(hit, normalize_answer)
+
+
+def extract_boxed(text: str) -> Extraction:
+    """The last \\boxed{answer}."""
+    hit = _boxed_hit(text)
+    return MISSING if hit is None else _from_hit(hit, normalize_answer)
+
+
+def extract_number(text: str) -> Extraction:
+    """A marked/boxed answer that must be a number, else the last number in the text."""
+    hit = _marker_hit(text)
+    if hit is not None:
+        return _from_hit(hit, lambda c: canonical_number(collapse_text(c)))
+    m = _last(_NUMBER_IN_TEXT, text)
+    if m is None:
+        return MISSING
+    return _ok(canonical_number(m.group(0)) or m.group(0), m.group(0))
+
+
+_CHOICE_PAREN = re.compile(r"\(([A-Ea-e])\)(?!\w)")
+_CHOICE_UPPER = re.compile(r"([A-E])(?![\w(])")
+_CHOICE_ONLY = re.compile(r"\(?([A-Ea-e])\)?[.!]?")
+_CHOICE_FINAL = re.compile(r"(?:^|\s)\(([A-Ea-e])\)[.!]?\s*\Z")
+
+
+def _choice_letter(content: str) -> str | None:
+    """'B', 'b', '(b)', 'B.', 'B because ...' -> 'B'; a bare lower-case letter only on its own."""
+    m = _CHOICE_ONLY.fullmatch(content) or _CHOICE_PAREN.match(content) or _CHOICE_UPPER.match(content)
+    return m.group(1).upper() if m else None
+
+
+def extract_choice(text: str) -> Extraction:
+    """A letter A-E from a marked/boxed answer, 'answer is (B)' / 'answer: B', or a final '(B)'."""
+    hit = _marker_hit(text)
+    if hit is not None:
+        return _from_hit(hit, _choice_letter)
+    for content in reversed(_answer_is_contents(text)):
+        letter = _choice_letter(content)
+        if letter:
+            return _ok(letter, content)
+    m = _CHOICE_FINAL.search(text)
+    if m:
+        return _ok(m.group(1).upper(), m.group(0).strip())
+    return MISSING
+
+
+def extract_text(text: str) -> Extraction:
+    """A marked/boxed answer, else the text after the last 'answer is', else the whole text (case kept)."""
+    hit = _marker_hit(text)
+    if hit is not None:
+        return _from_hit(hit, collapse_text)
+    contents = _answer_is_contents(text)
+    raw = contents[-1] if contents else text.strip()
+    value = collapse_text(raw)
+    return _ok(value, raw) if value else MISSING
+
+
+def extract_auto(text: str) -> Extraction:
+    """Marked, then boxed, then 'answer is X'; a number if it parses as one, else text. No fallback to stray numbers."""
+    hit = _marker_hit(text)
+    if hit is not None:
+        return _from_hit(hit, normalize_answer)
+    contents = _answer_is_contents(text)
+    if not contents:
+        return MISSING
+    value = normalize_answer(contents[-1])
+    return _ok(value, contents[-1]) if value else _malformed(contents[-1])
+
+
+def _guarded(fn: Extractor) -> Extractor:
+    """Type-check the text and keep only its tail before any regex work."""
+
+    @functools.wraps(fn)
+    def wrapper(text: str) -> Extraction:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        return fn(text[-MAX_TEXT_CHARS:])
+
+    return wrapper
+
+
+EXTRACTORS: dict[str, Extractor] = {
+    "auto": _guarded(extract_auto),
+    "marked": _guarded(extract_marked),
+    "boxed": _guarded(extract_boxed),
+    "number": _guarded(extract_number),
+    "choice": _guarded(extract_choice),
+    "text": _guarded(extract_text),
+}
+MODES = tuple(EXTRACTORS)
+
+
+@functools.lru_cache(maxsize=256)
+def _regex_extractor(pattern: str) -> Extractor:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"invalid answer regex {pattern!r}: {e}") from None
+
+    def extract_regex(text: str) -> Extraction:
+        """The last match: group 1 if the pattern has groups, else the whole match."""
+        m = _last(compiled, text)
+        if m is None:
+            return MISSING
+        raw = m.group(1) if compiled.groups else m.group(0)
+        value = normalize_answer(raw) if raw else ""
+        return _ok(value, raw) if value else _malformed(m.group(0))
+
+    return _guarded(extract_regex)
+
+
+def get_extractor(spec: AnswerSpec) -> Extractor:
+    """The extractor for a mode name or a ``{"regex": PATTERN}`` dict; ValueError for anything else."""
+    valid = f"valid modes: {', '.join(MODES)}, or {{'regex': PATTERN}}"
+    if isinstance(spec, str):
+        try:
+            return EXTRACTORS[spec]
+        except KeyError:
+            raise ValueError(f"unknown answer mode {spec!r}; {valid}") from None
+    if isinstance(spec, Mapping):
+        if set(spec) != {"regex"}:
+            raise ValueError(
+                f"an answer spec dict must have exactly the key 'regex', got keys {sorted(map(str, spec))}"
+            )
+        pattern = spec["regex"]
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"'regex' must be a non-empty string, got {pattern!r}")
+        return _regex_extractor(pattern)
+    raise ValueError(f"answer spec must be a mode name or a dict, got {type(spec).__name__}; {valid}")
+
+
+def extract_answer(text: str, spec: AnswerSpec = "auto") -> Extraction:
+    """Extract the final answer from `text` with the extractor named by `spec`."""
+    return get_extractor(spec)(text)

@@ -1,0 +1,205 @@
+"""The engine layer: vLLM with LoRA enabled and every population member registered.
+
+The server and the trainer reach vLLM only through this module. One engine step
+batches requests for different adapters together (multi-LoRA), so N members x k
+chains cost about one batch. vLLM is imported lazily: the pure-Python parts of the
+project (sandbox, manifest, voting) work without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ensemble_serve.population import Population
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+# vLLM's accepted values for max_lora_rank; an adapter may have any rank up to it.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class EngineConfig(BaseModel):
+    """Engine settings; names follow `vllm serve` flags where they overlap."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_loras: int | None = Field(None, ge=1, description="Adapters in one batch (default: all members, at most 16).")
+    max_lora_rank: int | None = Field(None, description="Largest adapter rank (default: the smallest vLLM value >= the largest member rank).")
+    max_cpu_loras: int | None = Field(None, ge=1, description="Adapters kept in host memory (default: max(max_loras, members)).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0, le=1, description="Memory fraction for vLLM (on the CPU backend, of NUMA node 0's memory)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM pipeline parallelism.")
+    distributed_executor_backend: str | None = Field(None, description="vLLM executor backend: mp or ray.")
+    dtype: str = Field("auto", description="Weights dtype (auto: float32 on CPU for the sandbox substrate).")
+    enforce_eager: bool = Field(True, description="Skip graph capture/compilation (fast start on CPU).")
+    seed: int = Field(0, description="Engine sampling seed.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences scheduled per step.")
+
+
+@dataclass
+class AdapterRegistry:
+    """Public member names -> `LoRARequest`s with monotonic integer ids.
+
+    A name keeps its id until its adapter folder changes; a changed folder gets a
+    fresh id, so vLLM never confuses a reloaded member with its stale weights.
+    """
+
+    _by_name: dict[str, "LoRARequest"] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def register(self, name: str, path: Path, base_model_name: str | None = None) -> "LoRARequest":
+        from vllm.lora.request import LoRARequest
+
+        with self._lock:
+            current = self._by_name.get(name)
+            if current is not None and current.lora_path == str(path):
+                return current
+            req = LoRARequest(name, next(self._ids), str(path), base_model_name=base_model_name)
+            self._by_name[name] = req
+            return req
+
+    def sync(self, population: Population) -> None:
+        """Register every member of `population` and forget names it no longer has."""
+        names = set(population.names)
+        with self._lock:
+            for gone in set(self._by_name) - names:
+                del self._by_name[gone]
+        for name in population.names:
+            self.register(name, population.member_dir(name), population.manifest.base_model.name)
+
+    def get(self, name: str) -> "LoRARequest":
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"unknown member {name!r}; known: {sorted(self._by_name)}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+
+def default_lora_rank(population: Population) -> int:
+    biggest = max(m.rank for m in population.manifest.members)
+    for r in VLLM_LORA_RANKS:
+        if r >= biggest:
+            return r
+    raise ValueError(f"member rank {biggest} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+
+
+def engine_kwargs(population: Population, cfg: EngineConfig) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` / `AsyncEngineArgs` serving `population`."""
+    if population.base_model_path is None and population.manifest.base_model.hub_id is None:
+        raise ValueError(f"population {population.root} names no base model path or hub id")
+    model = str(population.base_model_path or population.manifest.base_model.hub_id)
+    n = len(population.manifest.members)
+    max_loras = cfg.max_loras or min(n, 16)
+    rank = cfg.max_lora_rank or default_lora_rank(population)
+    if rank not in VLLM_LORA_RANKS:
+        raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {rank}")
+    too_big = [m.name for m in population.manifest.members if m.rank > rank]
+    if too_big:
+        raise ValueError(f"members {too_big} have rank above max_lora_rank={rank}")
+    kw: dict[str, Any] = dict(
+        model=model,
+        enable_lora=True,
+        max_loras=max_loras,
+        max_lora_rank=rank,
+        max_cpu_loras=cfg.max_cpu_loras or max(max_loras, n),
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        pipeline_parallel_size=cfg.pipeline_parallel_size,
+        dtype=_dtype(cfg.dtype),
+        enforce_eager=cfg.enforce_eager,
+        seed=cfg.seed,
+        max_num_seqs=cfg.max_num_seqs,
+    )
+    if cfg.max_model_len:
+        kw["max_model_len"] = cfg.max_model_len
+    if cfg.distributed_executor_backend:
+        kw["distributed_executor_backend"] = cfg.distributed_executor_backend
+    return kw
+
+
+def _dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    # The CPU backend runs float32 reliably; on CUDA let vLLM pick from the config.
+    return "float32" if _on_cpu() else "auto"
+
+
+def _on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return True
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One finished chain: the text, its token count and why it stopped."""
+
+    member: str | None
+    text: str
+    tokens: int
+    finish_reason: str | None
+
+
+class OfflineEngine:
+    """A synchronous vLLM engine over one population, for batch work (evaluation, self-play).
+
+    Every member is a `LoRARequest`; `generate` puts all requests, whatever their
+    adapters, into one `LLM.generate` call so vLLM batches them in the same steps.
+    """
+
+    def __init__(self, population: Population, cfg: EngineConfig | None = None):
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        from vllm import LLM
+
+        self.population = population
+        self.cfg = cfg or EngineConfig()
+        self.registry = AdapterRegistry()
+        self.registry.sync(population)
+        self.llm: LLM = LLM(**engine_kwargs(population, self.cfg))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def chat_prompt(self, user_message: str) -> str:
+        """The base model's chat template applied to one user turn."""
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        members: Sequence[str | None],
+        params: "SamplingParams | Sequence[SamplingParams]",
+        progress: bool = False,
+    ) -> list[list[Generation]]:
+        """Generate for each (prompt, member) pair in one multi-LoRA batch.
+
+        `members[i]` is a member name, or None for the base model. Returns, for each
+        pair, its `n` completions.
+        """
+        if len(prompts) != len(members):
+            raise ValueError(f"{len(prompts)} prompts but {len(members)} members")
+        loras = [None if m is None else self.registry.get(m) for m in members]
+        outputs = self.llm.generate(list(prompts), params, lora_request=loras, use_tqdm=progress)
+        return [
+            [Generation(m, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
+            for m, out in zip(members, outputs)
+        ]

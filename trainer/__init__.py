@@ -1,0 +1,1 @@
+"""ensemble-serve trainer: sandbox, substrate, population and evolution (offline half)."""

@@ -1,0 +1,163 @@
+"""Configs of the offline commands: YAML files go straight into frozen pydantic models.
+
+Every field is documented where it is declared; the CLI help is generated from these
+descriptions, and CLI flags override the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainer.sandbox import DOMAINS
+
+ALL_DOMAINS = tuple(DOMAINS)
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_domains(v: tuple[str, ...]) -> tuple[str, ...]:
+    if not v:
+        raise ValueError("at least one domain is needed")
+    unknown = [d for d in v if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown}; known: {sorted(DOMAINS)}")
+    return v
+
+
+def _check_difficulties(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or any(d not in (1, 2, 3, 4) for d in v):
+        raise ValueError(f"difficulties must be a non-empty subset of 1..4, got {list(v)}")
+    return v
+
+
+class SubstrateConfig(_Config):
+    """`ensemble-train substrate`: a small Llama trained from scratch on the sandbox."""
+
+    out: Path = Field(Path("runs/substrate"), description="Folder to write the Hugging Face model to.")
+    seed: int = Field(0, description="Seed for weights, data order and evaluation problems.")
+    hidden_size: int = Field(128, gt=0, description="Model width.")
+    intermediate_size: int = Field(384, gt=0, description="MLP width.")
+    num_layers: int = Field(4, gt=0, description="Transformer blocks.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (hidden_size must divide by it).")
+    max_position_embeddings: int = Field(256, ge=64, description="Context length in tokens (characters).")
+    steps: int = Field(2400, ge=1, description="Optimizer steps. Training is by steps, not time, so a seed gives one model.")
+    batch_size: int = Field(64, gt=0, description="Sequences per step.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay to 10%).")
+    warmup_steps: int = Field(100, ge=0, description="Warm-up steps.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Sandbox domains to train on.")
+    difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels (1..4) to train on.")
+    eval_per_domain: int = Field(64, ge=0, description="Held-out problems per domain for the accuracy report (0: skip).")
+    threads: int = Field(2, gt=0, description="CPU threads for torch (fixed, for reproducibility).")
+
+    _domains = field_validator("domains")(_check_domains)
+    _diffs = field_validator("difficulties")(_check_difficulties)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "SubstrateConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class InitConfig(_Config):
+    """`ensemble-train init`: a diverse starting population of LoRA adapters on the substrate."""
+
+    base: Path = Field(Path("runs/substrate"), description="Base model folder (the substrate, or any Llama-like HF model).")
+    base_name: str | None = Field(None, description="Identifier recorded as the members' base model (default: the folder name).")
+    out: Path = Field(Path("runs/population"), description="Population directory to create.")
+    members: int = Field(8, ge=1, le=64, description="Population size.")
+    seed: int = Field(0, description="Population seed; member i uses seed + i.")
+    ranks: tuple[int, ...] = Field((4, 8, 16), description="LoRA ranks, assigned round-robin (diversity).")
+    alpha_over_rank: float = Field(2.0, gt=0, description="lora_alpha = alpha_over_rank * rank.")
+    dropouts: tuple[float, ...] = Field((0.0, 0.05, 0.1), description="LoRA dropouts, assigned round-robin.")
+    lrs: tuple[float, ...] = Field((1e-3, 2e-3, 4e-3), description="Warm-up learning rates, assigned round-robin.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        description="Linear layers that carry LoRA.",
+    )
+    warmup_steps: int = Field(120, ge=0, description="Supervised warm-up steps per member (0: untrained adapters).")
+    batch_size: int = Field(32, gt=0, description="Warm-up batch size.")
+    focus_weight: float = Field(
+        0.6, ge=0, le=1,
+        description="Share of a member's warm-up data drawn from its focus domain (member i focuses on domain i mod #domains); "
+        "the rest is drawn from all domains.",
+    )
+    domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Domains of the warm-up data.")
+    difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels of the warm-up data.")
+    data: Path | None = Field(None, description="A JSONL dataset (prompt, answer, domain, chain) used instead of the sandbox; rows need a chain.")
+    overwrite: bool = Field(False, description="Replace an existing population directory.")
+    threads: int = Field(2, gt=0, description="CPU threads for torch.")
+
+    _domains = field_validator("domains")(_check_domains)
+    _diffs = field_validator("difficulties")(_check_difficulties)
+
+    @field_validator("ranks", "dropouts", "lrs")
+    @classmethod
+    def _non_empty(cls, v: tuple) -> tuple:
+        if not v:
+            raise ValueError("needs at least one value")
+        return v
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(r < 1 or r > 64 for r in v):
+            raise ValueError(f"ranks must be in 1..64, got {list(v)}")
+        return v
+
+
+class EvalConfig(_Config):
+    """`ensemble-train eval`: per-domain accuracy of each member, generated with vLLM."""
+
+    population: Path = Field(Path("runs/population"), description="Population directory to evaluate.")
+    per_domain: int = Field(64, ge=1, description="Held-out problems per domain.")
+    seed: int = Field(1234, description="Seed of the held-out problems.")
+    domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Domains to evaluate.")
+    difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels to evaluate.")
+    data: Path | None = Field(None, description="A labelled JSONL dataset to evaluate on instead of the sandbox.")
+    include_base: bool = Field(True, description="Also evaluate the base model without an adapter.")
+    max_tokens: int = Field(128, gt=0, description="Generation limit per chain.")
+    out: Path | None = Field(None, description="Write the results as JSON here.")
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0, le=1, description="vLLM memory fraction (on the CPU backend: of NUMA node 0's memory)."
+    )
+
+    _domains = field_validator("domains")(_check_domains)
+    _diffs = field_validator("difficulties")(_check_difficulties)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message names the file."""
+
+
+def load_config(cls: type[C], path: Path | None, overrides: dict[str, Any]) -> C:
+    """Read YAML `path` (optional) into `cls`, with non-None `overrides` on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of option: value")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        where = f"config file {path}" if path else "options"
+        raise ConfigError(f"invalid {where}:\n{e}") from None

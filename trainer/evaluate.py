@@ -1,0 +1,105 @@
+"""`ensemble-train eval`: each member's per-domain accuracy, generated with vLLM.
+
+All members (and the bare base model) answer the same held-out problems in one
+multi-LoRA `generate` call, through the same engine layer the server uses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from ensemble_serve.engine import EngineConfig, OfflineEngine
+from ensemble_serve.fsutil import atomic_write_text
+from ensemble_serve.population import Population, load_population, write_manifest
+from trainer.config import EvalConfig
+from trainer.sandbox import Problem, generate_problems, load_jsonl, verify
+
+BASE = "(base)"
+
+
+def eval_problems(cfg: EvalConfig) -> list[Problem]:
+    if cfg.data is not None:
+        problems = [p for p in load_jsonl(cfg.data) if p.answer is not None]
+        if not problems:
+            raise ValueError(f"{cfg.data} has no rows with an `answer` to evaluate against")
+        return problems
+    return generate_problems(
+        cfg.per_domain * len(cfg.domains),
+        seed=cfg.seed,
+        split="heldout",
+        domains=list(cfg.domains),
+        difficulties=list(cfg.difficulties),
+    )
+
+
+def score_members(
+    engine: OfflineEngine, problems: Sequence[Problem], members: Sequence[str | None], max_tokens: int
+) -> dict[str, dict[str, float]]:
+    """accuracy[member][domain] (plus "all") from greedy chains, all members in one batch."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    prompts = [engine.chat_prompt(p.prompt) for p in problems]
+    pairs = [(m, i) for m in members for i in range(len(problems))]
+    outputs = engine.generate([prompts[i] for _, i in pairs], [m for m, _ in pairs], params, progress=True)
+    right: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    total: dict[str, int] = defaultdict(int)
+    for p in problems:
+        total[p.domain] += 1
+        total["all"] += 1
+    for (member, i), gens in zip(pairs, outputs):
+        key = BASE if member is None else member
+        ok = verify(problems[i], gens[0].text).correct
+        right[key][problems[i].domain] += ok
+        right[key]["all"] += ok
+    return {
+        (BASE if m is None else m): {d: right[BASE if m is None else m][d] / total[d] for d in sorted(total)}
+        for m in members
+    }
+
+
+def format_table(acc: dict[str, dict[str, float]]) -> str:
+    domains = sorted({d for row in acc.values() for d in row} - {"all"}) + ["all"]
+    head = f"{'member':<10}" + "".join(f"{d:>9}" for d in domains)
+    lines = [head, "-" * len(head)]
+    for member, row in acc.items():
+        lines.append(f"{member:<10}" + "".join(f"{row.get(d, float('nan')):>9.3f}" for d in domains))
+    return "\n".join(lines)
+
+
+def record_scores(population: Population, acc: dict[str, dict[str, float]]) -> None:
+    """Write each member's per-domain accuracy (domain_scores) and mean accuracy (fitness) into the manifest."""
+    members = [
+        m.model_copy(update={"domain_scores": {d: v for d, v in acc[m.name].items() if d != "all"}, "fitness": acc[m.name]["all"]})
+        for m in population.manifest.members
+    ]
+    write_manifest(population.root, population.manifest.model_copy(update={"members": members}))
+
+
+def run_eval(cfg: EvalConfig, update_manifest: bool = False) -> dict:
+    population = load_population(cfg.population)
+    problems = eval_problems(cfg)
+    started = time.perf_counter()
+    engine = OfflineEngine(population, EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=None))
+    load_seconds = time.perf_counter() - started
+    members: list[str | None] = ([None] if cfg.include_base else []) + list(population.names)
+    started = time.perf_counter()
+    acc = score_members(engine, problems, members, cfg.max_tokens)
+    result = {
+        "population": str(cfg.population),
+        "generation": population.manifest.generation,
+        "problems": len(problems),
+        "engine_load_seconds": round(load_seconds, 1),
+        "generate_seconds": round(time.perf_counter() - started, 1),
+        "accuracy": acc,
+    }
+    if update_manifest:
+        record_scores(population, acc)
+    if cfg.out is not None:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.out), json.dumps(result, indent=2) + "\n")
+    return result
