@@ -23,7 +23,7 @@ test-fast: install
 embedded: install
 	$(BIN)/ensemble-train substrate --config configs/substrate.yaml --out ensemble_serve/embedded/substrate
 	$(BIN)/ensemble-train init --config configs/init.yaml --base ensemble_serve/embedded/substrate \
-		--out ensemble_serve/embedded/population --overwrite
+		--out ensemble_serve/embedded/population --base-name sandbox-substrate --overwrite
 
 lint: install
 	$(BIN)/ruff check ensemble_serve trainer clients tests bench

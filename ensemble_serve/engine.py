@@ -203,3 +203,145 @@ class OfflineEngine:
             [Generation(m, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
             for m, out in zip(members, outputs)
         ]
+
+
+class ScoringGate:
+    """Keeps prompt-logprob scoring alone in the engine.
+
+    vLLM's CPU backend crashes its engine core when a request with `prompt_logprobs`
+    under one LoRA adapter is scheduled in the same step as any request under another
+    adapter (see docs). So every engine request goes through this gate: generation
+    holds it shared; scoring holds it exclusively and scores one adapter at a time.
+    While a scoring batch waits for in-flight generation to drain, new generation
+    waits too (writer preference), so scoring cannot starve.
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._cond = asyncio.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    async def acquire_shared(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
+            self._readers += 1
+
+    async def release_shared(self) -> None:
+        async with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    async def acquire_exclusive(self) -> None:
+        async with self._cond:
+            self._writers_waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+
+    async def release_exclusive(self) -> None:
+        async with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+    @property
+    def state(self) -> tuple[int, bool]:
+        """(generation requests inside, scoring inside): for tests and metrics."""
+        return self._readers, self._writer
+
+
+class AsyncEngine:
+    """vLLM's `AsyncLLM` over one population, for the server.
+
+    Requests are token-id prompts with a member name (or None for the base model).
+    Cancelling the iteration of `generate` aborts the request inside vLLM.
+    Scoring with prompt logprobs runs through `ScoringGate`, one adapter at a time.
+    """
+
+    def __init__(self, population: Population, cfg: EngineConfig | None = None):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg or EngineConfig()
+        self.population = population
+        self.registry = AdapterRegistry()
+        self.registry.sync(population)
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(population, self.cfg)))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len: int = self.llm.model_config.max_model_len
+        self.gate = ScoringGate()
+        self._ids = itertools.count()
+
+    def next_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def set_population(self, population: Population) -> None:
+        """Serve `population` from now on; requests in flight keep the adapters they started with."""
+        if population.manifest.base_model.sha256 != self.population.manifest.base_model.sha256 or (
+            population.base_model_path != self.population.base_model_path
+        ):
+            raise ValueError(
+                f"{population.root}: the base model changed; a new base model needs a restart of the server"
+            )
+        too_big = [m.name for m in population.manifest.members if m.rank > self.llm.vllm_config.lora_config.max_lora_rank]
+        if too_big:
+            raise ValueError(f"{population.root}: members {too_big} exceed the engine's max_lora_rank; restart with a larger one")
+        self.registry.sync(population)
+        self.population = population
+
+    async def generate(self, prompt_ids: list[int], params: "SamplingParams", member: str | None, request_id: str):
+        """Stream `RequestOutput`s (cumulative) for one request."""
+        lora = None if member is None else self.registry.get(member)
+        await self.gate.acquire_shared()
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora):
+                yield out
+        finally:
+            await self.gate.release_shared()
+
+    async def score(self, prompt_ids: list[int], continuations: Sequence[list[int]], member: str | None) -> list[float]:
+        """Mean log-probability of each continuation after the prompt, under one member.
+
+        Uses vLLM's prompt logprobs; runs with the engine to itself (see `ScoringGate`).
+        """
+        import asyncio
+
+        from vllm import SamplingParams
+
+        lora = None if member is None else self.registry.get(member)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        n = len(prompt_ids)
+
+        async def one(cont: list[int]) -> float:
+            ids = list(prompt_ids) + list(cont)
+            last = None
+            async for out in self.llm.generate({"prompt_token_ids": ids}, params, self.next_id("score"), lora_request=lora):
+                last = out
+            lps = last.prompt_logprobs if last is not None else None
+            if not lps or not cont:
+                return float("-inf")
+            total = 0.0
+            for pos in range(n, len(ids)):
+                entry = lps[pos]
+                total += entry[ids[pos]].logprob if entry and ids[pos] in entry else float("-inf")
+            return total / len(cont)
+
+        await self.gate.acquire_exclusive()
+        try:
+            return list(await asyncio.gather(*(one(c) for c in continuations)))
+        finally:
+            await self.gate.release_exclusive()
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    @property
+    def errored(self) -> bool:
+        return self.llm.errored
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -267,11 +267,12 @@ def test_balanced_round_robin():
     assert len(counts) == 24 and set(counts.values()) == {2}
     assert [(p.domain, p.difficulty) for p in problems[:5]] == [
         ("add", 1),
-        ("add", 2),
-        ("add", 3),
-        ("add", 4),
         ("sub", 1),
+        ("expr", 1),
+        ("sort", 1),
+        ("mod", 1),
     ]
+    assert {p.domain for p in problems[:6]} == {"add", "sub", "expr", "sort", "mod", "lookup"}
     uneven = Counter(p.domain for p in generate_problems(7, seed=2, domains=["mod", "sort"], difficulties=[2]))
     assert uneven == {"mod": 4, "sort": 3}
 

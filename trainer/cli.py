@@ -2,55 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import types
-import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import BaseModel
 
+from ensemble_serve.cliutil import config_options
 from trainer.config import ConfigError, EvalConfig, InitConfig, SubstrateConfig, load_config
-
-
-def _option_for(name: str, field: Any) -> Callable:
-    """A click option for one config field; its default is None so the file's value stands."""
-    flag = "--" + name.replace("_", "-")
-    ann = field.annotation
-    args = typing.get_args(ann)
-    if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union:
-        ann = next(a for a in args if a is not type(None))
-        args = typing.get_args(ann)
-    default = field.default
-    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-    help_text = f"{field.description} [default: {shown}]"
-    if ann is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
-    if typing.get_origin(ann) is tuple:
-        inner = args[0]
-        return click.option(
-            flag, name, default=None, metavar="A,B,...", help=help_text,
-            callback=lambda _c, _p, v: None if v is None else tuple(inner(x.strip()) for x in v.split(",") if x.strip()),
-        )
-    click_type = {int: int, float: float, str: str, Path: click.Path(path_type=Path)}.get(ann, str)
-    return click.option(flag, name, type=click_type, default=None, help=help_text)
-
-
-def config_options(model: type[BaseModel]) -> Callable:
-    """Add `--config FILE` plus one option per field of `model`."""
-
-    def wrap(fn: Callable) -> Callable:
-        for name, field in reversed(list(model.model_fields.items())):
-            fn = _option_for(name, field)(fn)
-        return click.option(
-            "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
-            help="YAML file with these options (flags given here override it).",
-        )(fn)
-
-    return wrap
 
 
 def _load(model: type[BaseModel], config_file: Path | None, overrides: dict[str, Any]) -> Any:

@@ -7,11 +7,9 @@ descriptions, and CLI flags override the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
+from ensemble_serve.cliutil import ConfigError, load_config  # noqa: F401 (re-exported for the trainer)
 from trainer.sandbox import DOMAINS
 
 ALL_DOMAINS = tuple(DOMAINS)
@@ -131,33 +129,3 @@ class EvalConfig(_Config):
 
     _domains = field_validator("domains")(_check_domains)
     _diffs = field_validator("difficulties")(_check_difficulties)
-
-
-C = TypeVar("C", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config file or flag that cannot be used; the message names the file."""
-
-
-def load_config(cls: type[C], path: Path | None, overrides: dict[str, Any]) -> C:
-    """Read YAML `path` (optional) into `cls`, with non-None `overrides` on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of option: value")
-        data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        where = f"config file {path}" if path else "options"
-        raise ConfigError(f"invalid {where}:\n{e}") from None

@@ -306,7 +306,10 @@ def _check_difficulty(difficulty: Any) -> None:
 
 
 def _cells(domains: Iterable[str] | str | None, difficulties: Iterable[int]) -> list[tuple[Domain, int]]:
-    """The (domain, difficulty) pairs to cycle through, validated."""
+    """The (domain, difficulty) pairs to cycle through, validated.
+
+    Difficulty-major: any `len(domains)` consecutive problems cover every domain once.
+    """
     names = list(DOMAINS) if domains is None else [domains] if isinstance(domains, str) else list(domains)
     if not names:
         raise ValueError("at least one domain is needed")
@@ -319,7 +322,7 @@ def _cells(domains: Iterable[str] | str | None, difficulties: Iterable[int]) -> 
         _check_difficulty(level)
     if len(set(levels)) != len(levels):
         raise ValueError(f"duplicate difficulties in {levels}")
-    return [(get_domain(name), level) for name in names for level in levels]
+    return [(get_domain(name), level) for level in levels for name in names]
 
 
 def _rng_for(*parts: object) -> random.Random:

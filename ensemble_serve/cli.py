@@ -1,0 +1,49 @@
+"""`ensemble-serve`: the online commands. Options come from `ServeConfig`'s fields."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ensemble_serve.cliutil import ConfigError, config_options, load_config
+from ensemble_serve.config import ServeConfig
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """Serve a population of LoRA adapters as one model behind an OpenAI-compatible API."""
+
+
+@main.command()
+@config_options(ServeConfig)
+def up(config_file: Path | None, **overrides: Any) -> None:
+    """Start the server: vLLM in-process with every member registered as a LoRA adapter.
+
+    With no options it serves the embedded sandbox ensemble on 127.0.0.1:8000. The
+    ensemble, each member and the base model are models of the OpenAI API
+    (`GET /v1/models`); `POST /v1/chat/completions` and `/v1/completions` with the
+    ensemble's name fan out, vote and return the consensus.
+    """
+    import uvicorn
+
+    from ensemble_serve.api import build_app
+    from ensemble_serve.population import PopulationError, load_population
+
+    try:
+        cfg = load_config(ServeConfig, config_file, overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        load_population(cfg.population_dir)  # fail fast, before the engine starts
+    except PopulationError as e:
+        raise click.ClickException(str(e)) from None
+    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

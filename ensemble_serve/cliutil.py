@@ -1,0 +1,80 @@
+"""Click options generated from a frozen pydantic config model: one flag per field, its help the field's description."""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+from pydantic import BaseModel, ValidationError
+
+
+def _option_for(name: str, field: Any) -> Callable:
+    """A click option for one config field; its default is None so the file's value stands."""
+    flag = "--" + name.replace("_", "-")
+    ann = field.annotation
+    args = typing.get_args(ann)
+    if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union:
+        ann = next(a for a in args if a is not type(None))
+        args = typing.get_args(ann)
+    default = field.default
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    help_text = f"{field.description} [default: {shown}]"
+    if ann is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if typing.get_origin(ann) is tuple:
+        inner = args[0]
+        return click.option(
+            flag, name, default=None, metavar="A,B,...", help=help_text,
+            callback=lambda _c, _p, v: None if v is None else tuple(inner(x.strip()) for x in v.split(",") if x.strip()),
+        )
+    click_type = {int: int, float: float, str: str, Path: click.Path(path_type=Path)}.get(ann, str)
+    return click.option(flag, name, type=click_type, default=None, help=help_text)
+
+
+def config_options(model: type[BaseModel]) -> Callable:
+    """Add `--config FILE` plus one option per field of `model`."""
+
+    def wrap(fn: Callable) -> Callable:
+        for name, field in reversed(list(model.model_fields.items())):
+            fn = _option_for(name, field)(fn)
+        return click.option(
+            "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+            help="YAML file with these options (flags given here override it).",
+        )(fn)
+
+    return wrap
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message names the file."""
+
+
+def load_config(cls: type[C], path: Path | None, overrides: dict[str, Any]) -> C:
+    """Read YAML `path` (optional) into `cls`, with non-None `overrides` on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of option: value")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        where = f"config file {path}" if path else "options"
+        raise ConfigError(f"invalid {where}:\n{e}") from None

@@ -1,0 +1,98 @@
+"""`ensemble-serve up` settings: a YAML file (`--config`) and flags, into one frozen model.
+
+Names follow `vllm serve` where they overlap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ensemble_serve.engine import VLLM_LORA_RANKS, EngineConfig
+
+EMBEDDED_POPULATION = Path(__file__).resolve().parent / "embedded" / "population"
+EMBEDDED_NAME = "sandbox-ensemble"
+API_KEY_ENV = "ENSEMBLE_SERVE_API_KEY"
+
+
+class ServeConfig(BaseModel):
+    """Everything `ensemble-serve up` needs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    population: Path | None = Field(None, description="Population directory to serve (default: the embedded sandbox ensemble).")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    api_key: str | None = Field(
+        None, description=f"Require this key as `Authorization: Bearer KEY` on every /v1 and /admin route (or set {API_KEY_ENV})."
+    )
+    served_model_name: str | None = Field(
+        None, description=f"The ensemble's model name (default: {EMBEDDED_NAME} for the embedded one, else the population folder's name)."
+    )
+    default_members: int | None = Field(None, ge=1, description="Members an ensemble request fans out to when it does not say (default: all).")
+    watch: bool = Field(True, description="Reload the population when its population.json changes.")
+    watch_interval: float = Field(2.0, gt=0, description="Seconds between checks of population.json.")
+    semantic_threshold: float = Field(0.8, ge=-1, le=1, description="Cosine similarity at which free-form answers count as the same.")
+    max_loras: int | None = Field(None, ge=1, description="vLLM: adapters in one batch (default: all members, at most 16).")
+    max_lora_rank: int | None = Field(None, description=f"vLLM: largest adapter rank, one of {list(VLLM_LORA_RANKS)} (default: fits the members).")
+    max_cpu_loras: int | None = Field(None, ge=1, description="vLLM: adapters cached in host memory (default: all members).")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's).")
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0, le=1, description="vLLM: memory fraction (on the CPU backend, of NUMA node 0's memory; vLLM's 0.92 refuses to start there)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: tensor parallelism.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline parallelism.")
+    distributed_executor_backend: str | None = Field(None, description="vLLM: executor backend for parallelism, mp or ray.")
+    dtype: str = Field("auto", description="vLLM: weights dtype (auto: float32 on the CPU).")
+    enforce_eager: bool = Field(True, description="vLLM: skip graph capture (fast start on the CPU).")
+    max_num_seqs: int = Field(64, ge=1, description="vLLM: sequences scheduled per step.")
+    seed: int = Field(0, description="vLLM: sampling seed of the engine.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {list(VLLM_LORA_RANKS)}, got {v}")
+        return v
+
+    @field_validator("distributed_executor_backend")
+    @classmethod
+    def _backend(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("mp", "ray", "uni", "external_launcher"):
+            raise ValueError(f"must be mp, ray, uni or external_launcher, got {v!r}")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError(f"unknown log level {v!r}")
+        return v.lower()
+
+    @property
+    def population_dir(self) -> Path:
+        return self.population if self.population is not None else EMBEDDED_POPULATION
+
+    @property
+    def ensemble_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return EMBEDDED_NAME if self.population is None else Path(self.population).resolve().name
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=self.max_cpu_loras,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend,
+            dtype=self.dtype,
+            enforce_eager=self.enforce_eager,
+            seed=self.seed,
+            max_num_seqs=self.max_num_seqs,
+        )

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the server (`GET /metrics`), in a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ensemble_serve.voting import Candidate, VoteResult
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """Requests, latency, tokens, per-member votes and failures, agreement."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ensemble_requests", "Requests answered, by model kind and status.", ["kind", "status"], registry=r)
+        self.latency = Histogram(
+            "ensemble_request_latency_seconds", "Time to answer a request, by model kind.", ["kind"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.tokens = Counter("ensemble_tokens", "Tokens processed, by kind (prompt or completion).", ["kind"], registry=r)
+        self.member_votes = Counter(
+            "ensemble_member_votes", "Chains per member by outcome: agreed (with the consensus), disagreed, excluded.",
+            ["member", "outcome"], registry=r,
+        )
+        self.member_failures = Counter("ensemble_member_failures", "Member generations that failed.", ["member"], registry=r)
+        self.agreement = Histogram(
+            "ensemble_agreement", "Share of the vote the consensus answer got.",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
+        )
+        self.reloads = Counter("ensemble_population_reloads", "Population refreshes, by result.", ["result"], registry=r)
+
+    def observe_request(self, kind: str, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests.labels(kind=kind, status="ok").inc()
+        self.latency.labels(kind=kind).observe(seconds)
+        self.tokens.labels(kind="prompt").inc(prompt_tokens)
+        self.tokens.labels(kind="completion").inc(completion_tokens)
+
+    def observe_error(self, kind: str, status: int) -> None:
+        self.requests.labels(kind=kind, status=str(status)).inc()
+
+    def observe_vote(self, result: "VoteResult", candidates: Sequence["Candidate"]) -> None:
+        winners = set(result.groups[list(result.votes).index(result.answer)]) if result.answer in result.votes else set()
+        excluded = set(result.excluded)
+        for i, c in enumerate(candidates):
+            outcome = "excluded" if i in excluded else ("agreed" if i in winners else "disagreed")
+            self.member_votes.labels(member=c.member, outcome=outcome).inc()
+        if result.agreement is not None:
+            self.agreement.observe(result.agreement)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

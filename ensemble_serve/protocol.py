@@ -1,0 +1,619 @@
+"""The OpenAI-compatible wire format: request and response models, and their translation to engine parameters.
+
+Requests follow what vLLM's OpenAI server accepts for text models, with two policies:
+
+* Types are strict (``strict=True``): numbers must be JSON numbers, flags JSON booleans
+  (``"n": "2"`` or ``"stream": 1`` is a 400, as at OpenAI). Non-finite floats are rejected.
+  An explicit ``null`` means "the default".
+* Unknown top-level fields are ignored and dropped (``extra="ignore"``), since OpenAI clients send
+  extras; known OpenAI features this server cannot honour and that would silently change the
+  output (``tools``, ``functions``, a non-text ``response_format``, ``logit_bias``,
+  ``use_beam_search``, ``suffix``) are rejected instead. The ``ensemble`` object is
+  ``extra="forbid"``: a misspelled option is an error.
+
+Responses dump to OpenAI's layout with ``model_dump(exclude_none=True)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from ensemble_serve.answers import get_extractor
+from ensemble_serve.errors import BadRequestError, ParameterError, register_server_model
+
+VOTE_RULES = ("majority", "weighted", "cross")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+MAX_N = 128
+MAX_SAMPLES_PER_MEMBER = 32
+MAX_STOP_SEQUENCES = 8
+MAX_LOGPROBS = 20
+MAX_PROMPTS = 1024  # prompts in one text completion request (each fans out to n choices)
+GREEDY_TEMPERATURE = 1e-5  # below this vLLM samples greedily, which allows only n == 1
+OWNED_BY = "ensemble-serve"
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_LOGPROB_FLOOR = -9999.0  # stands in for -inf, which JSON cannot carry
+
+# Known OpenAI fields that would change the output but are not implemented: field -> "is it in use?".
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": bool,
+    "functions": bool,
+    "logit_bias": bool,
+    "use_beam_search": bool,
+    "suffix": bool,
+    "response_format": lambda v: not (isinstance(v, Mapping) and v.get("type") in (None, "text")),
+}
+
+
+def random_id(prefix: str) -> str:
+    """A fresh id such as ``chatcmpl-3f2a...``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    """Strict types, finite floats, and ``null`` for a field with a default means that default."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        fields = cls.model_fields
+        defaulted = [k for k, v in data.items() if v is None and k in fields and fields[k].default is not None
+                     and not fields[k].is_required()]
+        return {k: v for k, v in data.items() if k not in defaulted} if defaulted else data
+
+
+class EnsembleOptions(_Strict):
+    """The optional ``ensemble`` object of a request (the openai client sends it via ``extra_body``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    members: int | list[str] | None = None
+    """How many members (>= 1), or which ones by name; None: all (the server's default)."""
+    samples_per_member: int = Field(1, ge=1, le=MAX_SAMPLES_PER_MEMBER)
+    vote: str = "majority"
+    """One of :data:`VOTE_RULES`."""
+    answer: str | dict[str, Any] = "auto"
+    """An answer mode or ``{"regex": PATTERN}`` (see ``ensemble_serve.answers``)."""
+    early_stop: bool = False
+    return_chains: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_options(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for key in data:
+                if key not in cls.model_fields:
+                    valid = list(cls.model_fields)
+                    close = difflib.get_close_matches(str(key), valid, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ParameterError(
+                        f"unknown ensemble option {key!r}{hint} valid options: {', '.join(valid)}", param=str(key)
+                    )
+        return data
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _check_members(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 1:
+                raise ValueError(f"must be at least 1, got {v}")
+            return v
+        if not isinstance(v, list):
+            raise ValueError("must be a member count (an integer >= 1) or a list of member names")  # noqa: TRY004 (pydantic reports ValueError)
+        if not v:
+            raise ValueError("must not be an empty list")
+        if not all(isinstance(name, str) and name.strip() for name in v):
+            raise ValueError("member names must be non-empty strings")
+        repeated = [name for name, count in Counter(v).items() if count > 1]
+        if repeated:
+            raise ValueError(f"must be unique; repeated: {', '.join(map(repr, repeated))}")
+        return v
+
+    @field_validator("vote")
+    @classmethod
+    def _check_vote(cls, v: str) -> str:
+        if v not in VOTE_RULES:
+            raise ValueError(f"unknown vote rule {v!r}; valid rules: {', '.join(VOTE_RULES)}")
+        return v
+
+    @field_validator("answer", mode="before")
+    @classmethod
+    def _check_answer(cls, v: Any) -> Any:
+        try:
+            get_extractor(v)
+        except (ValueError, TypeError) as e:
+            raise ValueError(str(e)) from None
+        return dict(v) if isinstance(v, Mapping) else v
+
+
+class StreamOptions(_Strict):
+    """``stream_options``: only ``include_usage`` is honoured."""
+
+    include_usage: bool = False
+
+
+class ChatMessage(_Strict):
+    """One input message; its content is plain text after validation (text parts are joined by newlines)."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | None = None
+    """Required except for assistant messages (which may carry only tool calls, ignored here)."""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("must be a string or a list of text parts")  # noqa: TRY004 (pydantic reports ValueError)
+        if not v:
+            raise ValueError("must not be an empty list")
+        texts = []
+        for part in v:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind != "text":
+                got = f"a part of type {kind!r}" if isinstance(kind, str) else "a part that is not a text part"
+                raise ValueError(f"only text content is supported; got {got}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text part needs a string 'text'")  # noqa: TRY004 (pydantic reports ValueError)
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ParameterError(f"required for a {self.role} message", param="content")
+        return self
+
+
+class _GenerationRequest(_Strict):
+    """The fields chat and text completions share."""
+
+    model: str
+    """The ensemble's name or one member's name."""
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    """vLLM extension; -1 or 0 disables it."""
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: list[str] | None = None
+    """A string or up to :data:`MAX_STOP_SEQUENCES` non-empty strings (a string becomes a list of one)."""
+    seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    """vLLM extension; 1.0 is neutral."""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    """vLLM extension."""
+    ensemble: EnsembleOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for name, in_use in _UNSUPPORTED.items():
+                value = data.get(name)
+                if value is not None and in_use(value):
+                    raise ParameterError("not supported by this server", param=name)
+        return data
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty model name")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            if len(v) > MAX_STOP_SEQUENCES:
+                raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(v)}")
+            if not all(isinstance(s, str) and s for s in v):
+                raise ValueError("stop sequences must be non-empty strings")
+        elif v is not None:
+            raise ValueError("must be a string or a list of strings")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ParameterError("only allowed when stream is true", param="stream_options")
+        return self
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    """Deprecated by OpenAI in favour of max_completion_tokens, which wins when both are set."""
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """How many alternatives per token; needs logprobs."""
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ParameterError("requires logprobs to be true", param="top_logprobs")
+        return self
+
+
+class CompletionRequest(_GenerationRequest):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str]
+    """One prompt, or several (each gets its own choices); token-id prompts are not supported."""
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    """Accepted only as false."""
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must not be an empty list")
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request, got {len(v)}")
+            if all(isinstance(p, str) for p in v):
+                return v
+            if all(isinstance(p, (int, list)) and not isinstance(p, bool) for p in v):
+                raise ValueError("token-id prompts are not supported")
+        raise ValueError("must be a string or a list of strings")
+
+    @field_validator("echo")
+    @classmethod
+    def _check_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt(s) as a list."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def chat_text(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Plain ``{"role", "content"}`` dicts for a tokenizer's chat template.
+
+    ``developer`` becomes ``system`` (chat templates predate the developer role).
+    """
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""} for m in messages]
+
+
+def _context_error(max_model_len: int, requested: str, what: str, param: str) -> BadRequestError:
+    return BadRequestError(
+        f"This model's maximum context length is {max_model_len} tokens. However, {requested}. "
+        f"Please reduce the length of the {what}.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def sampling_kwargs(
+    req: ChatCompletionRequest | CompletionRequest,
+    *,
+    max_model_len: int,
+    prompt_tokens: int,
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.SamplingParams`` for `req` (one prompt of `prompt_tokens` tokens).
+
+    A parameter the request leaves unset comes from `defaults` (e.g. the model's generation config),
+    else from OpenAI's default. max_tokens unset fills the context. BadRequestError
+    (``context_length_exceeded``) when the prompt leaves no room or an explicit max_tokens does not fit,
+    and (param ``n``) for n > 1 with temperature 0, which vLLM refuses.
+    """
+    if max_model_len < 1 or prompt_tokens < 0:
+        raise ValueError(f"need max_model_len >= 1 and prompt_tokens >= 0, got {max_model_len}, {prompt_tokens}")
+    defaults = defaults or {}
+    chat = isinstance(req, ChatCompletionRequest)
+    where = "messages" if chat else "prompt"
+    if prompt_tokens >= max_model_len:
+        raise _context_error(max_model_len, f"your request has {prompt_tokens} input tokens", where, where)
+
+    room = max_model_len - prompt_tokens
+    if chat:
+        use_mct = req.max_completion_tokens is not None
+        asked = req.max_completion_tokens if use_mct else req.max_tokens
+        param = "max_completion_tokens" if use_mct else "max_tokens"
+    else:
+        # The completion default (16) is OpenAI's, not the client's: it is clamped, never an error.
+        asked = req.max_tokens if "max_tokens" in req.model_fields_set else None
+        param = "max_tokens"
+    if asked is None:
+        fallback = defaults.get("max_tokens", None if chat else req.max_tokens)
+        max_tokens = room if fallback is None else min(room, fallback)
+    elif asked > room:
+        raise _context_error(
+            max_model_len,
+            f"you requested {prompt_tokens + asked} tokens ({prompt_tokens} in the {where}, {asked} in the completion)",
+            f"{where} or completion",
+            param,
+        )
+    else:
+        max_tokens = asked
+
+    def pick(name: str, openai_default: Any) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, openai_default)
+
+    temperature = pick("temperature", 1.0)
+    if req.n > 1 and temperature < GREEDY_TEMPERATURE:
+        raise BadRequestError(
+            f"n must be 1 when temperature is 0 (greedy sampling), got n={req.n}", param="n", code="invalid_value"
+        )
+    if chat:
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = req.logprobs
+    return {
+        "n": req.n,
+        "temperature": temperature,
+        "top_p": pick("top_p", 1.0),
+        "top_k": pick("top_k", 0),
+        "min_p": pick("min_p", 0.0),
+        "seed": req.seed,
+        "stop": list(req.stop or []),
+        "presence_penalty": pick("presence_penalty", 0.0),
+        "frequency_penalty": pick("frequency_penalty", 0.0),
+        "repetition_penalty": pick("repetition_penalty", 1.0),
+        "max_tokens": max_tokens,
+        "logprobs": logprobs,
+        "ignore_eos": req.ignore_eos,
+        "skip_special_tokens": True,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------
+
+
+def _logprob(v: Any) -> Any:
+    return _LOGPROB_FLOOR if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _finite_or_none(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+Logprob = Annotated[float, BeforeValidator(_logprob)]
+"""A log-probability; -inf (and NaN) become -9999.0 as in vLLM."""
+Score = Annotated[float | None, BeforeValidator(_finite_or_none)]
+"""A float that JSON can carry: NaN and infinities become None."""
+
+
+class _Response(BaseModel):
+    """A model the server builds; its validation errors are server errors (500), not the client's."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        register_server_model(cls)
+
+
+class UsageInfo(_Response):
+    """Token counts; total_tokens defaults to prompt + completion."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @model_validator(mode="after")
+    def _fill_total(self) -> UsageInfo:
+        if "total_tokens" not in self.model_fields_set:
+            self.total_tokens = self.prompt_tokens + self.completion_tokens
+        return self
+
+
+class TopLogprob(_Response):
+    """One alternative token and its log-probability."""
+
+    token: str
+    logprob: Logprob
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, its log-probability and the top alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(_Response):
+    """A chat choice's ``logprobs``."""
+
+    content: list[TokenLogprob] | None = None
+
+
+class ResponseMessage(_Response):
+    """The generated message of a chat choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(_Response):
+    """A chat completion choice; finish_reason is "stop" or "length" (OpenAI's values)."""
+
+    index: int
+    message: ResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = "stop"
+
+
+class DeltaMessage(_Response):
+    """What a stream chunk adds to a message; role only on the first chunk."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(_Response):
+    """A choice of a stream chunk; finish_reason only on its last chunk."""
+
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionLogprobs(_Response):
+    """A text completion choice's ``logprobs`` (OpenAI's legacy layout)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Logprob | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, Logprob] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    """A text completion choice (also the choice of a stream chunk, with finish_reason None until its end)."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = "stop"
+
+
+class EnsembleChain(_Response):
+    """One member's sample: its extracted answer, extraction status, text, score and length."""
+
+    member: str
+    sample: int
+    answer: str | None = None
+    status: str
+    """"ok", "missing" or "malformed" (see ``ensemble_serve.answers``)."""
+    text: str | None = None
+    score: Score = None
+    tokens: int = 0
+
+
+class FailedChain(_Response):
+    """A sample that produced no output (the engine failed or the request was aborted)."""
+
+    member: str
+    sample: int
+    reason: str
+
+
+class EnsembleInfo(_Response):
+    """How the ensemble reached its answer."""
+
+    answer: str | None = None
+    agreement: Score = None
+    """Share of the vote the winning answer got, 0..1."""
+    votes: dict[str, Score] = Field(default_factory=dict)
+    """Answer -> vote weight."""
+    members: list[str] = Field(default_factory=list)
+    rule: str = "majority"
+    chains: list[EnsembleChain] | None = None
+    """Only when the request asked for return_chains."""
+    failed: list[FailedChain] = Field(default_factory=list)
+    tokens_saved: int | None = None
+    early_stopped: bool = False
+
+
+class ChatCompletionResponse(_Response):
+    """The body of a non-streamed chat completion."""
+
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    ensemble: EnsembleInfo | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: UsageInfo | None = None
+    ensemble: EnsembleInfo | None = None
+
+
+class CompletionResponse(_Response):
+    """The body of a non-streamed text completion."""
+
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    ensemble: EnsembleInfo | None = None
+
+
+class CompletionChunk(_Response):
+    """One server-sent event of a streamed text completion (same object type as the full response)."""
+
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    ensemble: EnsembleInfo | None = None
+
+
+class ModelCard(_Response):
+    """An entry of ``GET /v1/models``: the ensemble (with its metadata) or a member (parent: the base model)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = OWNED_BY
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    ensemble: dict[str, Any] | None = None
+
+
+class ModelList(_Response):
+    """The body of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
