@@ -19,13 +19,13 @@ EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded
 
 @pytest.fixture(scope="session")
 def tiny_substrate(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 64-wide substrate trained for a few steps (seconds)."""
+    """A 2-layer, 64-wide substrate (head size 32, the smallest vLLM's CPU attention takes), trained for a few steps."""
     from trainer.config import SubstrateConfig
     from trainer.substrate import train_substrate
 
     out = tmp_path_factory.mktemp("substrate") / "tiny-substrate"
     cfg = SubstrateConfig(
-        out=out, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        out=out, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
         steps=30, batch_size=16, warmup_steps=5, lr=0.01, eval_per_domain=2, max_position_embeddings=128,
     )
     train_substrate(cfg, progress=False)

@@ -91,7 +91,7 @@ def test_tiny_substrate_is_a_standard_hf_model_folder(tiny_substrate: Path):
 
 def _tiny(out: Path, seed: int) -> SubstrateConfig:
     return SubstrateConfig(
-        out=out, seed=seed, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+        out=out, seed=seed, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=1,
         steps=4, batch_size=4, eval_per_domain=0, max_position_embeddings=128,
     )
 
@@ -118,6 +118,7 @@ def test_retraining_replaces_the_folder_whole(tmp_path: Path):
     "override, message",
     [
         ({"hidden_size": 130, "num_heads": 4}, "not divisible"),
+        ({"hidden_size": 64, "num_heads": 4}, "multiple of 32"),
         ({"domains": ["add", "nope"]}, "unknown domain"),
         ({"difficulties": [0, 5]}, "difficulties"),
         ({"steps": 0}, "steps"),

@@ -61,6 +61,10 @@ class SubstrateConfig(_Config):
     def _heads_divide(self) -> "SubstrateConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 32:
+            # vLLM's CPU attention kernels refuse smaller head sizes (e.g. 16) at the first request
+            raise ValueError(f"head size hidden_size/num_heads = {head_dim} must be a multiple of 32 (vLLM's CPU attention)")
         return self
 
 
