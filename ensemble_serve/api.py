@@ -66,6 +66,7 @@ class PopulationWatcher:
                 raise
             self.last_error = None
             metrics.reloads.labels(result="ok").inc()
+            metrics.generation.set(population.manifest.generation)
             log.info("serving generation %s: %s", population.manifest.generation, ", ".join(population.names))
             return population
 
@@ -98,6 +99,10 @@ def build_app(config: ServeConfig, backend_factory: Callable[[ServeConfig, Popul
             semantic_threshold=config.semantic_threshold,
         )
         app.state.metrics = metrics
+        metrics.generation.set(population.manifest.generation)
+        gate = getattr(backend, "gate", None)
+        if gate is not None:
+            metrics.track_inflight(lambda: gate.state[0])
         app.state.backend = backend
         app.state.service = EnsembleService(backend, population, settings, metrics)
         app.state.watcher = PopulationWatcher(app, config.population_dir, config.watch_interval)

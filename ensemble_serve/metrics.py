@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:  # pragma: no cover
     from ensemble_serve.voting import Candidate, VoteResult
@@ -35,6 +35,11 @@ class Metrics:
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
         )
         self.reloads = Counter("ensemble_population_reloads", "Population refreshes, by result.", ["result"], registry=r)
+        self.inflight = Gauge("ensemble_engine_requests_inflight", "Generation requests inside the engine now.", registry=r)
+        self.generation = Gauge("ensemble_population_generation", "Generation of the population being served.", registry=r)
+
+    def track_inflight(self, fn: Callable[[], float]) -> None:
+        self.inflight.set_function(fn)
 
     def observe_request(self, kind: str, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.requests.labels(kind=kind, status="ok").inc()

@@ -445,6 +445,11 @@ class EnsembleService:
         if not chat and req.logprobs is not None:
             raise BadRequestError("logprobs are not available for the ensemble model; ask a member", param="logprobs")
         members = self._select_members(opts)
+        if opts.samples_per_member > 1 and req.temperature is not None and req.temperature < 1e-5:
+            raise BadRequestError(
+                "samples_per_member > 1 needs sampling (temperature > 0): greedy samples of one member are identical",
+                param="ensemble.samples_per_member",
+            )
         params = self._params(req, prompt_ids, n=opts.samples_per_member, logprobs=0)
         get_vote_rule(opts.vote)  # validated by the protocol too; keeps a registry miss loud
         if req.stream:
@@ -537,12 +542,19 @@ class EnsembleService:
         if opts.vote == "cross":
             groups, _ = outcome_groups(candidates, grouper)
             if len(groups) > 1:
-                reps = [min(g, key=lambda i: winner_key(candidates, None)(i)) for g in groups]
-                continuations = [chains[i].token_ids for i in reps]
+                key = winner_key(candidates)
+                continuations = [chains[min(g, key=key)].token_ids for g in groups]
                 jurors = sorted({c.member for c in chains if c.error is None})
                 cross_scores = {}
                 for juror in jurors:  # one adapter at a time: see ScoringGate
-                    cross_scores[juror] = await self.backend.score(prompt_ids, continuations, juror)
+                    try:
+                        cross_scores[juror] = await self.backend.score(prompt_ids, continuations, juror)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:  # a juror that cannot score sits this vote out
+                        log.warning("juror %s could not score: %s", juror, e)
+                        self.metrics.member_failures.labels(member=juror).inc()
+                        cross_scores[juror] = [float("nan")] * len(groups)
             else:
                 cross_scores = {m: [0.0] * len(groups) for m in {c.member for c in candidates}}
         ctx = VoteContext(member_weights=weights, grouper=grouper, cross_scores=cross_scores)
