@@ -80,8 +80,16 @@ class PopulationWatcher:
 
 
 def _build_backend(config: ServeConfig, population: Population) -> Any:
-    from ensemble_serve.engine import AsyncEngine
+    """The in-process vLLM engine, or with `config.remote` the remote vLLM servers (discovered synchronously)."""
+    from ensemble_serve.engine import AsyncEngine, EngineConfig
 
+    if config.remote:
+        from ensemble_serve.remote import RemoteBackend
+
+        ignored = sorted(set(EngineConfig.model_fields) & config.model_fields_set)
+        if ignored:
+            log.warning("remote mode: the vLLM servers have their own settings; ignoring %s", ", ".join(ignored))
+        return RemoteBackend(population, config.remote, api_key=config.remote_api_key)
     return AsyncEngine(population, config.engine_config())
 
 

@@ -49,6 +49,10 @@ class ServeConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="vLLM: sequences scheduled per step.")
     seed: int = Field(0, description="vLLM: sampling seed of the engine.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    remote: tuple[str, ...] = Field(
+        (), description="Base URLs of vLLM OpenAI servers that serve the members (remote mode); empty: in-process engine."
+    )
+    remote_api_key: str | None = Field(None, description="API key of the remote vLLM servers (their --api-key), sent as a bearer token.")
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -70,6 +74,14 @@ class ServeConfig(BaseModel):
         if v.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(f"unknown log level {v!r}")
         return v.lower()
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [u for u in v if not u.strip().startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"remote servers must be http:// or https:// URLs, got {bad}")
+        return tuple(u.strip() for u in v)
 
     @property
     def population_dir(self) -> Path:

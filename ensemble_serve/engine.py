@@ -209,11 +209,14 @@ class ScoringGate:
     """Keeps prompt-logprob scoring alone in the engine.
 
     vLLM's CPU backend crashes its engine core when a request with `prompt_logprobs`
-    under one LoRA adapter is scheduled in the same step as any request under another
-    adapter (see docs). So every engine request goes through this gate: generation
-    holds it shared; scoring holds it exclusively and scores one adapter at a time.
-    While a scoring batch waits for in-flight generation to drain, new generation
-    waits too (writer preference), so scoring cannot starve.
+    under a LoRA adapter shares an engine step with any other request: its LoRA
+    logits path indexes adapters per request while the prompt logits have a row per
+    prompt token (`einsum(): subscript b has size 2 ...`, then `EngineDeadError`).
+    With a single request in the step the index broadcasts and all is well. So every
+    engine request goes through this gate: generation holds it shared; scoring holds
+    it exclusively and sends its requests one at a time. While scoring waits for
+    in-flight generation to drain, new generation waits too (writer preference), so
+    scoring cannot starve.
     """
 
     def __init__(self) -> None:
@@ -304,12 +307,11 @@ class AsyncEngine:
             await self.gate.release_shared()
 
     async def score(self, prompt_ids: list[int], continuations: Sequence[list[int]], member: str | None) -> list[float]:
-        """Mean log-probability of each continuation after the prompt, under one member.
+        """Log-likelihood (summed token log-probabilities) of each continuation after the prompt, under one member.
 
-        Uses vLLM's prompt logprobs; runs with the engine to itself (see `ScoringGate`).
+        Uses vLLM's prompt logprobs with the engine to itself, one request at a time
+        (see `ScoringGate`): each request is one prefill of prompt + continuation.
         """
-        import asyncio
-
         from vllm import SamplingParams
 
         lora = None if member is None else self.registry.get(member)
@@ -328,11 +330,11 @@ class AsyncEngine:
             for pos in range(n, len(ids)):
                 entry = lps[pos]
                 total += entry[ids[pos]].logprob if entry and ids[pos] in entry else float("-inf")
-            return total / len(cont)
+            return total
 
         await self.gate.acquire_exclusive()
         try:
-            return list(await asyncio.gather(*(one(c) for c in continuations)))
+            return [await one(c) for c in continuations]  # never two in one engine step
         finally:
             await self.gate.release_exclusive()
 
