@@ -24,7 +24,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("served")
     population = copy_embedded(root)
-    srv = start_server(population, root / "server.log", "--watch-interval", "0.5")
+    srv = start_server(population, root / "server.log", "--watch-interval", "0.5", "--served-model-name", "sandbox-ensemble")
     yield srv
     srv.stop()
 

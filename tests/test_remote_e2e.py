@@ -1,0 +1,323 @@
+"""End to end, remote mode: two real vLLM OpenAI servers (CPU build) each serve half of the
+embedded ensemble's members; `ensemble-serve up --remote A,B` fans out to both, driven with
+the real `openai` client over loopback.
+
+Slow: each vLLM server takes 30-60 s to start on 2 cores (both start at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_harness import ROOT, Server, copy_embedded, free_port, start_server
+
+pytestmark = pytest.mark.slow
+
+PROBLEM = "add 478+365"  # answer 843
+VLLM_KEY = "remote-key-456"  # the vLLM servers' --api-key: ensemble-serve must send it (--remote-api-key)
+MEMBERS = [f"m0{i}" for i in range(8)]
+SERVED_BY = {"a": MEMBERS[:4], "b": MEMBERS[4:]}
+START_TIMEOUT = 300.0
+
+
+@dataclass
+class VLLMServer:
+    """`python -m vllm.entrypoints.openai.api_server` in its own process group."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {VLLM_KEY}"}
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=VLLM_KEY, max_retries=0)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus metric's samples (optionally only those with these labels)."""
+        text = httpx.get(self.url + "/metrics", headers=self.headers, timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    total += float(line.rsplit(" ", 1)[-1])
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the API server and its engine-core and worker processes
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _start_vllm(name: str, substrate: Path, population: Path, members: list[str], log: Path) -> VLLMServer:
+    port = free_port()
+    args = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(substrate), "--host", "127.0.0.1", "--port", str(port), "--api-key", VLLM_KEY,
+        "--enable-lora", "--lora-modules", *[f"{m}={population / 'members' / m}" for m in members],
+        "--max-lora-rank", "16", "--max-loras", "4", "--max-cpu-loras", "4",
+        # Memory on the CPU backend is a fraction of NUMA node 0's: the worker alone holds about
+        # 0.7 GiB before its KV cache, more than --gpu-memory-utilization 0.08 grants, so the KV
+        # cache is sized explicitly (this also skips the warm-up that sizes it: a faster start).
+        "--kv-cache-memory-bytes", str(64 * 2**20),
+        "--enforce-eager", "--dtype", "float32",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    return VLLMServer(name, f"http://127.0.0.1:{port}", proc, log)
+
+
+def _wait_healthy(servers: list[VLLMServer], timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = list(servers)
+    while waiting and time.monotonic() < deadline:
+        for s in list(waiting):
+            if s.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server {s.name} exited with {s.proc.returncode}:\n{s.log.read_text()[-4000:]}")
+            if s.healthy():
+                waiting.remove(s)
+        time.sleep(1)
+    if waiting:
+        s = waiting[0]
+        raise RuntimeError(f"vLLM server {s.name} did not start in {timeout}s:\n{s.log.read_text()[-4000:]}")
+
+
+@dataclass
+class Cluster:
+    a: VLLMServer
+    b: VLLMServer
+    ensemble: Server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("remote")
+    population = copy_embedded(root)
+    started: list[VLLMServer | Server] = []
+    try:
+        a = _start_vllm("a", root / "substrate", population, SERVED_BY["a"], root / "vllm-a.log")
+        started.append(a)
+        b = _start_vllm("b", root / "substrate", population, SERVED_BY["b"], root / "vllm-b.log")
+        started.append(b)
+        _wait_healthy([a, b])
+        ensemble = start_server(
+            population, root / "ensemble.log", "--remote", f"{a.url},{b.url}/v1", "--remote-api-key", VLLM_KEY,
+            "--no-watch", timeout=START_TIMEOUT,
+        )
+        started.append(ensemble)
+        yield Cluster(a, b, ensemble)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+
+
+@pytest.fixture()
+def client(cluster: Cluster) -> openai.OpenAI:
+    return cluster.ensemble.client()
+
+
+def _ensemble(resp) -> dict:
+    return resp.model_extra["ensemble"]
+
+
+def _chat(**kw):
+    return dict(messages=[{"role": "user", "content": PROBLEM}], **kw)
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def test_models_list_the_members_of_both_servers(client):
+    models = {m.id: m for m in client.models.list().data}
+    members = sorted(m.id for m in models.values() if getattr(m, "parent", None) == "sandbox-substrate")
+    assert members == MEMBERS
+    ens = models["sandbox-ensemble"]
+    assert ens.model_extra["ensemble"]["members"] == MEMBERS
+    assert ens.model_extra["max_model_len"] == 256  # the servers' context, from their /v1/models
+
+
+def test_backend_refuses_servers_that_cannot_serve_the_population(cluster: Cluster):
+    from ensemble_serve.population import load_population
+    from ensemble_serve.remote import RemoteBackend, RemoteDiscoveryError
+
+    pop = load_population(cluster.ensemble.population)
+    with pytest.raises(RemoteDiscoveryError) as e:  # server A alone lacks m04..m07
+        RemoteBackend(pop, [cluster.a.url], api_key=VLLM_KEY)
+    assert "['m04', 'm05', 'm06', 'm07']" in str(e.value)
+    with pytest.raises(RemoteDiscoveryError, match="401"):
+        RemoteBackend(pop, [cluster.a.url, cluster.b.url], api_key="wrong")
+    with pytest.raises(RemoteDiscoveryError, match="cannot reach"):
+        RemoteBackend(pop, [cluster.a.url, cluster.b.url, f"http://127.0.0.1:{free_port()}"], api_key=VLLM_KEY)
+
+
+# ---------------------------------------------------------------- a member: answered by the server that serves it
+
+
+def test_member_request_is_answered_by_its_server(cluster: Cluster, client):
+    a0 = cluster.a.metric("vllm:request_success_total")
+    b0 = cluster.b.metric("vllm:request_success_total")
+    kw = _chat(model="m05", temperature=0, max_tokens=64, logprobs=True, top_logprobs=2)
+    resp = client.chat.completions.create(**kw)
+    deadline = time.monotonic() + 10
+    while cluster.b.metric("vllm:request_success_total") < b0 + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster.b.metric("vllm:request_success_total") == b0 + 1
+    assert cluster.a.metric("vllm:request_success_total") == a0
+
+    # the same request straight to server B gives the same tokens and log-probabilities
+    direct = cluster.b.client().chat.completions.create(**kw)
+    text = resp.choices[0].message.content
+    assert "#### " in text and text == direct.choices[0].message.content
+    assert resp.usage.completion_tokens == direct.usage.completion_tokens
+    ours, theirs = resp.choices[0].logprobs.content, direct.choices[0].logprobs.content
+    assert "".join(t.token for t in ours) == text
+    assert [t.logprob for t in ours] == pytest.approx([t.logprob for t in theirs], abs=1e-4)
+    assert all(len(t.top_logprobs) == 2 for t in ours)
+
+    # streaming through ensemble-serve carries the same text
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **_chat(model="m05", temperature=0, max_tokens=64), stream=True) if c.choices]
+    assert "".join(pieces) == text
+
+
+def test_base_model_and_completions(client):
+    base = client.chat.completions.create(**_chat(model="sandbox-substrate", temperature=0, max_tokens=32))
+    assert base.choices[0].message.content
+    resp = client.completions.create(model="m02", prompt=f"<|user|>{PROBLEM}\n<|assistant|>", temperature=0, max_tokens=64, n=1)
+    chat = client.chat.completions.create(**_chat(model="m02", temperature=0, max_tokens=64))
+    assert resp.choices[0].text == chat.choices[0].message.content
+    sampled = client.completions.create(model="m06", prompt="<|user|>sort 52 17 83 4\n<|assistant|>",
+                                        temperature=1.0, n=3, max_tokens=48, seed=1, stop=["="])
+    assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
+    assert all("=" not in c.text for c in sampled.choices)
+
+
+# ---------------------------------------------------------------- the ensemble across both servers
+
+
+def test_ensemble_over_all_members(client):
+    resp = client.chat.completions.create(
+        **_chat(model="sandbox-ensemble", temperature=0.8, max_tokens=64, seed=3),
+        extra_body={"ensemble": {"return_chains": True}},
+    )
+    ens = _ensemble(resp)
+    assert ens["members"] == MEMBERS and not ens["failed"]
+    chains = ens["chains"]
+    assert len(chains) == 8 and {c["member"] for c in chains} == set(MEMBERS)
+    assert all(c["tokens"] > 0 for c in chains)
+    assert resp.usage.completion_tokens == sum(c["tokens"] for c in chains)
+    if ens["answer"] is not None:
+        assert resp.choices[0].message.content in [c["text"] for c in chains if c["answer"] == ens["answer"]]
+
+    mixed = client.completions.create(
+        model="sandbox-ensemble", prompt=f"<|user|>{PROBLEM}\n<|assistant|>", temperature=1.0, max_tokens=64,
+        extra_body={"ensemble": {"members": ["m01", "m06"], "samples_per_member": 2, "return_chains": True}},
+    )
+    e = _ensemble(mixed)
+    assert sorted((c["member"], c["sample"]) for c in e["chains"]) == [(m, s) for m in ("m01", "m06") for s in range(2)]
+    assert mixed.usage.completion_tokens == sum(c["tokens"] for c in e["chains"])
+
+
+def test_cross_vote_with_concurrent_traffic_on_both_servers(cluster: Cluster):
+    async def hammer() -> list:
+        client = cluster.ensemble.async_client()
+        jobs = []
+        for i in range(3):
+            jobs.append(client.chat.completions.create(
+                model="sandbox-ensemble", messages=[{"role": "user", "content": f"add {100 + i}+{27 * i}"}],
+                temperature=1.0, max_tokens=48, extra_body={"ensemble": {"vote": "cross", "samples_per_member": 2}}))
+            for m in MEMBERS:
+                jobs.append(client.chat.completions.create(
+                    model=m, messages=[{"role": "user", "content": f"sub {900 - i}-{m[-1]}"}], temperature=1.0, max_tokens=32))
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(hammer())
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    cross = [r for r in results if (r.model_extra or {}).get("ensemble")]
+    assert len(cross) == 3
+    for r in cross:
+        ens = _ensemble(r)
+        assert ens["rule"].startswith("cross") and not ens["failed"]
+        if len(ens["votes"]) > 1:
+            assert sum(ens["votes"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert cluster.a.healthy() and cluster.b.healthy() and cluster.ensemble.alive()
+
+
+def test_client_disconnect_aborts_the_remote_generations(cluster: Cluster):
+    srv = cluster.ensemble
+    body = {"model": "sandbox-ensemble", "messages": [{"role": "user", "content": "calc (3+4)*5-6"}], "max_tokens": 200,
+            "temperature": 1.0, "ignore_eos": True, "ensemble": {"samples_per_member": 4}}
+    asked = 8 * 4 * 200
+    for stream in (False, True):
+        before = cluster.a.metric("vllm:generation_tokens_total") + cluster.b.metric("vllm:generation_tokens_total")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, json={**body, "stream": stream}, timeout=1.0)
+        deadline = time.monotonic() + 15
+        running = None
+        while time.monotonic() < deadline:
+            running = cluster.a.metric("vllm:num_requests_running") + cluster.b.metric("vllm:num_requests_running")
+            metrics = httpx.get(srv.url + "/metrics").text
+            inflight = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("ensemble_engine_requests_inflight")))
+            if running == 0 and inflight == 0:
+                break
+            time.sleep(0.2)
+        assert running == 0 and inflight == 0, "generations kept running after the client went away"
+        generated = cluster.a.metric("vllm:generation_tokens_total") + cluster.b.metric("vllm:generation_tokens_total") - before
+        assert generated < asked
+    assert srv.alive()
+
+
+# ---------------------------------------------------------------- population refresh (last: it changes the population)
+
+
+def test_refresh_refuses_a_member_no_server_serves(cluster: Cluster, client):
+    from ensemble_serve.population import commit_generation, load_population
+
+    srv = cluster.ensemble
+    manifest = load_population(srv.population).manifest
+    m08 = manifest.members[0].model_copy(update={"name": "m08", "path": "members/m08", "born_generation": 1})
+    gen1 = manifest.model_copy(update={"generation": 1, "members": [*manifest.members, m08]})
+    commit_generation(srv.population, gen1, {"m08": srv.population / "members" / "m00"}, keep_unreferenced=True)
+    reload = httpx.post(srv.url + "/admin/reload", headers=srv.headers)
+    assert reload.status_code == 400, reload.text
+    assert "m08" in reload.json()["error"]["message"]
+    ids = {m.id for m in client.models.list().data}
+    assert "m08" not in ids and set(MEMBERS) <= ids
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(**_chat(model="m08", max_tokens=4))
+    resp = client.chat.completions.create(**_chat(model="sandbox-ensemble", temperature=0, max_tokens=64))
+    assert _ensemble(resp)["members"] == MEMBERS
+    assert srv.alive()  # a refused refresh is not an unhealthy backend
+
+    # a generation the servers can serve (m07 dropped) is taken
+    gen2 = manifest.model_copy(update={"generation": 2, "members": manifest.members[:7]})
+    commit_generation(srv.population, gen2, {}, keep_unreferenced=True)
+    reload = httpx.post(srv.url + "/admin/reload", headers=srv.headers)
+    assert reload.status_code == 200 and reload.json()["members"] == MEMBERS[:7]
+    resp = client.chat.completions.create(**_chat(model="sandbox-ensemble", temperature=0, max_tokens=64))
+    assert _ensemble(resp)["members"] == MEMBERS[:7]
