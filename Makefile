@@ -19,11 +19,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Rebuild the embedded substrate and starting population (about 10 minutes on 2 cores).
+# Rebuild the embedded substrate and starting population, and record the members' held-out accuracy
+# in the manifest (about 12 minutes on 2 cores).
 embedded: install
 	$(BIN)/ensemble-train substrate --config configs/substrate.yaml --out ensemble_serve/embedded/substrate
 	$(BIN)/ensemble-train init --config configs/init.yaml --base ensemble_serve/embedded/substrate \
 		--out ensemble_serve/embedded/population --base-name sandbox-substrate --overwrite
+	$(BIN)/ensemble-train eval --config configs/eval.yaml --population ensemble_serve/embedded/population --update-manifest
 
 lint: install
 	$(BIN)/ruff check ensemble_serve trainer clients tests bench

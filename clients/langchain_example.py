@@ -1,7 +1,7 @@
 """LangChain's `ChatOpenAI` pointed at ensemble-serve; ensemble options ride in `extra_body`.
 
-    pip install langchain-openai
-    python -m clients.langchain_example --base-url http://127.0.0.1:8000/v1 "sort 52 17 83 4"
+pip install langchain-openai
+python -m clients.langchain_example --base-url http://127.0.0.1:8000/v1 "sort 52 17 83 4"
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Calling ensemble-serve with the official `openai` client: plain, streaming, and the `ensemble` object.
 
-    python -m clients.openai_client --base-url http://127.0.0.1:8000/v1 "add 478+365"
+python -m clients.openai_client --base-url http://127.0.0.1:8000/v1 "add 478+365"
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ def stream(client: openai.OpenAI, model: str, question: str) -> tuple[str, dict 
     """Streaming: for the ensemble, text arrives once the vote is in; the last chunk carries `ensemble`."""
     text, ensemble = [], None
     for chunk in client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=128, stream=True,
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=128,
+        stream=True,
         stream_options={"include_usage": True},
     ):
         for choice in chunk.choices:

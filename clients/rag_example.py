@@ -50,7 +50,10 @@ def answer(client: openai.OpenAI, model: str, question: str) -> tuple[str, dict]
     passage = retrieve(question, CORPUS)[0]
     prompt = f"{passage}\n{to_sandbox_question(question)}"
     resp = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], temperature=0.7, max_tokens=64,
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0.7,
+        max_tokens=64,
         extra_body={"ensemble": {"answer": "auto", "return_chains": True}},
     )
     return resp.choices[0].message.content, resp.model_extra["ensemble"]

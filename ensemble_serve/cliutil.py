@@ -29,8 +29,14 @@ def _option_for(name: str, field: Any) -> Callable:
     if typing.get_origin(ann) is tuple:
         inner = args[0]
         return click.option(
-            flag, name, default=None, metavar="A,B,...", help=help_text,
-            callback=lambda _c, _p, v: None if v is None else tuple(inner(x.strip()) for x in v.split(",") if x.strip()),
+            flag,
+            name,
+            default=None,
+            metavar="A,B,...",
+            help=help_text,
+            callback=lambda _c, _p, v: (
+                None if v is None else tuple(inner(x.strip()) for x in v.split(",") if x.strip())
+            ),
         )
     click_type = {int: int, float: float, str: str, Path: click.Path(path_type=Path)}.get(ann, str)
     return click.option(flag, name, type=click_type, default=None, help=help_text)
@@ -43,7 +49,9 @@ def config_options(model: type[BaseModel]) -> Callable:
         for name, field in reversed(list(model.model_fields.items())):
             fn = _option_for(name, field)(fn)
         return click.option(
-            "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path, dir_okay=False),
             help="YAML file with these options (flags given here override it).",
         )(fn)
 

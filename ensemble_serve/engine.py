@@ -34,8 +34,12 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_loras: int | None = Field(None, ge=1, description="Adapters in one batch (default: all members, at most 16).")
-    max_lora_rank: int | None = Field(None, description="Largest adapter rank (default: the smallest vLLM value >= the largest member rank).")
-    max_cpu_loras: int | None = Field(None, ge=1, description="Adapters kept in host memory (default: max(max_loras, members)).")
+    max_lora_rank: int | None = Field(
+        None, description="Largest adapter rank (default: the smallest vLLM value >= the largest member rank)."
+    )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="Adapters kept in host memory (default: max(max_loras, members))."
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
     gpu_memory_utilization: float = Field(
         0.2, gt=0, le=1, description="Memory fraction for vLLM (on the CPU backend, of NUMA node 0's memory)."
@@ -57,11 +61,11 @@ class AdapterRegistry:
     fresh id, so vLLM never confuses a reloaded member with its stale weights.
     """
 
-    _by_name: dict[str, "LoRARequest"] = field(default_factory=dict)
+    _by_name: dict[str, LoRARequest] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def register(self, name: str, path: Path, base_model_name: str | None = None) -> "LoRARequest":
+    def register(self, name: str, path: Path, base_model_name: str | None = None) -> LoRARequest:
         from vllm.lora.request import LoRARequest
 
         with self._lock:
@@ -81,7 +85,7 @@ class AdapterRegistry:
         for name in population.names:
             self.register(name, population.member_dir(name), population.manifest.base_model.name)
 
-    def get(self, name: str) -> "LoRARequest":
+    def get(self, name: str) -> LoRARequest:
         try:
             return self._by_name[name]
         except KeyError:
@@ -187,7 +191,7 @@ class OfflineEngine:
         self,
         prompts: Sequence[str],
         members: Sequence[str | None],
-        params: "SamplingParams | Sequence[SamplingParams]",
+        params: SamplingParams | Sequence[SamplingParams],
         progress: bool = False,
     ) -> list[list[Generation]]:
         """Generate for each (prompt, member) pair in one multi-LoRA batch.
@@ -290,13 +294,17 @@ class AsyncEngine:
             raise ValueError(
                 f"{population.root}: the base model changed; a new base model needs a restart of the server"
             )
-        too_big = [m.name for m in population.manifest.members if m.rank > self.llm.vllm_config.lora_config.max_lora_rank]
+        too_big = [
+            m.name for m in population.manifest.members if m.rank > self.llm.vllm_config.lora_config.max_lora_rank
+        ]
         if too_big:
-            raise ValueError(f"{population.root}: members {too_big} exceed the engine's max_lora_rank; restart with a larger one")
+            raise ValueError(
+                f"{population.root}: members {too_big} exceed the engine's max_lora_rank; restart with a larger one"
+            )
         self.registry.sync(population)
         self.population = population
 
-    async def generate(self, prompt_ids: list[int], params: "SamplingParams", member: str | None, request_id: str):
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, member: str | None, request_id: str):
         """Stream `RequestOutput`s (cumulative) for one request."""
         lora = None if member is None else self.registry.get(member)
         await self.gate.acquire_shared()
@@ -321,7 +329,9 @@ class AsyncEngine:
         async def one(cont: list[int]) -> float:
             ids = list(prompt_ids) + list(cont)
             last = None
-            async for out in self.llm.generate({"prompt_token_ids": ids}, params, self.next_id("score"), lora_request=lora):
+            async for out in self.llm.generate(
+                {"prompt_token_ids": ids}, params, self.next_id("score"), lora_request=lora
+            ):
                 last = out
             lps = last.prompt_logprobs if last is not None else None
             if not lps or not cont:

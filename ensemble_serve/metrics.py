@@ -19,24 +19,43 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ensemble_requests", "Requests answered, by model kind and status.", ["kind", "status"], registry=r)
+        self.requests = Counter(
+            "ensemble_requests", "Requests answered, by model kind and status.", ["kind", "status"], registry=r
+        )
         self.latency = Histogram(
-            "ensemble_request_latency_seconds", "Time to answer a request, by model kind.", ["kind"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "ensemble_request_latency_seconds",
+            "Time to answer a request, by model kind.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.tokens = Counter("ensemble_tokens", "Tokens processed, by kind (prompt or completion).", ["kind"], registry=r)
+        self.tokens = Counter(
+            "ensemble_tokens", "Tokens processed, by kind (prompt or completion).", ["kind"], registry=r
+        )
         self.member_votes = Counter(
-            "ensemble_member_votes", "Chains per member by outcome: agreed (with the consensus), disagreed, excluded.",
-            ["member", "outcome"], registry=r,
+            "ensemble_member_votes",
+            "Chains per member by outcome: agreed (with the consensus), disagreed, excluded.",
+            ["member", "outcome"],
+            registry=r,
         )
-        self.member_failures = Counter("ensemble_member_failures", "Member generations that failed.", ["member"], registry=r)
+        self.member_failures = Counter(
+            "ensemble_member_failures", "Member generations that failed.", ["member"], registry=r
+        )
         self.agreement = Histogram(
-            "ensemble_agreement", "Share of the vote the consensus answer got.",
-            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
+            "ensemble_agreement",
+            "Share of the vote the consensus answer got.",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
         )
-        self.reloads = Counter("ensemble_population_reloads", "Population refreshes, by result.", ["result"], registry=r)
-        self.inflight = Gauge("ensemble_engine_requests_inflight", "Generation requests inside the engine now.", registry=r)
-        self.generation = Gauge("ensemble_population_generation", "Generation of the population being served.", registry=r)
+        self.reloads = Counter(
+            "ensemble_population_reloads", "Population refreshes, by result.", ["result"], registry=r
+        )
+        self.inflight = Gauge(
+            "ensemble_engine_requests_inflight", "Generation requests inside the engine now.", registry=r
+        )
+        self.generation = Gauge(
+            "ensemble_population_generation", "Generation of the population being served.", registry=r
+        )
 
     def track_inflight(self, fn: Callable[[], float]) -> None:
         self.inflight.set_function(fn)
@@ -50,8 +69,10 @@ class Metrics:
     def observe_error(self, kind: str, status: int) -> None:
         self.requests.labels(kind=kind, status=str(status)).inc()
 
-    def observe_vote(self, result: "VoteResult", candidates: Sequence["Candidate"]) -> None:
-        winners = set(result.groups[list(result.votes).index(result.answer)]) if result.answer in result.votes else set()
+    def observe_vote(self, result: VoteResult, candidates: Sequence[Candidate]) -> None:
+        winners = (
+            set(result.groups[list(result.votes).index(result.answer)]) if result.answer in result.votes else set()
+        )
         excluded = set(result.excluded)
         for i, c in enumerate(candidates):
             outcome = "excluded" if i in excluded else ("agreed" if i in winners else "disagreed")

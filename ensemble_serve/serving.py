@@ -77,7 +77,9 @@ class Backend(Protocol):
     tokenizer: Any
     max_model_len: int
 
-    def generate(self, prompt_ids: list[int], params: Any, member: str | None, request_id: str) -> AsyncIterator[Any]: ...
+    def generate(
+        self, prompt_ids: list[int], params: Any, member: str | None, request_id: str
+    ) -> AsyncIterator[Any]: ...
 
     async def score(self, prompt_ids: list[int], continuations: Sequence[list[int]], member: str | None) -> list[float]:
         """Log-likelihood of each continuation after the prompt under `member`."""
@@ -146,7 +148,7 @@ class EnsembleService:
         return self.population.manifest.base_model.name
 
     def kind_of(self, model: str) -> str:
-        """"ensemble", "member" or "base"; NotFoundError for anything else."""
+        """ "ensemble", "member" or "base"; NotFoundError for anything else."""
         if model == self.settings.ensemble_name:
             return "ensemble"
         if model in self.population.names:
@@ -216,7 +218,9 @@ class EnsembleService:
         if kind == "ensemble":
             return await self._ensemble(req, prompt_ids, chat=True)
         if req.ensemble is not None:
-            raise BadRequestError(f"`ensemble` options need the ensemble model ({self.settings.ensemble_name})", param="ensemble")
+            raise BadRequestError(
+                f"`ensemble` options need the ensemble model ({self.settings.ensemble_name})", param="ensemble"
+            )
         member = req.model if kind == "member" else None
         params = self._params(req, prompt_ids)
         if req.stream:
@@ -244,7 +248,9 @@ class EnsembleService:
                 raise BadRequestError("the ensemble answers one prompt per request", param="prompt")
             return await self._ensemble(req, prompts[0], chat=False)
         if req.ensemble is not None:
-            raise BadRequestError(f"`ensemble` options need the ensemble model ({self.settings.ensemble_name})", param="ensemble")
+            raise BadRequestError(
+                f"`ensemble` options need the ensemble model ({self.settings.ensemble_name})", param="ensemble"
+            )
         member = req.model if kind == "member" else None
         params = [self._params(req, ids) for ids in prompts]
         if req.stream:
@@ -300,19 +306,43 @@ class EnsembleService:
             rid, created = random_id("chatcmpl"), int(time.time())
             started = time.perf_counter()
             for i in range(req.n):
-                yield _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
-                    ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]))
+                yield _sse(
+                    ChatCompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=req.model,
+                        choices=[ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                    )
+                )
             generated = 0
             async for index, text, ids, lps, finish in self._stream_deltas(prompt_ids, params, member):
                 generated += len(ids)
                 logprobs = self._chat_logprobs_from(ids, lps) if req.logprobs and ids else None
-                yield _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
-                    ChatCompletionChunkChoice(index=index, delta=DeltaMessage(content=text), logprobs=logprobs,
-                                              finish_reason=finish)]))
+                yield _sse(
+                    ChatCompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=req.model,
+                        choices=[
+                            ChatCompletionChunkChoice(
+                                index=index, delta=DeltaMessage(content=text), logprobs=logprobs, finish_reason=finish
+                            )
+                        ],
+                    )
+                )
             if req.stream_options and req.stream_options.include_usage:
-                yield _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                               usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=generated)))
-            self.metrics.observe_request(self.kind_of(req.model), time.perf_counter() - started, len(prompt_ids), generated)
+                yield _sse(
+                    ChatCompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=req.model,
+                        choices=[],
+                        usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=generated),
+                    )
+                )
+            self.metrics.observe_request(
+                self.kind_of(req.model), time.perf_counter() - started, len(prompt_ids), generated
+            )
             yield SSE_DONE
 
         return events()
@@ -344,16 +374,35 @@ class EnsembleService:
                     index, text, ids, lps, finish = item
                     generated += len(ids)
                     logprobs = self._completion_logprobs_from(ids, lps) if req.logprobs is not None and ids else None
-                    yield _sse(CompletionChunk(id=rid, created=created, model=req.model, choices=[
-                        CompletionChoice(index=i * req.n + index, text=text, logprobs=logprobs, finish_reason=finish)]))
+                    yield _sse(
+                        CompletionChunk(
+                            id=rid,
+                            created=created,
+                            model=req.model,
+                            choices=[
+                                CompletionChoice(
+                                    index=i * req.n + index, text=text, logprobs=logprobs, finish_reason=finish
+                                )
+                            ],
+                        )
+                    )
                 for t in tasks:
                     t.result()  # surface an engine error
             finally:
                 await _cancel(tasks)
             if req.stream_options and req.stream_options.include_usage:
-                yield _sse(CompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                           usage=UsageInfo(prompt_tokens=sum(map(len, prompts)), completion_tokens=generated)))
-            self.metrics.observe_request(self.kind_of(req.model), time.perf_counter() - started, sum(map(len, prompts)), generated)
+                yield _sse(
+                    CompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=req.model,
+                        choices=[],
+                        usage=UsageInfo(prompt_tokens=sum(map(len, prompts)), completion_tokens=generated),
+                    )
+                )
+            self.metrics.observe_request(
+                self.kind_of(req.model), time.perf_counter() - started, sum(map(len, prompts)), generated
+            )
             yield SSE_DONE
 
         return events()
@@ -370,17 +419,28 @@ class EnsembleService:
             chosen = entry.get(tid)
             tops = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
             text = self._token_text(tid)
-            content.append(TokenLogprob(
-                token=text, logprob=chosen.logprob if chosen else float("-inf"), bytes=list(text.encode()),
-                top_logprobs=[TopLogprob(token=self._token_text(t), logprob=lp.logprob, bytes=list(self._token_text(t).encode()))
-                              for t, lp in tops if lp.rank and lp.rank > 0],
-            ))
+            content.append(
+                TokenLogprob(
+                    token=text,
+                    logprob=chosen.logprob if chosen else float("-inf"),
+                    bytes=list(text.encode()),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=self._token_text(t), logprob=lp.logprob, bytes=list(self._token_text(t).encode())
+                        )
+                        for t, lp in tops
+                        if lp.rank and lp.rank > 0
+                    ],
+                )
+            )
         return ChatLogprobs(content=content)
 
     def _chat_logprobs(self, o: Any) -> ChatLogprobs:
         return self._chat_logprobs_from(list(o.token_ids), o.logprobs)
 
-    def _completion_logprobs_from(self, ids: Sequence[int], lps: Sequence[Any] | None, offset: int = 0) -> CompletionLogprobs:
+    def _completion_logprobs_from(
+        self, ids: Sequence[int], lps: Sequence[Any] | None, offset: int = 0
+    ) -> CompletionLogprobs:
         out = CompletionLogprobs()
         pos = offset
         for tid, entry in zip(ids, lps or [None] * len(ids)):
@@ -388,7 +448,9 @@ class EnsembleService:
             text = self._token_text(tid)
             out.tokens.append(text)
             out.token_logprobs.append(entry[tid].logprob if tid in entry else None)
-            out.top_logprobs.append({self._token_text(t): lp.logprob for t, lp in entry.items() if lp.rank and lp.rank > 0} or None)
+            out.top_logprobs.append(
+                {self._token_text(t): lp.logprob for t, lp in entry.items() if lp.rank and lp.rank > 0} or None
+            )
             out.text_offset.append(pos)
             pos += len(text)
         return out
@@ -405,7 +467,8 @@ class EnsembleService:
             if unknown:
                 raise NotFoundError(
                     f"unknown member(s) {unknown}; members: {', '.join(self.population.names)}",
-                    param="ensemble.members", code="model_not_found",
+                    param="ensemble.members",
+                    code="model_not_found",
                 )
             return list(opts.members)
         k = opts.members if opts.members is not None else self.settings.default_members
@@ -458,12 +521,14 @@ class EnsembleService:
             return self._stream_ensemble(req, prompt_ids, params, members, opts, chat)
         started = time.perf_counter()
         outcome = await self._fan_out_and_vote(prompt_ids, params, members, opts)
-        self.metrics.observe_request("ensemble", time.perf_counter() - started, len(prompt_ids), outcome.completion_tokens)
+        self.metrics.observe_request(
+            "ensemble", time.perf_counter() - started, len(prompt_ids), outcome.completion_tokens
+        )
         return self._ensemble_response(req, prompt_ids, outcome, chat)
 
     async def _fan_out_and_vote(
         self, prompt_ids: list[int], params: Any, members: list[str], opts: EnsembleOptions
-    ) -> "EnsembleOutcome":
+    ) -> EnsembleOutcome:
         chains = await self._fan_out(prompt_ids, params, members, opts)
         candidates = [self._candidate(c, opts) for c in chains]
         result, scores = await self._vote(prompt_ids, chains, candidates, opts)
@@ -475,7 +540,9 @@ class EnsembleService:
             return Candidate(c.member, c.sample, c.text, None, "failed", c.tokens)
         return candidate_from_text(c.member, c.sample, c.text, c.tokens, opts.answer, c.mean_logprob)
 
-    async def _fan_out(self, prompt_ids: list[int], params: Any, members: list[str], opts: EnsembleOptions) -> list[Chain]:
+    async def _fan_out(
+        self, prompt_ids: list[int], params: Any, members: list[str], opts: EnsembleOptions
+    ) -> list[Chain]:
         """All members x samples in flight at once (vLLM batches them); optional early stop."""
         s = opts.samples_per_member
         chains = {(m, i): Chain(m, i) for m in members for i in range(s)}
@@ -485,7 +552,9 @@ class EnsembleService:
 
         async def run(member: str) -> None:
             try:
-                async for out in self.backend.generate(prompt_ids, params, member, self.backend.next_id(f"ens-{member}")):
+                async for out in self.backend.generate(
+                    prompt_ids, params, member, self.backend.next_id(f"ens-{member}")
+                ):
                     for o in out.outputs:
                         c = chains[(member, o.index)]
                         c.text, c.token_ids = o.text, list(o.token_ids)
@@ -569,14 +638,19 @@ class EnsembleService:
             group_scores = [weight_of.get(i) for i in range(len(candidates))]
         return result, group_scores
 
-    def _ensemble_info(self, outcome: "EnsembleOutcome", opts: EnsembleOptions) -> EnsembleInfo:
+    def _ensemble_info(self, outcome: EnsembleOutcome, opts: EnsembleOptions) -> EnsembleInfo:
         r = outcome.result
         chains_out = None
         if opts.return_chains:
             chains_out = [
                 EnsembleChain(
-                    member=c.member, sample=c.sample, answer=cand.answer, status=cand.status, text=c.text,
-                    score=(outcome.scores[i] if outcome.scores else None), tokens=c.tokens,
+                    member=c.member,
+                    sample=c.sample,
+                    answer=cand.answer,
+                    status=cand.status,
+                    text=c.text,
+                    score=(outcome.scores[i] if outcome.scores else None),
+                    tokens=c.tokens,
                 )
                 for i, (c, cand) in enumerate(zip(outcome.chains, outcome.candidates))
             ]
@@ -586,11 +660,18 @@ class EnsembleService:
             if c.error is not None or c.stopped
         ]
         return EnsembleInfo(
-            answer=r.answer, agreement=r.agreement, votes=dict(r.votes), members=outcome.members, rule=r.rule,
-            chains=chains_out, failed=failed, tokens_saved=outcome.tokens_saved, early_stopped=outcome.early_stopped,
+            answer=r.answer,
+            agreement=r.agreement,
+            votes=dict(r.votes),
+            members=outcome.members,
+            rule=r.rule,
+            chains=chains_out,
+            failed=failed,
+            tokens_saved=outcome.tokens_saved,
+            early_stopped=outcome.early_stopped,
         )
 
-    def _winner_chain(self, outcome: "EnsembleOutcome") -> Chain:
+    def _winner_chain(self, outcome: EnsembleOutcome) -> Chain:
         if outcome.result.winner is not None:
             return outcome.chains[outcome.result.winner]
         answered = [c for c in outcome.chains if c.error is None and not c.stopped]
@@ -599,7 +680,7 @@ class EnsembleService:
             raise ServiceUnavailableError(f"every member failed to answer: {reasons}")
         return answered[0]
 
-    def _ensemble_response(self, req: Any, prompt_ids: list[int], outcome: "EnsembleOutcome", chat: bool) -> Any:
+    def _ensemble_response(self, req: Any, prompt_ids: list[int], outcome: EnsembleOutcome, chat: bool) -> Any:
         opts = req.ensemble or EnsembleOptions()
         best = self._winner_chain(outcome)
         usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=outcome.completion_tokens)
@@ -611,7 +692,9 @@ class EnsembleService:
         choice = CompletionChoice(index=0, text=best.text, finish_reason=finish)
         return CompletionResponse(model=req.model, choices=[choice], usage=usage, ensemble=info)
 
-    def _stream_ensemble(self, req: Any, prompt_ids: list[int], params: Any, members: list[str], opts: EnsembleOptions, chat: bool):
+    def _stream_ensemble(
+        self, req: Any, prompt_ids: list[int], params: Any, members: list[str], opts: EnsembleOptions, chat: bool
+    ):
         """Streams once the vote is in: the role first, then the winning chain in pieces, then `ensemble` and usage."""
 
         async def events() -> AsyncIterator[str]:
@@ -621,10 +704,24 @@ class EnsembleService:
             def chunk(text: str | None, finish: str | None = None, role: bool = False, **extra: Any) -> str:
                 if chat:
                     delta = DeltaMessage(role="assistant" if role else None, content=text)
-                    return _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
-                        ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)], **extra))
-                return _sse(CompletionChunk(id=rid, created=created, model=req.model, choices=[
-                    CompletionChoice(index=0, text=text or "", finish_reason=finish)], **extra))
+                    return _sse(
+                        ChatCompletionChunk(
+                            id=rid,
+                            created=created,
+                            model=req.model,
+                            choices=[ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)],
+                            **extra,
+                        )
+                    )
+                return _sse(
+                    CompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=req.model,
+                        choices=[CompletionChoice(index=0, text=text or "", finish_reason=finish)],
+                        **extra,
+                    )
+                )
 
             if chat:
                 yield chunk("", role=True)
@@ -632,14 +729,20 @@ class EnsembleService:
             best = self._winner_chain(outcome)
             for i in range(0, len(best.text), STREAM_PIECE_CHARS):
                 yield chunk(best.text[i : i + STREAM_PIECE_CHARS])
-            yield chunk("" if not chat else None, finish=best.finish_reason or "stop", ensemble=self._ensemble_info(outcome, opts))
+            yield chunk(
+                "" if not chat else None,
+                finish=best.finish_reason or "stop",
+                ensemble=self._ensemble_info(outcome, opts),
+            )
             if req.stream_options and req.stream_options.include_usage:
                 usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=outcome.completion_tokens)
                 if chat:
                     yield _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
                 else:
                     yield _sse(CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
-            self.metrics.observe_request("ensemble", time.perf_counter() - started, len(prompt_ids), outcome.completion_tokens)
+            self.metrics.observe_request(
+                "ensemble", time.perf_counter() - started, len(prompt_ids), outcome.completion_tokens
+            )
             yield SSE_DONE
 
         return events()

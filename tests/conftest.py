@@ -25,8 +25,17 @@ def tiny_substrate(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("substrate") / "tiny-substrate"
     cfg = SubstrateConfig(
-        out=out, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
-        steps=30, batch_size=16, warmup_steps=5, lr=0.01, eval_per_domain=2, max_position_embeddings=128,
+        out=out,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=2,
+        steps=30,
+        batch_size=16,
+        warmup_steps=5,
+        lr=0.01,
+        eval_per_domain=2,
+        max_position_embeddings=128,
     )
     train_substrate(cfg, progress=False)
     return out

@@ -69,9 +69,21 @@ class Server:
                 self.proc.wait()
 
 
-def start_server(population: Path, log: Path, *extra: str, api_key: str | None = API_KEY, timeout: float = 300) -> Server:
+def start_server(
+    population: Path, log: Path, *extra: str, api_key: str | None = API_KEY, timeout: float = 300
+) -> Server:
     port = free_port()
-    args = [sys.executable, "-m", "ensemble_serve.cli", "up", "--population", str(population), "--port", str(port), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "ensemble_serve.cli",
+        "up",
+        "--population",
+        str(population),
+        "--port",
+        str(port),
+        *extra,
+    ]
     if api_key:
         args += ["--api-key", api_key]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

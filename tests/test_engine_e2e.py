@@ -36,7 +36,9 @@ def test_vllm_generates_for_base_and_every_member_in_one_batch(engine):
     members = [None] + names
     pairs = [(m, p) for m in members for p in problems]
     outputs = engine.generate(
-        [engine.chat_prompt(p.prompt) for _, p in pairs], [m for m, _ in pairs], SamplingParams(temperature=0, max_tokens=96)
+        [engine.chat_prompt(p.prompt) for _, p in pairs],
+        [m for m, _ in pairs],
+        SamplingParams(temperature=0, max_tokens=96),
     )
     assert len(outputs) == len(pairs) and all(len(o) == 1 for o in outputs)
     texts: dict[str | None, list[str]] = {m: [] for m in members}
@@ -75,9 +77,26 @@ def test_unknown_member_is_refused(engine):
 def test_ensemble_train_eval_cli_runs_vllm_over_a_fresh_population(tiny_population: Path, tmp_path: Path):
     out = tmp_path / "eval.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "eval", "--population", str(tiny_population), "--per-domain", "2",
-         "--max-tokens", "24", "--gpu-memory-utilization", "0.1", "--out", str(out), "--update-manifest"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            "eval",
+            "--population",
+            str(tiny_population),
+            "--per-domain",
+            "2",
+            "--max-tokens",
+            "24",
+            "--gpu-memory-utilization",
+            "0.1",
+            "--out",
+            str(out),
+            "--update-manifest",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

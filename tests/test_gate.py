@@ -61,7 +61,9 @@ def test_generation_runs_concurrently_and_two_scorers_never_overlap():
             writers_inside -= 1
             await gate.release_exclusive()
 
-        await asyncio.gather(*(generate() for _ in range(5)), *(score() for _ in range(3)), *(generate() for _ in range(5)))
+        await asyncio.gather(
+            *(generate() for _ in range(5)), *(score() for _ in range(3)), *(generate() for _ in range(5))
+        )
         return most_readers, most_writers
 
     most_readers, most_writers = asyncio.run(scenario())

@@ -16,6 +16,16 @@ for _p in (str(_HERE), str(_HERE.parent)):
         sys.path.insert(0, _p)
 
 import pytest  # noqa: E402
+from fixtures_population import (  # noqa: E402
+    BASE_NAME,
+    copy_dir,
+    logits_with_adapter,
+    make_adapter,
+    make_base_model,
+    read_raw_manifest,
+    set_adapter_config,
+    write_raw_manifest,
+)
 from pydantic import ValidationError  # noqa: E402
 
 from ensemble_serve.fsutil import atomic_write_text, tmp_dir_beside  # noqa: E402
@@ -34,16 +44,6 @@ from ensemble_serve.population import (  # noqa: E402
     read_history,
     read_manifest,
     write_manifest,
-)
-from fixtures_population import (  # noqa: E402
-    BASE_NAME,
-    copy_dir,
-    logits_with_adapter,
-    make_adapter,
-    make_base_model,
-    read_raw_manifest,
-    set_adapter_config,
-    write_raw_manifest,
 )
 
 # name -> (rank, alpha, seed) of the adapters built once per session

@@ -126,7 +126,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         _wait_healthy([a, b])
         ensemble = start_server(
             population, root / "ensemble.log", "--remote", f"{a.url},{b.url}/v1", "--remote-api-key", VLLM_KEY,
-            "--no-watch", timeout=START_TIMEOUT,
+            "--served-model-name", "sandbox-ensemble", "--no-watch", timeout=START_TIMEOUT,
         )
         started.append(ensemble)
         yield Cluster(a, b, ensemble)

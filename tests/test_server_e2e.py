@@ -24,7 +24,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("served")
     population = copy_embedded(root)
-    srv = start_server(population, root / "server.log", "--watch-interval", "0.5", "--served-model-name", "sandbox-ensemble")
+    srv = start_server(
+        population, root / "server.log", "--watch-interval", "0.5", "--served-model-name", "sandbox-ensemble"
+    )
     yield srv
     srv.stop()
 
@@ -67,7 +69,12 @@ def test_member_chat_greedy(client):
 
 def test_member_sampling_n_and_stop_and_max_tokens(client):
     resp = client.chat.completions.create(
-        model="m03", messages=[{"role": "user", "content": "sort 52 17 83 4"}], temperature=1.0, n=3, max_tokens=64, seed=1
+        model="m03",
+        messages=[{"role": "user", "content": "sort 52 17 83 4"}],
+        temperature=1.0,
+        n=3,
+        max_tokens=64,
+        seed=1,
     )
     assert [c.index for c in resp.choices] == [0, 1, 2]
     short = client.chat.completions.create(
@@ -97,7 +104,12 @@ def test_member_streaming_matches_non_streaming(client):
 
 def test_member_logprobs(client):
     resp = client.chat.completions.create(
-        model="m02", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=8, logprobs=True, top_logprobs=2
+        model="m02",
+        messages=[{"role": "user", "content": PROBLEM}],
+        temperature=0,
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens
@@ -108,10 +120,15 @@ def test_member_logprobs(client):
 def test_member_completions_with_raw_prompt(client):
     prompt = f"<|user|>{PROBLEM}\n<|assistant|>"
     resp = client.completions.create(model="m00", prompt=prompt, temperature=0, max_tokens=64)
-    chat = client.chat.completions.create(model="m00", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=64)
+    chat = client.chat.completions.create(
+        model="m00", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=64
+    )
     assert resp.choices[0].text == chat.choices[0].message.content
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="m00", prompt=prompt, temperature=0, max_tokens=64, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="m00", prompt=prompt, temperature=0, max_tokens=64, stream=True)
+        if c.choices
+    )
     assert streamed == resp.choices[0].text
 
 
@@ -164,16 +181,26 @@ def test_ensemble_subset_and_samples_per_member(client):
     )
     ens = _ensemble(resp)
     assert ens["members"] == ["m01", "m05"]
-    assert sorted((c["member"], c["sample"]) for c in ens["chains"]) == [(m, s) for m in ("m01", "m05") for s in range(3)]
+    assert sorted((c["member"], c["sample"]) for c in ens["chains"]) == [
+        (m, s) for m in ("m01", "m05") for s in range(3)
+    ]
     top = client.chat.completions.create(
-        model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=64,
+        model="sandbox-ensemble",
+        messages=[{"role": "user", "content": PROBLEM}],
+        temperature=0,
+        max_tokens=64,
         extra_body={"ensemble": {"members": 3}},
     )
     assert len(_ensemble(top)["members"]) == 3
 
 
 def test_ensemble_streaming_carries_the_same_answer(client):
-    kw = dict(model="sandbox-ensemble", messages=[{"role": "user", "content": "sort 52 17 83 4"}], temperature=0, max_tokens=64)
+    kw = dict(
+        model="sandbox-ensemble",
+        messages=[{"role": "user", "content": "sort 52 17 83 4"}],
+        temperature=0,
+        max_tokens=64,
+    )
     full = client.chat.completions.create(**kw)
     pieces, ens, usage = [], None, None
     for chunk in client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
@@ -190,7 +217,10 @@ def test_ensemble_streaming_carries_the_same_answer(client):
 
 def test_ensemble_text_completions(client):
     resp = client.completions.create(
-        model="sandbox-ensemble", prompt=f"<|user|>{PROBLEM}\n<|assistant|>", temperature=0, max_tokens=64,
+        model="sandbox-ensemble",
+        prompt=f"<|user|>{PROBLEM}\n<|assistant|>",
+        temperature=0,
+        max_tokens=64,
         extra_body={"ensemble": {"answer": "number"}},
     )
     ens = _ensemble(resp)
@@ -199,7 +229,9 @@ def test_ensemble_text_completions(client):
 
 
 def test_ensemble_early_stop_never_costs_more(client):
-    kw = dict(model="sandbox-ensemble", messages=[{"role": "user", "content": "add 12+34"}], temperature=0, max_tokens=64)
+    kw = dict(
+        model="sandbox-ensemble", messages=[{"role": "user", "content": "add 12+34"}], temperature=0, max_tokens=64
+    )
     # greedy chains are the same in both runs, so stopping early must not change the answer
     full = client.chat.completions.create(**kw, extra_body={"ensemble": {"return_chains": True}})
     early = client.chat.completions.create(**kw, extra_body={"ensemble": {"early_stop": True, "return_chains": True}})
@@ -224,21 +256,56 @@ def test_bad_requests_get_openai_errors(server):
     url, h = server.url, server.headers
     chat = url + "/v1/chat/completions"
     msg = [{"role": "user", "content": PROBLEM}]
-    assert _error(httpx.post(chat, headers=h, json={"model": "nope", "messages": msg}), 404)["code"] == "model_not_found"
-    assert _error(httpx.post(chat, headers=h, json={"model": "sandbox-ensemble", "messages": msg,
-                                                   "ensemble": {"members": ["m00", "ghost"]}}), 404)["param"] == "ensemble.members"
+    assert (
+        _error(httpx.post(chat, headers=h, json={"model": "nope", "messages": msg}), 404)["code"] == "model_not_found"
+    )
+    assert (
+        _error(
+            httpx.post(
+                chat,
+                headers=h,
+                json={"model": "sandbox-ensemble", "messages": msg, "ensemble": {"members": ["m00", "ghost"]}},
+            ),
+            404,
+        )["param"]
+        == "ensemble.members"
+    )
     _error(httpx.post(chat, headers={**h, "content-type": "application/json"}, content=b'{"model": '), 400)
     assert _error(httpx.post(chat, headers=h, json={"model": "m00", "messages": "hi"}), 400)["param"] == "messages"
-    for field, value in [("max_tokens", -5), ("max_tokens", 10**9), ("n", 0), ("n", 10**6), ("temperature", -1), ("temperature", "hot")]:
+    for field, value in [
+        ("max_tokens", -5),
+        ("max_tokens", 10**9),
+        ("n", 0),
+        ("n", 10**6),
+        ("temperature", -1),
+        ("temperature", "hot"),
+    ]:
         _error(httpx.post(chat, headers=h, json={"model": "m00", "messages": msg, field: value}), 400)
-    for ens in [{"samples_per_member": 0}, {"samples_per_member": 10**4}, {"vote": "loudest"}, {"answer": "poem"},
-                {"members": []}, {"answer": {"regex": "("}}, {"members": 99}]:
-        err = _error(httpx.post(chat, headers=h, json={"model": "sandbox-ensemble", "messages": msg, "ensemble": ens}), 400)
+    for ens in [
+        {"samples_per_member": 0},
+        {"samples_per_member": 10**4},
+        {"vote": "loudest"},
+        {"answer": "poem"},
+        {"members": []},
+        {"answer": {"regex": "("}},
+        {"members": 99},
+    ]:
+        err = _error(
+            httpx.post(chat, headers=h, json={"model": "sandbox-ensemble", "messages": msg, "ensemble": ens}), 400
+        )
         assert err["param"].startswith("ensemble")
     long_prompt = [{"role": "user", "content": "add " + "1" * 400}]
-    assert _error(httpx.post(chat, headers=h, json={"model": "m00", "messages": long_prompt}), 400)["code"] == "context_length_exceeded"
+    assert (
+        _error(httpx.post(chat, headers=h, json={"model": "m00", "messages": long_prompt}), 400)["code"]
+        == "context_length_exceeded"
+    )
     _error(httpx.post(chat, headers=h, json={"model": "sandbox-ensemble", "messages": msg, "n": 2}), 400)
-    greedy_samples = {"model": "sandbox-ensemble", "messages": msg, "temperature": 0, "ensemble": {"samples_per_member": 2}}
+    greedy_samples = {
+        "model": "sandbox-ensemble",
+        "messages": msg,
+        "temperature": 0,
+        "ensemble": {"samples_per_member": 2},
+    }
     assert _error(httpx.post(chat, headers=h, json=greedy_samples), 400)["param"] == "ensemble.samples_per_member"
     _error(httpx.get(url + "/v1/nothing-here", headers=h), 404)
     # and the server still answers
@@ -249,9 +316,13 @@ def test_bad_requests_get_openai_errors(server):
 
 def test_api_key_is_required_on_every_working_route(server):
     msg = {"model": "m00", "messages": [{"role": "user", "content": PROBLEM}], "max_tokens": 4}
-    routes = [("get", "/v1/models", None), ("post", "/v1/chat/completions", msg),
-              ("post", "/v1/completions", {"model": "m00", "prompt": "x", "max_tokens": 2}),
-              ("post", "/admin/reload", None), ("get", "/admin/population", None)]
+    routes = [
+        ("get", "/v1/models", None),
+        ("post", "/v1/chat/completions", msg),
+        ("post", "/v1/completions", {"model": "m00", "prompt": "x", "max_tokens": 2}),
+        ("post", "/admin/reload", None),
+        ("get", "/admin/population", None),
+    ]
     for method, path, body in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + server.api_key}):
             err = _error(httpx.request(method, server.url + path, headers=headers, json=body), 401)
@@ -262,26 +333,47 @@ def test_api_key_is_required_on_every_working_route(server):
 
 
 def test_metrics_count_requests_votes_and_tokens(server, client):
-    client.chat.completions.create(model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=64)
+    client.chat.completions.create(
+        model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=64
+    )
     text = httpx.get(server.url + "/metrics").text
-    for name in ("ensemble_requests_total", "ensemble_request_latency_seconds_bucket", "ensemble_tokens_total",
-                 "ensemble_member_votes_total", "ensemble_agreement_bucket", "ensemble_engine_requests_inflight"):
+    for name in (
+        "ensemble_requests_total",
+        "ensemble_request_latency_seconds_bucket",
+        "ensemble_tokens_total",
+        "ensemble_member_votes_total",
+        "ensemble_agreement_bucket",
+        "ensemble_engine_requests_inflight",
+    ):
         assert name in text, name
     assert 'ensemble_requests_total{kind="ensemble",status="ok"}' in text
     assert 'ensemble_requests_total{kind="unknown",status="404"}' in text
 
 
 def test_client_disconnect_aborts_every_generation(server):
-    body = {"model": "sandbox-ensemble", "messages": [{"role": "user", "content": "calc (3+4)*5-6"}], "max_tokens": 200,
-            "temperature": 1.0, "ignore_eos": True, "ensemble": {"samples_per_member": 4}}
+    body = {
+        "model": "sandbox-ensemble",
+        "messages": [{"role": "user", "content": "calc (3+4)*5-6"}],
+        "max_tokens": 200,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "ensemble": {"samples_per_member": 4},
+    }
     for stream in (False, True):
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/chat/completions", headers=server.headers, json={**body, "stream": stream}, timeout=1.0)
+            httpx.post(
+                server.url + "/v1/chat/completions",
+                headers=server.headers,
+                json={**body, "stream": stream},
+                timeout=1.0,
+            )
         deadline = time.monotonic() + 15
         inflight = None
         while time.monotonic() < deadline:
             metrics = httpx.get(server.url + "/metrics").text
-            inflight = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("ensemble_engine_requests_inflight")))
+            inflight = float(
+                next(l.split()[-1] for l in metrics.splitlines() if l.startswith("ensemble_engine_requests_inflight"))
+            )
             if inflight == 0:
                 break
             time.sleep(0.2)
@@ -295,17 +387,32 @@ def test_cross_vote_under_concurrent_mixed_traffic_keeps_the_engine_alive(server
     Cross votes score with prompt logprobs; fire them together with plain member requests of every
     adapter, streaming and not, and the engine must survive and answer everything.
     """
+
     async def hammer() -> list:
         client = server.async_client()
         jobs = []
         for i in range(6):
-            jobs.append(client.chat.completions.create(
-                model="sandbox-ensemble", messages=[{"role": "user", "content": f"add {100 + i}+{27 * i}"}],
-                temperature=1.0, max_tokens=48, extra_body={"ensemble": {"vote": "cross", "samples_per_member": 2}}))
+            jobs.append(
+                client.chat.completions.create(
+                    model="sandbox-ensemble",
+                    messages=[{"role": "user", "content": f"add {100 + i}+{27 * i}"}],
+                    temperature=1.0,
+                    max_tokens=48,
+                    extra_body={"ensemble": {"vote": "cross", "samples_per_member": 2}},
+                )
+            )
             for m in range(8):
-                jobs.append(client.chat.completions.create(
-                    model=f"m0{m}", messages=[{"role": "user", "content": f"sub {900 - i}-{m}"}], temperature=1.0, max_tokens=32))
-            jobs.append(client.completions.create(model=f"m0{i}", prompt="<|user|>mod 347%7\n<|assistant|>", max_tokens=24))
+                jobs.append(
+                    client.chat.completions.create(
+                        model=f"m0{m}",
+                        messages=[{"role": "user", "content": f"sub {900 - i}-{m}"}],
+                        temperature=1.0,
+                        max_tokens=32,
+                    )
+                )
+            jobs.append(
+                client.completions.create(model=f"m0{i}", prompt="<|user|>mod 347%7\n<|assistant|>", max_tokens=24)
+            )
         return await asyncio.gather(*jobs, return_exceptions=True)
 
     results = asyncio.run(hammer())
@@ -337,8 +444,9 @@ def test_population_refresh_without_restart(server, client, tmp_path: Path):
     assert "m07" not in ids and "m06" in ids
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="m07", messages=[{"role": "user", "content": PROBLEM}], max_tokens=4)
-    resp = client.chat.completions.create(model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}],
-                                          temperature=0, max_tokens=64)
+    resp = client.chat.completions.create(
+        model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=64
+    )
     assert len(_ensemble(resp)["members"]) == 7
 
     # a broken generation (a member folder that is missing) is refused; generation 1 keeps serving
@@ -350,8 +458,19 @@ def test_population_refresh_without_restart(server, client, tmp_path: Path):
     reload = httpx.post(server.url + "/admin/reload", headers=server.headers)
     err = _error(reload, 400)
     assert "does-not-exist" in err["message"]
-    assert len(_ensemble(client.chat.completions.create(
-        model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=64))["members"]) == 7
+    assert (
+        len(
+            _ensemble(
+                client.chat.completions.create(
+                    model="sandbox-ensemble",
+                    messages=[{"role": "user", "content": PROBLEM}],
+                    temperature=0,
+                    max_tokens=64,
+                )
+            )["members"]
+        )
+        == 7
+    )
     text = httpx.get(server.url + "/metrics").text
     assert "ensemble_population_generation 1.0" in text
 
@@ -359,3 +478,28 @@ def test_population_refresh_without_restart(server, client, tmp_path: Path):
     commit_generation(server.population, new.model_copy(update={"generation": 2}), {}, keep_unreferenced=True)
     reload = httpx.post(server.url + "/admin/reload", headers=server.headers)
     assert reload.status_code == 200 and reload.json()["generation"] == 2
+
+
+# ---------------------------------------------------------------- the client examples, against the real server
+
+
+def test_client_examples_work(server, monkeypatch):
+    from clients import langchain_example, openai_client, rag_example
+
+    monkeypatch.setenv("ENSEMBLE_SERVE_API_KEY", server.api_key)
+    client = server.client()
+    text, ens = openai_client.ask(client, "sandbox-ensemble", PROBLEM, vote="weighted")
+    assert ens["rule"] == "weighted" and len(ens["chains"]) == 8 and text
+    streamed, ens = openai_client.stream(client, "sandbox-ensemble", PROBLEM)
+    assert streamed and ens is not None and "answer" in ens
+
+    assert rag_example.retrieve("what is ta plus mi?", rag_example.CORPUS) == ["facts: ko=17 ta=52 mi=8 re=33"]
+    assert rag_example.to_sandbox_question("what is ta plus mi?") == "ask: ta+mi"
+    chain, ens = rag_example.answer(client, "sandbox-ensemble", "what is ta plus mi?")
+    assert chain and len(ens["chains"]) == 8
+
+    llm = langchain_example.build_llm(server.url + "/v1", vote="majority")
+    message = llm.invoke("sort 52 17 83 4")
+    assert message.content
+    streamed = "".join(chunk.content for chunk in llm.stream("sort 52 17 83 4"))
+    assert streamed

@@ -91,8 +91,16 @@ def test_tiny_substrate_is_a_standard_hf_model_folder(tiny_substrate: Path):
 
 def _tiny(out: Path, seed: int) -> SubstrateConfig:
     return SubstrateConfig(
-        out=out, seed=seed, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=1,
-        steps=4, batch_size=4, eval_per_domain=0, max_position_embeddings=128,
+        out=out,
+        seed=seed,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=1,
+        steps=4,
+        batch_size=4,
+        eval_per_domain=0,
+        max_position_embeddings=128,
     )
 
 

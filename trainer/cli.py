@@ -63,12 +63,16 @@ def init(config_file: Path | None, **overrides: Any) -> None:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for m in population.manifest.members:
-        click.echo(f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, dropout {m.info['dropout']}, lr {m.info['lr']}, focus {m.info['focus_domain']}")
+        click.echo(
+            f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, dropout {m.info['dropout']}, lr {m.info['lr']}, focus {m.info['focus_domain']}"
+        )
 
 
 @main.command(name="eval")
 @config_options(EvalConfig)
-@click.option("--update-manifest", is_flag=True, help="Record each member's per-domain accuracy and fitness in population.json.")
+@click.option(
+    "--update-manifest", is_flag=True, help="Record each member's per-domain accuracy and fitness in population.json."
+)
 def eval_(config_file: Path | None, update_manifest: bool, **overrides: Any) -> None:
     """Measure each member's per-domain accuracy on held-out problems with vLLM.
 

@@ -7,6 +7,7 @@ descriptions, and CLI flags override the file.
 from __future__ import annotations
 
 from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ensemble_serve.cliutil import ConfigError, load_config  # noqa: F401 (re-exported for the trainer)
@@ -44,35 +45,45 @@ class SubstrateConfig(_Config):
     num_layers: int = Field(4, gt=0, description="Transformer blocks.")
     num_heads: int = Field(4, gt=0, description="Attention heads (hidden_size must divide by it).")
     max_position_embeddings: int = Field(256, ge=64, description="Context length in tokens (characters).")
-    steps: int = Field(2400, ge=1, description="Optimizer steps. Training is by steps, not time, so a seed gives one model.")
+    steps: int = Field(
+        2400, ge=1, description="Optimizer steps. Training is by steps, not time, so a seed gives one model."
+    )
     batch_size: int = Field(64, gt=0, description="Sequences per step.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay to 10%).")
     warmup_steps: int = Field(100, ge=0, description="Warm-up steps.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Sandbox domains to train on.")
     difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels (1..4) to train on.")
-    eval_per_domain: int = Field(64, ge=0, description="Held-out problems per domain for the accuracy report (0: skip).")
+    eval_per_domain: int = Field(
+        64, ge=0, description="Held-out problems per domain for the accuracy report (0: skip)."
+    )
     threads: int = Field(2, gt=0, description="CPU threads for torch (fixed, for reproducibility).")
 
     _domains = field_validator("domains")(_check_domains)
     _diffs = field_validator("difficulties")(_check_difficulties)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "SubstrateConfig":
+    def _heads_divide(self) -> SubstrateConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         head_dim = self.hidden_size // self.num_heads
         if head_dim % 32:
             # vLLM's CPU attention kernels refuse smaller head sizes (e.g. 16) at the first request
-            raise ValueError(f"head size hidden_size/num_heads = {head_dim} must be a multiple of 32 (vLLM's CPU attention)")
+            raise ValueError(
+                f"head size hidden_size/num_heads = {head_dim} must be a multiple of 32 (vLLM's CPU attention)"
+            )
         return self
 
 
 class InitConfig(_Config):
     """`ensemble-train init`: a diverse starting population of LoRA adapters on the substrate."""
 
-    base: Path = Field(Path("runs/substrate"), description="Base model folder (the substrate, or any Llama-like HF model).")
-    base_name: str | None = Field(None, description="Identifier recorded as the members' base model (default: the folder name).")
+    base: Path = Field(
+        Path("runs/substrate"), description="Base model folder (the substrate, or any Llama-like HF model)."
+    )
+    base_name: str | None = Field(
+        None, description="Identifier recorded as the members' base model (default: the folder name)."
+    )
     out: Path = Field(Path("runs/population"), description="Population directory to create.")
     members: int = Field(8, ge=1, le=64, description="Population size.")
     seed: int = Field(0, description="Population seed; member i uses seed + i.")
@@ -87,13 +98,18 @@ class InitConfig(_Config):
     warmup_steps: int = Field(120, ge=0, description="Supervised warm-up steps per member (0: untrained adapters).")
     batch_size: int = Field(32, gt=0, description="Warm-up batch size.")
     focus_weight: float = Field(
-        0.6, ge=0, le=1,
+        0.6,
+        ge=0,
+        le=1,
         description="Share of a member's warm-up data drawn from its focus domain (member i focuses on domain i mod #domains); "
         "the rest is drawn from all domains.",
     )
     domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Domains of the warm-up data.")
     difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels of the warm-up data.")
-    data: Path | None = Field(None, description="A JSONL dataset (prompt, answer, domain, chain) used instead of the sandbox; rows need a chain.")
+    data: Path | None = Field(
+        None,
+        description="A JSONL dataset (prompt, answer, domain, chain) used instead of the sandbox; rows need a chain.",
+    )
     overwrite: bool = Field(False, description="Replace an existing population directory.")
     threads: int = Field(2, gt=0, description="CPU threads for torch.")
 

@@ -74,7 +74,12 @@ def format_table(acc: dict[str, dict[str, float]]) -> str:
 def record_scores(population: Population, acc: dict[str, dict[str, float]]) -> None:
     """Write each member's per-domain accuracy (domain_scores) and mean accuracy (fitness) into the manifest."""
     members = [
-        m.model_copy(update={"domain_scores": {d: v for d, v in acc[m.name].items() if d != "all"}, "fitness": acc[m.name]["all"]})
+        m.model_copy(
+            update={
+                "domain_scores": {d: v for d, v in acc[m.name].items() if d != "all"},
+                "fitness": acc[m.name]["all"],
+            }
+        )
         for m in population.manifest.members
     ]
     write_manifest(population.root, population.manifest.model_copy(update={"members": members}))
@@ -84,7 +89,9 @@ def run_eval(cfg: EvalConfig, update_manifest: bool = False) -> dict:
     population = load_population(cfg.population)
     problems = eval_problems(cfg)
     started = time.perf_counter()
-    engine = OfflineEngine(population, EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=None))
+    engine = OfflineEngine(
+        population, EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=None)
+    )
     load_seconds = time.perf_counter() - started
     members: list[str | None] = ([None] if cfg.include_base else []) + list(population.names)
     started = time.perf_counter()

@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -60,7 +60,9 @@ def focus_stream(cfg: InitConfig, focus: str, seed: int) -> Iterator[Problem]:
     """Problems for one member: `focus_weight` of them from its focus domain, the rest from all."""
     rng = random.Random(f"focus-mix:{seed}")
     focused = iter_problems(seed=seed, split="train", domains=[focus], difficulties=list(cfg.difficulties))
-    mixed = iter_problems(seed=seed + 10_000, split="train", domains=list(cfg.domains), difficulties=list(cfg.difficulties))
+    mixed = iter_problems(
+        seed=seed + 10_000, split="train", domains=list(cfg.domains), difficulties=list(cfg.difficulties)
+    )
     while True:
         yield next(focused) if rng.random() < cfg.focus_weight else next(mixed)
 
@@ -77,7 +79,9 @@ def dataset_stream(problems: Sequence[Problem], seed: int) -> Iterator[Problem]:
         yield from order
 
 
-def warm_up_member(cfg: InitConfig, spec: dict, stream: Iterator[Problem], out: Path, base_name: str, bar: tqdm) -> float:
+def warm_up_member(
+    cfg: InitConfig, spec: dict, stream: Iterator[Problem], out: Path, base_name: str, bar: tqdm
+) -> float:
     """Train one LoRA adapter from the frozen base and save it as a PEFT folder; returns the last loss."""
     torch.manual_seed(spec["seed"])
     tok = AutoTokenizer.from_pretrained(str(cfg.base))
@@ -135,7 +139,9 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
         bar = tqdm(total=cfg.warmup_steps * len(plan), desc="warm-up", disable=not progress, unit="step")
         for spec in plan:
             stream = (
-                dataset_stream(user_problems, spec["seed"]) if user_problems is not None else focus_stream(cfg, spec["focus"], spec["seed"])
+                dataset_stream(user_problems, spec["seed"])
+                if user_problems is not None
+                else focus_stream(cfg, spec["focus"], spec["seed"])
             )
             out = Path(work) / spec["name"]
             loss = warm_up_member(cfg, spec, stream, out, base_name, bar)
@@ -169,7 +175,7 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
             generation=0,
             members=members,
             config_hash=_config_hash(cfg),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         population = create_population(out_root, manifest, sources, overwrite=cfg.overwrite)
     if progress:

@@ -52,9 +52,7 @@ def build_model(cfg: SubstrateConfig, tok: PreTrainedTokenizerBase) -> LlamaForC
     return LlamaForCausalLM(config)
 
 
-def evaluate_accuracy(
-    answer_fn: Callable[[Sequence[str]], list[str]], problems: Sequence[Problem]
-) -> dict[str, float]:
+def evaluate_accuracy(answer_fn: Callable[[Sequence[str]], list[str]], problems: Sequence[Problem]) -> dict[str, float]:
     """Per-domain accuracy (and "all") of `answer_fn` on labelled problems."""
     texts = answer_fn([p.prompt for p in problems])
     right: dict[str, int] = defaultdict(int)
@@ -68,7 +66,9 @@ def evaluate_accuracy(
 
 
 def heldout_problems(seed: int, per_domain: int, domains: Sequence[str], difficulties: Sequence[int]) -> list[Problem]:
-    return generate_problems(per_domain * len(domains), seed=seed, split="heldout", domains=list(domains), difficulties=list(difficulties))
+    return generate_problems(
+        per_domain * len(domains), seed=seed, split="heldout", domains=list(domains), difficulties=list(difficulties)
+    )
 
 
 def train_substrate(cfg: SubstrateConfig, progress: bool = True) -> dict:
