@@ -153,8 +153,18 @@ class ServerSet:
         """`ensemble-serve up` on the embedded default (model `sandbox-ensemble`), population watching off."""
         port = free_port()
         args = [
-            sys.executable, "-m", "ensemble_serve.cli", "up", "--port", str(port), "--no-watch",
-            "--gpu-memory-utilization", str(gpu_memory_utilization), "--log-level", "warning", *extra,
+            sys.executable,
+            "-m",
+            "ensemble_serve.cli",
+            "up",
+            "--port",
+            str(port),
+            "--no-watch",
+            "--gpu-memory-utilization",
+            str(gpu_memory_utilization),
+            "--log-level",
+            "warning",
+            *extra,
         ]
         return self._start(name, args, port, timeout)
 
@@ -165,15 +175,120 @@ class ServerSet:
         port = free_port()
         mods = [f"{m}={rel(EMBEDDED_POPULATION / 'members' / m)}" for m in member_names()]
         args = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", rel(EMBEDDED_SUBSTRATE), "--served-model-name", "sandbox-substrate",
-            "--enable-lora", "--lora-modules", *mods,
-            "--max-lora-rank", "16", "--max-loras", str(len(mods)), "--max-cpu-loras", str(len(mods)),
-            "--gpu-memory-utilization", str(gpu_memory_utilization), "--enforce-eager", "--dtype", "float32",
-            "--max-num-seqs", "64", "--seed", "0", "--port", str(port), "--host", "127.0.0.1",
-            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning", *extra,
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            rel(EMBEDDED_SUBSTRATE),
+            "--served-model-name",
+            "sandbox-substrate",
+            "--enable-lora",
+            "--lora-modules",
+            *mods,
+            "--max-lora-rank",
+            "16",
+            "--max-loras",
+            str(len(mods)),
+            "--max-cpu-loras",
+            str(len(mods)),
+            "--gpu-memory-utilization",
+            str(gpu_memory_utilization),
+            "--enforce-eager",
+            "--dtype",
+            "float32",
+            "--max-num-seqs",
+            "64",
+            "--seed",
+            "0",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--disable-uvicorn-access-log",
+            "--uvicorn-log-level",
+            "warning",
+            *extra,
         ]
         return self._start(name, args, port, timeout)
+
+
+def system_busy_s() -> float:
+    """CPU seconds all processes on this machine have been busy since boot (user+nice+system+irq+softirq+steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this (client) process."""
+    t = os.times()
+    return t.user + t.system
+
+
+class ForeignLoad:
+    """CPU time used on this machine by processes other than this client and the given servers.
+
+    Other work on the machine (another test suite, a build) competes for the same cores and inflates
+    wall times; benchmarks record it per request so contaminated rounds can be seen.
+    """
+
+    def __init__(self, servers: Sequence[Server]):
+        self.servers = list(servers)
+        self.mark()
+
+    def _now(self) -> tuple[float, float]:
+        ours = own_cpu_s() + sum(s.cpu_seconds() for s in self.servers)
+        return system_busy_s(), ours
+
+    def mark(self) -> None:
+        self._t0 = time.perf_counter()
+        self._busy0, self._ours0 = self._now()
+
+    def foreign_s(self) -> float:
+        busy, ours = self._now()
+        return max(0.0, (busy - self._busy0) - (ours - self._ours0))
+
+
+def others_running(servers: Sequence[Server] = ()) -> int:
+    """How many vLLM / ensemble-serve / pytest / ensemble-train processes run on this machine besides ours."""
+    mine = {s.proc.pid for s in servers}
+    count = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\\0", b" ").decode(errors="replace")
+            pgid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[2])
+        except (OSError, ValueError, IndexError):
+            continue
+        if pgid not in mine and any(
+            k in cmd for k in ("vllm.entrypoints", "ensemble_serve.cli", "pytest", "ensemble-train")
+        ):
+            count += 1
+    return count
+
+
+def wait_quiet(max_wait_s: float, poll_s: float = 5.0) -> float:
+    """Wait (at most `max_wait_s`) until no other vLLM / ensemble-serve / pytest process runs; the seconds waited."""
+    t0 = time.monotonic()
+    while max_wait_s > 0 and others_running() and time.monotonic() - t0 < max_wait_s:
+        time.sleep(poll_s)
+    waited = time.monotonic() - t0
+    if others_running():
+        print(
+            f"warning: {others_running()} other serving/test processes are running; timings may suffer", file=sys.stderr
+        )
+    return waited
+
+
+def add_common_args(parser: Any) -> None:
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long until no other vLLM/ensemble-serve/pytest process runs",
+    )
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -230,8 +345,13 @@ def machine() -> dict[str, Any]:
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "command": "python " + " ".join([rel(Path(sys.argv[0]))] + sys.argv[1:]),
-               "machine": machine(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload}
+    payload = {
+        "benchmark": name,
+        "command": "python " + " ".join([rel(Path(sys.argv[0]))] + sys.argv[1:]),
+        "machine": machine(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **payload,
+    }
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
 

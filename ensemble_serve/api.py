@@ -57,7 +57,8 @@ class PopulationWatcher:
             self._stamp = self._current_stamp()
             try:
                 population = await asyncio.to_thread(load_population, self.root)
-                service.set_population(population)
+                await asyncio.to_thread(service.set_population, population)  # copies and checks adapters
+                await _warm(service.backend)
             except Exception as e:
                 self.last_error = str(e)
                 metrics.reloads.labels(result="refused").inc()
@@ -114,6 +115,7 @@ def build_app(config: ServeConfig, backend_factory: Callable[[ServeConfig, Popul
         app.state.backend = backend
         app.state.service = EnsembleService(backend, population, settings, metrics)
         app.state.watcher = PopulationWatcher(app, config.population_dir, config.watch_interval)
+        await _warm(backend)
         task = asyncio.create_task(app.state.watcher.run()) if config.watch else None
         _announce(config, population, backend)
         try:
@@ -178,6 +180,12 @@ def build_app(config: ServeConfig, backend_factory: Callable[[ServeConfig, Popul
         return JSONResponse(service.population.manifest.model_dump(mode="json"))
 
     return app
+
+
+async def _warm(backend: Any) -> None:
+    warm = getattr(backend, "warm", None)
+    if warm is not None:
+        await warm()
 
 
 def _announce(config: ServeConfig, population: Population, backend: Any) -> None:

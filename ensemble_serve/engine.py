@@ -8,8 +8,11 @@ project (sandbox, manifest, voting) work without it.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,24 +60,59 @@ class EngineConfig(BaseModel):
 class AdapterRegistry:
     """Public member names -> `LoRARequest`s with monotonic integer ids.
 
-    A name keeps its id until its adapter folder changes; a changed folder gets a
-    fresh id, so vLLM never confuses a reloaded member with its stale weights.
+    With `snapshot_root`, each member's adapter is first copied into a private folder
+    of the server (named by the content's hash) and checked there, and vLLM loads
+    that copy. vLLM reads adapter files lazily, and a corrupt file at that moment
+    kills its engine core; a private, checked copy cannot change under it, whatever
+    the trainer does to the population directory afterwards. A member keeps its id
+    while its content is unchanged; new content gets a fresh id, so vLLM never
+    confuses a reloaded member with its stale weights.
     """
 
+    snapshot_root: Path | None = None
+    keep_snapshots: int = 2  # per member: the current one and the one before (requests in flight)
     _by_name: dict[str, LoRARequest] = field(default_factory=dict)
+    _digest: dict[str, str] = field(default_factory=dict)
+    _snapshots: dict[str, list[Path]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def register(self, name: str, path: Path, base_model_name: str | None = None) -> LoRARequest:
         from vllm.lora.request import LoRARequest
 
+        digest = adapter_digest(path)
         with self._lock:
             current = self._by_name.get(name)
-            if current is not None and current.lora_path == str(path):
+            if current is not None and self._digest.get(name) == digest:
                 return current
-            req = LoRARequest(name, next(self._ids), str(path), base_model_name=base_model_name)
+        root = self.snapshot_root
+        load_path = self._snapshot(root, name, Path(path), digest) if root is not None else Path(path)
+        with self._lock:
+            req = LoRARequest(name, next(self._ids), str(load_path), base_model_name=base_model_name)
             self._by_name[name] = req
+            self._digest[name] = digest
             return req
+
+    def _snapshot(self, root: Path, name: str, src: Path, digest: str) -> Path:
+        dest = root / f"{name}-{digest[:16]}"
+        if not dest.exists():
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in ADAPTER_FILES:
+                if (src / f).is_file():
+                    shutil.copyfile(src / f, tmp / f)
+            if adapter_digest(tmp) != digest:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ValueError(f"adapter {src} changed while it was being loaded; try again")
+            check_adapter_weights(tmp / "adapter_model.safetensors")
+            tmp.rename(dest)
+        kept = self._snapshots.setdefault(name, [])
+        if dest not in kept:
+            kept.append(dest)
+        while len(kept) > self.keep_snapshots:
+            shutil.rmtree(kept.pop(0), ignore_errors=True)
+        return dest
 
     def sync(self, population: Population) -> None:
         """Register every member of `population` and forget names it no longer has."""
@@ -82,6 +120,7 @@ class AdapterRegistry:
         with self._lock:
             for gone in set(self._by_name) - names:
                 del self._by_name[gone]
+                self._digest.pop(gone, None)
         for name in population.names:
             self.register(name, population.member_dir(name), population.manifest.base_model.name)
 
@@ -93,6 +132,36 @@ class AdapterRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
+
+    def requests(self) -> list[LoRARequest]:
+        with self._lock:
+            return list(self._by_name.values())
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_digest(folder: Path) -> str:
+    """sha256 over an adapter folder's config and weights."""
+    h = hashlib.sha256()
+    for f in ADAPTER_FILES:
+        h.update(f.encode())
+        with open(Path(folder) / f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_adapter_weights(path: Path) -> None:
+    """Open and read every tensor of a safetensors file (what vLLM would do), or raise ValueError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable adapter weights: {e}") from None
 
 
 def default_lora_rank(population: Population) -> int:
@@ -275,7 +344,8 @@ class AsyncEngine:
 
         self.cfg = cfg or EngineConfig()
         self.population = population
-        self.registry = AdapterRegistry()
+        self._snapshot_dir = Path(tempfile.mkdtemp(prefix="ensemble-serve-adapters-"))
+        self.registry = AdapterRegistry(snapshot_root=self._snapshot_dir)
         self.registry.sync(population)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(population, self.cfg)))
         self.tokenizer = self.llm.get_tokenizer()
@@ -355,5 +425,11 @@ class AsyncEngine:
     def errored(self) -> bool:
         return self.llm.errored
 
+    async def warm(self) -> None:
+        """Load every registered adapter into vLLM now rather than at its first request."""
+        for req in self.registry.requests():
+            await self.llm.add_lora(req)
+
     def shutdown(self) -> None:
         self.llm.shutdown()
+        shutil.rmtree(self._snapshot_dir, ignore_errors=True)

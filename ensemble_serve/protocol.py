@@ -24,7 +24,16 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from ensemble_serve.answers import get_extractor
 from ensemble_serve.errors import BadRequestError, ParameterError, register_server_model
@@ -549,6 +558,14 @@ class EnsembleInfo(_Response):
     failed: list[FailedChain] = Field(default_factory=list)
     tokens_saved: int | None = None
     early_stopped: bool = False
+
+    @model_serializer(mode="wrap")
+    def _always_answer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`answer` and `agreement` are always present (null when no chain had an answer), even with exclude_none."""
+        data = handler(self)
+        data.setdefault("answer", None)
+        data.setdefault("agreement", None)
+        return data
 
 
 class ChatCompletionResponse(_Response):

@@ -277,12 +277,16 @@ class EnsembleService:
     # ------------------------------------------------------------------ single model
 
     async def _run_single(self, prompt_ids: list[int], params: Any, member: str | None) -> list[Any]:
-        final = None
+        # With n > 1 an engine output may carry only the completions that changed in
+        # that step, so keep the latest state of each completion index.
+        latest: dict[int, Any] = {}
         async for out in self.backend.generate(prompt_ids, params, member, self.backend.next_id("req")):
-            final = out
-        if final is None:
-            raise InternalServerError("the engine returned no output")
-        return sorted(final.outputs, key=lambda o: o.index)
+            for o in out.outputs:
+                latest[o.index] = o
+        n = getattr(params, "n", 1)
+        if len(latest) != n:
+            raise InternalServerError(f"the engine returned {len(latest)} of {n} completions")
+        return [latest[i] for i in sorted(latest)]
 
     async def _stream_deltas(
         self, prompt_ids: list[int], params: Any, member: str | None

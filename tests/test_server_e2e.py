@@ -423,6 +423,35 @@ def test_cross_vote_under_concurrent_mixed_traffic_keeps_the_engine_alive(server
     assert server.alive()
 
 
+def test_adapter_files_changing_on_disk_cannot_kill_the_engine(server, client):
+    """vLLM loads adapter files lazily and dies on a corrupt one; the server serves private, checked copies."""
+    weights = server.population / "members" / "m05" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[: len(original) // 2])  # the trainer (or a disk) breaks the file
+        resp = client.chat.completions.create(model="m05", messages=[{"role": "user", "content": PROBLEM}], max_tokens=32)
+        assert resp.choices[0].message.content
+        ens = client.chat.completions.create(
+            model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], max_tokens=32,
+            extra_body={"ensemble": {"members": ["m04", "m05"]}},
+        )
+        assert _ensemble(ens)["failed"] == []
+        assert server.alive()
+    finally:
+        weights.write_bytes(original)
+
+
+def test_chains_without_an_answer_are_excluded_and_the_request_still_answered(client):
+    resp = client.chat.completions.create(
+        model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=3,
+        extra_body={"ensemble": {"return_chains": True}},
+    )
+    ens = _ensemble(resp)
+    assert ens["answer"] is None and ens["votes"] == {} and ens["agreement"] == 0.0
+    assert {c["status"] for c in ens["chains"]} == {"missing"}
+    assert resp.choices[0].message.content and resp.choices[0].finish_reason == "length"
+
+
 # ---------------------------------------------------------------- population refresh
 
 
@@ -489,14 +518,14 @@ def test_client_examples_work(server, monkeypatch):
     monkeypatch.setenv("ENSEMBLE_SERVE_API_KEY", server.api_key)
     client = server.client()
     text, ens = openai_client.ask(client, "sandbox-ensemble", PROBLEM, vote="weighted")
-    assert ens["rule"] == "weighted" and len(ens["chains"]) == 8 and text
+    assert ens["rule"] == "weighted" and len(ens["chains"]) == len(ens["members"]) >= 7 and text
     streamed, ens = openai_client.stream(client, "sandbox-ensemble", PROBLEM)
     assert streamed and ens is not None and "answer" in ens
 
     assert rag_example.retrieve("what is ta plus mi?", rag_example.CORPUS) == ["facts: ko=17 ta=52 mi=8 re=33"]
     assert rag_example.to_sandbox_question("what is ta plus mi?") == "ask: ta+mi"
     chain, ens = rag_example.answer(client, "sandbox-ensemble", "what is ta plus mi?")
-    assert chain and len(ens["chains"]) == 8
+    assert chain and len(ens["chains"]) == len(ens["members"])
 
     llm = langchain_example.build_llm(server.url + "/v1", vote="majority")
     message = llm.invoke("sort 52 17 83 4")

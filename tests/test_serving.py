@@ -1,0 +1,153 @@
+"""EnsembleService logic with a scripted backend (the real path is covered by test_server_e2e.py).
+
+The backend here replays fixed chains per member, so the fan-out, failure handling, early stop
+and response assembly can be checked exactly, including a member whose generation raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from ensemble_serve.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from ensemble_serve.metrics import Metrics
+from ensemble_serve.population import load_population
+from ensemble_serve.protocol import ChatCompletionRequest
+from ensemble_serve.serving import EnsembleService, ServeSettings
+
+EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded"
+
+
+@dataclass
+class Out:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    cumulative_logprob: float | None = -1.0
+    logprobs: list | None = None
+
+
+@dataclass
+class RequestOut:
+    outputs: list[Out]
+
+
+@dataclass
+class ScriptedBackend:
+    """Each member answers with a fixed chain, one token per step; `fail` members raise; `slow` ones lag."""
+
+    chains: dict[str, str]
+    fail: set[str] = field(default_factory=set)
+    slow: set[str] = field(default_factory=set)
+    aborted: list[str] = field(default_factory=list)
+    max_model_len: int = 256
+
+    def __post_init__(self):
+        self.tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED / "substrate"))
+        self._n = 0
+
+    def next_id(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}-{self._n}"
+
+    def set_population(self, population) -> None:
+        pass
+
+    async def generate(self, prompt_ids, params, member, request_id):
+        if member in self.fail:
+            raise RuntimeError(f"adapter {member} could not be loaded")
+        text = self.chains[member]
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        try:
+            for k in range(1, len(ids) + 1):
+                await asyncio.sleep(0.02 if member in self.slow else 0.001)
+                done = k == len(ids)
+                yield RequestOut([Out(i, self.tokenizer.decode(ids[:k]), ids[:k], "stop" if done else None)
+                                  for i in range(params.n)])
+        except asyncio.CancelledError:
+            self.aborted.append(member)
+            raise
+
+    async def score(self, prompt_ids, continuations, member):
+        return [-float(len(c)) for c in continuations]
+
+
+def _service(backend: ScriptedBackend) -> EnsembleService:
+    population = load_population(EMBEDDED / "population")
+    return EnsembleService(backend, population, ServeSettings(ensemble_name="ens"), Metrics())
+
+
+def _req(**ensemble) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "ens", "messages": [{"role": "user", "content": "add 1+2"}], "max_tokens": 32, "ensemble": ensemble}
+    )
+
+
+ANSWERS = {f"m0{i}": "1+2=3\n#### 3" for i in range(8)}
+
+
+def test_a_failing_member_is_excluded_and_reported():
+    chains = dict(ANSWERS, m06="1+2=4\n#### 4")
+    backend = ScriptedBackend(chains, fail={"m02"})
+    resp = asyncio.run(_service(backend).chat(_req(return_chains=True)))
+    ens = resp.ensemble
+    assert ens.answer == "3" and ens.votes == {"3": 6.0, "4": 1.0}
+    assert [(f.member, f.sample) for f in ens.failed] == [("m02", 0)]
+    assert "could not be loaded" in ens.failed[0].reason
+    assert resp.choices[0].message.content == "1+2=3\n#### 3"
+    tokens = len("1+2=3\n#### 3")
+    assert resp.usage.completion_tokens == 7 * tokens  # the failed member generated nothing
+
+
+def test_every_member_failing_is_a_503_not_an_answer():
+    backend = ScriptedBackend(ANSWERS, fail=set(ANSWERS))
+    with pytest.raises(ServiceUnavailableError, match="every member failed"):
+        asyncio.run(_service(backend).chat(_req()))
+
+
+def test_early_stop_aborts_the_chains_that_cannot_change_the_vote():
+    backend = ScriptedBackend(ANSWERS, slow={"m05", "m06", "m07"})
+    resp = asyncio.run(_service(backend).chat(_req(early_stop=True, return_chains=True)))
+    ens = resp.ensemble
+    assert ens.answer == "3" and ens.early_stopped
+    assert sorted(backend.aborted) == ["m05", "m06", "m07"]  # 5 of 8 agreeing settles it
+    assert sorted(f.member for f in ens.failed) == ["m05", "m06", "m07"]
+    assert all(f.reason == "stopped early" for f in ens.failed)
+    full = len("1+2=3\n#### 3")
+    stopped_tokens = sum(c.tokens for c in ens.chains if c.member in {"m05", "m06", "m07"})
+    assert resp.usage.completion_tokens == 5 * full + stopped_tokens
+    assert ens.tokens_saved == 3 * full - stopped_tokens
+
+
+def test_member_selection_by_name_count_and_errors():
+    backend = ScriptedBackend(ANSWERS)
+    service = _service(backend)
+    resp = asyncio.run(service.chat(_req(members=["m03", "m01"])))
+    assert resp.ensemble.members == ["m03", "m01"]
+    top = asyncio.run(service.chat(_req(members=2)))
+    fitness = {m.name: m.fitness for m in service.population.manifest.members}
+    best_two = sorted(fitness, key=lambda n: -fitness[n])[:2]
+    assert sorted(top.ensemble.members) == sorted(best_two)
+    with pytest.raises(NotFoundError, match="ghost"):
+        asyncio.run(service.chat(_req(members=["m00", "ghost"])))
+    with pytest.raises(BadRequestError, match="has 8 members"):
+        asyncio.run(service.chat(_req(members=9)))
+    with pytest.raises(NotFoundError, match="does not exist"):
+        asyncio.run(service.chat(ChatCompletionRequest.model_validate(
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]})))
+
+
+def test_cross_vote_uses_the_jury_scores():
+    # m00-m04 say 3 with a long chain, m05-m07 say 4 with a short one; jurors prefer shorter chains here
+    chains = {f"m0{i}": "1+2=3, so the sum is\n#### 3" for i in range(5)}
+    chains.update({f"m0{i}": "#### 4" for i in range(5, 8)})
+    resp = asyncio.run(_service(ScriptedBackend(chains)).chat(_req(vote="cross")))
+    assert resp.ensemble.answer == "4" and resp.ensemble.rule == "cross"
+    assert sum(resp.ensemble.votes.values()) == pytest.approx(1.0)
+    majority = asyncio.run(_service(ScriptedBackend(chains)).chat(_req(vote="majority")))
+    assert majority.ensemble.answer == "3"
