@@ -52,7 +52,9 @@ class ServeConfig(BaseModel):
     remote: tuple[str, ...] = Field(
         (), description="Base URLs of vLLM OpenAI servers that serve the members (remote mode); empty: in-process engine."
     )
-    remote_api_key: str | None = Field(None, description="API key of the remote vLLM servers (their --api-key), sent as a bearer token.")
+    remote_api_key: str | None = Field(
+        None, description="API key of the remote vLLM servers (their --api-key), sent as a bearer token."
+    )
 
     @field_validator("max_lora_rank")
     @classmethod

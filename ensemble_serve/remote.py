@@ -27,13 +27,19 @@ into cumulative outputs shaped like vLLM's `RequestOutput`. Cancelling the itera
 closes the HTTP stream, and vLLM aborts the request when its client goes away.
 
 Scoring (cross votes) uses vLLM's `prompt_logprobs` extension field and passes, per
-remote server, the same `ScoringGate` as the in-process engine: vLLM's CPU build kills
-its engine core when a prompt-logprobs request under one adapter shares a step with a
-request under another adapter, so this backend's generation holds the server's gate
-shared and scoring holds it exclusively, one adapter at a time. The gate only orders
+remote server, the same `ScoringGate` as the in-process engine: generation holds the
+server's gate shared, scoring holds it exclusively. vLLM's CPU build (0.32) kills its
+engine core when a prompt-logprobs request under a LoRA adapter shares an engine step
+with any other request, even one under the same adapter (the LoRA logits of the prompt
+are computed with the batch's per-request adapter indices), so a scoring request must
+have the server to itself: under the exclusive gate the continuations are scored one
+request at a time. A request left running on a server (a generation stream closed
+before it finished, a scoring request cancelled or cut off) keeps the gate for
+`abort_grace` seconds more: a margin for vLLM to notice the closed connection and abort
+the request before anything else is scheduled next to it. The gate only orders
 this backend's own requests: other clients (or another ensemble-serve) sending traffic
-to the same CPU vLLM servers can still trigger the bug, so servers used for `cross`
-votes should be dedicated to one ensemble-serve. (CUDA builds are not affected.)
+to the same CPU vLLM servers can still trigger the bug and kill a server, so servers
+used for `cross` votes should be dedicated to one ensemble-serve.
 
 The backend and its HTTP clients belong to the event loop that first uses them.
 """
@@ -188,6 +194,10 @@ def _mapped_error(status: int, message: str, param: str | None, model: str) -> E
     return RemoteError(f"remote vLLM server answered {status}: {message}")
 
 
+def _unreachable(url: str, e: Exception) -> RemoteDiscoveryError:
+    return RemoteDiscoveryError(f"{url}: cannot reach the vLLM server ({type(e).__name__}: {e})")
+
+
 def _token_id(token: str) -> int:
     if not token.startswith(TOKEN_ID_PREFIX):
         raise RemoteError(
@@ -269,6 +279,8 @@ class RemoteBackend:
     servers synchronously and raises `RemoteDiscoveryError` if one cannot be used.
     """
 
+    abort_grace: float = 0.5  # seconds a stream closed early keeps its server's gate (see the module docstring)
+
     def __init__(
         self,
         population: Population,
@@ -308,6 +320,7 @@ class RemoteBackend:
         self._ids = itertools.count()
         self._tag = secrets.token_hex(4)  # request ids stay unique on servers shared by several processes
         self._closing: list[asyncio.Task] = []
+        self._late_releases: set[asyncio.Task] = set()
         try:
             self._apply(population, self._discover_sync())
         except BaseException:
@@ -328,7 +341,9 @@ class RemoteBackend:
             base = bases[0]
             return str(base["id"]), int(base["max_model_len"]), loras
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise RemoteDiscoveryError(f"{url}: GET /v1/models is not a vLLM model list ({type(e).__name__}: {e})") from None
+            raise RemoteDiscoveryError(
+                f"{url}: GET /v1/models is not a vLLM model list ({type(e).__name__}: {e})"
+            ) from None
 
     def _check_tokens(self, url: str, resp: httpx.Response) -> None:
         if resp.status_code == 404:  # no /tokenize route on this server: cannot check
@@ -357,7 +372,7 @@ class RemoteBackend:
                         base, max_len, loras = self._parse_models(s.url, client.get(s.url + "/v1/models"))
                         self._check_tokens(s.url, client.post(s.url + "/tokenize", json=self._tokenize_body(base)))
                     except httpx.HTTPError as e:
-                        raise RemoteDiscoveryError(f"{s.url}: cannot reach the vLLM server ({type(e).__name__}: {e})") from None
+                        raise _unreachable(s.url, e) from None
                     found[s.url] = _Found(base, max_len, loras)
         except RemoteDiscoveryError:
             self._errored = True
@@ -373,7 +388,7 @@ class RemoteBackend:
                 self._check_tokens(s.url, await s.client.post(
                     "/tokenize", json=self._tokenize_body(base), timeout=self._discovery_timeout))
             except httpx.HTTPError as e:
-                raise RemoteDiscoveryError(f"{s.url}: cannot reach the vLLM server ({type(e).__name__}: {e})") from None
+                raise _unreachable(s.url, e) from None
             return _Found(base, max_len, loras)
 
         try:
@@ -408,9 +423,12 @@ class RemoteBackend:
 
     def set_population(self, population: Population) -> None:
         """Serve `population` from now on; discovers the servers again and refuses members none of them serve."""
-        old = self.population.manifest.base_model
-        if population.manifest.base_model.sha256 != old.sha256 or population.base_model_path != self.population.base_model_path:
-            raise ValueError(f"{population.root}: the base model changed; a new base model needs a restart of the server")
+        old = self.population
+        if (population.manifest.base_model.sha256 != old.manifest.base_model.sha256
+                or population.base_model_path != old.base_model_path):
+            raise ValueError(
+                f"{population.root}: the base model changed; a new base model needs a restart of the server"
+            )
         self._apply(population, self._discover_sync())
 
     def servers_of(self, member: str | None) -> list[RemoteServer]:
@@ -430,7 +448,9 @@ class RemoteBackend:
     def next_id(self, prefix: str) -> str:
         return f"{prefix}-{self._tag}-{next(self._ids)}"
 
-    async def generate(self, prompt_ids: list[int], params: Any, member: str | None, request_id: str) -> AsyncIterator[RemoteRequestOutput]:
+    async def generate(
+        self, prompt_ids: list[int], params: Any, member: str | None, request_id: str
+    ) -> AsyncIterator[RemoteRequestOutput]:
         """Stream cumulative outputs for one request from the server that serves `member`."""
         server = self._pick(member)
         model = member if member is not None else server.base_model
@@ -441,9 +461,11 @@ class RemoteBackend:
         state: dict[int, RemoteCompletion] = {}
         await server.gate.acquire_shared()
         server.inflight += 1
+        over = False  # True once the server is done with the request (finished, or refused it)
         try:
             async with server.client.stream("POST", "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
+                    over = True
                     await resp.aread()
                     raise self._http_error(server, resp, model)
                 done = False
@@ -452,10 +474,11 @@ class RemoteBackend:
                         continue
                     data = line[len("data:"):].strip()
                     if data == "[DONE]":
-                        done = True
+                        done = over = True
                         break
                     chunk = self._decode(server, data)
                     if "error" in chunk:
+                        over = True
                         raise self._stream_error(server, chunk["error"], model)
                     choices = chunk.get("choices") or []
                     for ch in choices:
@@ -470,30 +493,50 @@ class RemoteBackend:
             raise RemoteError(f"a remote vLLM server failed during the request ({type(e).__name__})") from None
         finally:
             server.inflight -= 1
-            await server.gate.release_shared()
+            if over:
+                await server.gate.release_shared()
+            else:  # vLLM aborts the request when it notices the closed connection: until then keep scoring out
+                self._release_later(server, exclusive=False)
+
+    def _release_later(self, server: RemoteServer, *, exclusive: bool) -> None:
+        """Release the server's gate `abort_grace` seconds from now (a request was left running there)."""
+        async def release() -> None:
+            try:
+                await asyncio.sleep(self.abort_grace)
+            finally:
+                await (server.gate.release_exclusive() if exclusive else server.gate.release_shared())
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._late_releases.add(task)
+        task.add_done_callback(self._late_releases.discard)
 
     async def score(self, prompt_ids: list[int], continuations: Sequence[list[int]], member: str | None) -> list[float]:
         """Mean log-probability of each continuation after the prompt, under one member (prompt logprobs).
 
-        Runs with the chosen server's gate held exclusively (see the module docstring). A
-        continuation that reaches the context limit is scored on the tokens that fit.
+        Runs with the chosen server's gate held exclusively and one request at a time (see
+        the module docstring). A continuation that reaches the context limit is scored on
+        the tokens that fit.
         """
         server = self._pick(member)
         model = member if member is not None else server.base_model
         n = len(prompt_ids)
         limit = (server.max_model_len or self.max_model_len) - 1  # the request still asks for one token
+        running = False  # a scoring request was sent and its answer has not come back
 
         async def one(cont: list[int]) -> float:
+            nonlocal running
             ids = (list(prompt_ids) + list(cont))[:limit]
             if not cont or len(ids) <= n:
                 return float("-inf")
             body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
                     "request_id": self.next_id("score")}
+            running = True
             try:
                 resp = await server.client.post("/v1/completions", json=body)
             except httpx.HTTPError as e:
                 log.warning("remote vLLM server %s failed while scoring: %s: %s", server.url, type(e).__name__, e)
                 raise RemoteError(f"a remote vLLM server failed while scoring ({type(e).__name__})") from None
+            running = False
             if resp.status_code != 200:
                 raise self._http_error(server, resp, model)
             try:
@@ -512,10 +555,13 @@ class RemoteBackend:
         await server.gate.acquire_exclusive()
         server.inflight += 1
         try:
-            return list(await asyncio.gather(*(one(c) for c in continuations)))
+            return [await one(c) for c in continuations]  # never two prompt-logprobs requests in one step
         finally:
             server.inflight -= 1
-            await server.gate.release_exclusive()
+            if running:  # cancelled or cut off mid-request: let vLLM abort it first
+                self._release_later(server, exclusive=True)
+            else:
+                await server.gate.release_exclusive()
 
     # ------------------------------------------------------------------ errors
 

@@ -28,6 +28,7 @@ VLLM_KEY = "remote-key-456"  # the vLLM servers' --api-key: ensemble-serve must 
 MEMBERS = [f"m0{i}" for i in range(8)]
 SERVED_BY = {"a": MEMBERS[:4], "b": MEMBERS[4:]}
 START_TIMEOUT = 300.0
+VLLM_START_TIMEOUT = 420.0  # both vLLM servers start at once on 2 shared cores: about 60 s idle, 4 min under load
 
 
 @dataclass
@@ -96,11 +97,12 @@ def _start_vllm(name: str, substrate: Path, population: Path, members: list[str]
         "--enforce-eager", "--dtype", "float32",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            start_new_session=True)
     return VLLMServer(name, f"http://127.0.0.1:{port}", proc, log)
 
 
-def _wait_healthy(servers: list[VLLMServer], timeout: float = START_TIMEOUT) -> None:
+def _wait_healthy(servers: list[VLLMServer], timeout: float = VLLM_START_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     waiting = list(servers)
     while waiting and time.monotonic() < deadline:
@@ -217,7 +219,8 @@ def test_member_request_is_answered_by_its_server(cluster: Cluster, client):
 def test_base_model_and_completions(client):
     base = client.chat.completions.create(**_chat(model="sandbox-substrate", temperature=0, max_tokens=32))
     assert base.choices[0].message.content
-    resp = client.completions.create(model="m02", prompt=f"<|user|>{PROBLEM}\n<|assistant|>", temperature=0, max_tokens=64, n=1)
+    prompt = f"<|user|>{PROBLEM}\n<|assistant|>"
+    resp = client.completions.create(model="m02", prompt=prompt, temperature=0, max_tokens=64)
     chat = client.chat.completions.create(**_chat(model="m02", temperature=0, max_tokens=64))
     assert resp.choices[0].text == chat.choices[0].message.content
     sampled = client.completions.create(model="m06", prompt="<|user|>sort 52 17 83 4\n<|assistant|>",
@@ -262,7 +265,8 @@ def test_cross_vote_with_concurrent_traffic_on_both_servers(cluster: Cluster):
                 temperature=1.0, max_tokens=48, extra_body={"ensemble": {"vote": "cross", "samples_per_member": 2}}))
             for m in MEMBERS:
                 jobs.append(client.chat.completions.create(
-                    model=m, messages=[{"role": "user", "content": f"sub {900 - i}-{m[-1]}"}], temperature=1.0, max_tokens=32))
+                    model=m, messages=[{"role": "user", "content": f"sub {900 - i}-{m[-1]}"}], temperature=1.0,
+                    max_tokens=32))
         return await asyncio.gather(*jobs, return_exceptions=True)
 
     results = asyncio.run(hammer())
@@ -278,26 +282,86 @@ def test_cross_vote_with_concurrent_traffic_on_both_servers(cluster: Cluster):
     assert cluster.a.healthy() and cluster.b.healthy() and cluster.ensemble.alive()
 
 
+def test_backend_scores_chains_alongside_generation(cluster: Cluster):
+    """`RemoteBackend.score` directly: a member's own greedy chain outscores the same chain with a wrong
+    answer, and scoring on both servers while both generate for several adapters leaves them alive."""
+    from vllm import SamplingParams
+
+    from ensemble_serve.errors import BadRequestError
+    from ensemble_serve.population import load_population
+    from ensemble_serve.remote import RemoteBackend
+
+    async def run() -> tuple[list[list[float]], int]:
+        backend = RemoteBackend(load_population(cluster.ensemble.population), [cluster.a.url, cluster.b.url],
+                                api_key=VLLM_KEY)
+        try:
+            tok = backend.tokenizer
+            prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROBLEM}], tokenize=False,
+                                                        add_generation_prompt=True), add_special_tokens=False)
+            chains = {}
+            for m in ("m01", "m06"):
+                greedy = SamplingParams(temperature=0, max_tokens=64)
+                async for out in backend.generate(prompt, greedy, m, backend.next_id("t")):
+                    chains[m] = list(out.outputs[0].token_ids)
+            own = chains["m01"]
+            text = tok.decode(own, skip_special_tokens=True)
+            assert text.rstrip().endswith("#### 843"), text
+            wrong = tok.encode(text.rstrip()[:-3] + "842", add_special_tokens=False)
+
+            async def generate(m: str) -> int:
+                params = SamplingParams(n=2, temperature=1.0, max_tokens=48, seed=7)
+                async for out in backend.generate(prompt, params, m, backend.next_id("g")):
+                    last = out
+                return sum(len(o.token_ids) for o in last.outputs)
+
+            # an error of the remote server comes back as an exception with its message
+            with pytest.raises(BadRequestError, match="max_model_len"):
+                async for _ in backend.generate(prompt, SamplingParams(max_tokens=1000), "m01", backend.next_id("t")):
+                    pass
+            assert backend.gate.state == (0, False)
+
+            results = await asyncio.gather(
+                backend.score(prompt, [own, wrong], "m01"), backend.score(prompt, [own, wrong], "m06"),
+                *(generate(m) for m in MEMBERS), backend.score(prompt, [chains["m06"], own], "m02"),
+            )
+            return [results[0], results[1], results[-1]], sum(results[2:-1])
+        finally:
+            await backend.aclose()
+
+    scores, generated = asyncio.run(run())
+    assert generated > 0
+    for own, wrong in scores[:2]:
+        assert -20 < wrong < own <= 0
+    assert all(-20 < s <= 0 for s in scores[2])
+    assert cluster.a.healthy() and cluster.b.healthy()
+
+
+def _generated(cluster: Cluster) -> float:
+    return cluster.a.metric("vllm:generation_tokens_total") + cluster.b.metric("vllm:generation_tokens_total")
+
+
 def test_client_disconnect_aborts_the_remote_generations(cluster: Cluster):
     srv = cluster.ensemble
     body = {"model": "sandbox-ensemble", "messages": [{"role": "user", "content": "calc (3+4)*5-6"}], "max_tokens": 200,
             "temperature": 1.0, "ignore_eos": True, "ensemble": {"samples_per_member": 4}}
     asked = 8 * 4 * 200
     for stream in (False, True):
-        before = cluster.a.metric("vllm:generation_tokens_total") + cluster.b.metric("vllm:generation_tokens_total")
+        before = _generated(cluster)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, json={**body, "stream": stream}, timeout=1.0)
+            httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, json={**body, "stream": stream},
+                       timeout=1.0)
         deadline = time.monotonic() + 15
         running = None
         while time.monotonic() < deadline:
             running = cluster.a.metric("vllm:num_requests_running") + cluster.b.metric("vllm:num_requests_running")
             metrics = httpx.get(srv.url + "/metrics").text
-            inflight = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("ensemble_engine_requests_inflight")))
+            inflight = float(next(line.split()[-1] for line in metrics.splitlines()
+                                  if line.startswith("ensemble_engine_requests_inflight")))
             if running == 0 and inflight == 0:
                 break
             time.sleep(0.2)
         assert running == 0 and inflight == 0, "generations kept running after the client went away"
-        generated = cluster.a.metric("vllm:generation_tokens_total") + cluster.b.metric("vllm:generation_tokens_total") - before
+        generated = _generated(cluster) - before
         assert generated < asked
     assert srv.alive()
 
