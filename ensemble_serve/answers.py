@@ -134,10 +134,10 @@ _SNIPPET_CHARS = 200
 
 
 def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
-    last = None
-    for last in pattern.finditer(text):
-        pass
-    return last
+    found = None
+    for match in pattern.finditer(text):
+        found = match
+    return found
 
 
 def _marked_hit(text: str) -> _Hit | None:

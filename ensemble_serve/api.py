@@ -62,8 +62,11 @@ class PopulationWatcher:
             except Exception as e:
                 self.last_error = str(e)
                 metrics.reloads.labels(result="refused").inc()
-                log.error("population refresh refused, still serving generation %s: %s",
-                          service.population.manifest.generation, e)
+                log.error(
+                    "population refresh refused, still serving generation %s: %s",
+                    service.population.manifest.generation,
+                    e,
+                )
                 raise
             self.last_error = None
             metrics.reloads.labels(result="ok").inc()
@@ -94,7 +97,9 @@ def _build_backend(config: ServeConfig, population: Population) -> Any:
     return AsyncEngine(population, config.engine_config())
 
 
-def build_app(config: ServeConfig, backend_factory: Callable[[ServeConfig, Population], Any] = _build_backend) -> FastAPI:
+def build_app(
+    config: ServeConfig, backend_factory: Callable[[ServeConfig, Population], Any] = _build_backend
+) -> FastAPI:
     """The FastAPI app; the engine starts in the lifespan (so tests build the app with a real engine)."""
 
     @contextlib.asynccontextmanager

@@ -21,36 +21,56 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    population: Path | None = Field(None, description="Population directory to serve (default: the embedded sandbox ensemble).")
+    population: Path | None = Field(
+        None, description="Population directory to serve (default: the embedded sandbox ensemble)."
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key: str | None = Field(
-        None, description=f"Require this key as `Authorization: Bearer KEY` on every /v1 and /admin route (or set {API_KEY_ENV})."
+        None,
+        description=f"Require this key as `Authorization: Bearer KEY` on every /v1 and /admin route (or set {API_KEY_ENV}).",
     )
     served_model_name: str | None = Field(
-        None, description=f"The ensemble's model name (default: {EMBEDDED_NAME} for the embedded one, else the population folder's name)."
+        None,
+        description=f"The ensemble's model name (default: {EMBEDDED_NAME} for the embedded one, else the population folder's name).",
     )
-    default_members: int | None = Field(None, ge=1, description="Members an ensemble request fans out to when it does not say (default: all).")
+    default_members: int | None = Field(
+        None, ge=1, description="Members an ensemble request fans out to when it does not say (default: all)."
+    )
     watch: bool = Field(True, description="Reload the population when its population.json changes.")
     watch_interval: float = Field(2.0, gt=0, description="Seconds between checks of population.json.")
-    semantic_threshold: float = Field(0.8, ge=-1, le=1, description="Cosine similarity at which free-form answers count as the same.")
-    max_loras: int | None = Field(None, ge=1, description="vLLM: adapters in one batch (default: all members, at most 16).")
-    max_lora_rank: int | None = Field(None, description=f"vLLM: largest adapter rank, one of {list(VLLM_LORA_RANKS)} (default: fits the members).")
-    max_cpu_loras: int | None = Field(None, ge=1, description="vLLM: adapters cached in host memory (default: all members).")
+    semantic_threshold: float = Field(
+        0.8, ge=-1, le=1, description="Cosine similarity at which free-form answers count as the same."
+    )
+    max_loras: int | None = Field(
+        None, ge=1, description="vLLM: adapters in one batch (default: all members, at most 16)."
+    )
+    max_lora_rank: int | None = Field(
+        None, description=f"vLLM: largest adapter rank, one of {list(VLLM_LORA_RANKS)} (default: fits the members)."
+    )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="vLLM: adapters cached in host memory (default: all members)."
+    )
     max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's).")
     gpu_memory_utilization: float = Field(
-        0.2, gt=0, le=1, description="vLLM: memory fraction (on the CPU backend, of NUMA node 0's memory; vLLM's 0.92 refuses to start there)."
+        0.2,
+        gt=0,
+        le=1,
+        description="vLLM: memory fraction (on the CPU backend, of NUMA node 0's memory; vLLM's 0.92 refuses to start there).",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: tensor parallelism.")
     pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline parallelism.")
-    distributed_executor_backend: str | None = Field(None, description="vLLM: executor backend for parallelism, mp or ray.")
+    distributed_executor_backend: str | None = Field(
+        None, description="vLLM: executor backend for parallelism, mp or ray."
+    )
     dtype: str = Field("auto", description="vLLM: weights dtype (auto: float32 on the CPU).")
     enforce_eager: bool = Field(True, description="vLLM: skip graph capture (fast start on the CPU).")
     max_num_seqs: int = Field(64, ge=1, description="vLLM: sequences scheduled per step.")
     seed: int = Field(0, description="vLLM: sampling seed of the engine.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     remote: tuple[str, ...] = Field(
-        (), description="Base URLs of vLLM OpenAI servers that serve the members (remote mode); empty: in-process engine."
+        (),
+        description="Base URLs of vLLM OpenAI servers that serve the members (remote mode); empty: in-process engine.",
     )
     remote_api_key: str | None = Field(
         None, description="API key of the remote vLLM servers (their --api-key), sent as a bearer token."

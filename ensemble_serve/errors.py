@@ -169,9 +169,31 @@ def register_server_model(cls: type[BaseModel]) -> None:
 
 # Segments pydantic puts into `loc` for unions, wrappers and the like; not field names.
 _INTERNAL_LOC_SEGMENTS = frozenset(
-    {"str", "int", "float", "bool", "bytes", "list", "dict", "tuple", "set", "none", "union", "nullable",
-     "function-before", "function-after", "function-wrap", "function-plain", "tagged-union", "chain",
-     "lax-or-strict", "json-or-python", "default", "is-instance", "literal"}
+    {
+        "str",
+        "int",
+        "float",
+        "bool",
+        "bytes",
+        "list",
+        "dict",
+        "tuple",
+        "set",
+        "none",
+        "union",
+        "nullable",
+        "function-before",
+        "function-after",
+        "function-wrap",
+        "function-plain",
+        "tagged-union",
+        "chain",
+        "lax-or-strict",
+        "json-or-python",
+        "default",
+        "is-instance",
+        "literal",
+    }
 )
 _BODY_LOC_PREFIXES = ("body", "query", "path", "header", "cookie")
 
@@ -315,8 +337,9 @@ async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404 and exc.detail == HTTPStatus.NOT_FOUND.phrase:
         return _render(404, ErrorInfo(message=f"Invalid URL ({route})", type="invalid_request_error"), exc.headers)
     if exc.status_code == 405 and exc.detail == HTTPStatus.METHOD_NOT_ALLOWED.phrase:
-        info = ErrorInfo(message=f"Method not allowed ({route})", type="invalid_request_error",
-                         code="method_not_allowed")
+        info = ErrorInfo(
+            message=f"Method not allowed ({route})", type="invalid_request_error", code="method_not_allowed"
+        )
         return _render(405, info, exc.headers)
     return error_response(exc)
 

@@ -68,9 +68,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
     fsync_dir(parent)
 
 
-def atomic_write_text(
-    path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", mode: int = 0o644
-) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", mode: int = 0o644) -> None:
     """Write ``text`` to ``path`` atomically; see :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode(encoding), mode=mode)
 

@@ -108,8 +108,7 @@ class BaseModelRef(_Frozen):
 
     name: str = Field(
         min_length=1,
-        description="Identifier that each member's adapter_config.json "
-        "`base_model_name_or_path` must equal.",
+        description="Identifier that each member's adapter_config.json `base_model_name_or_path` must equal.",
     )
     path: str | None = Field(
         default=None,
@@ -360,25 +359,21 @@ def _check_base_model(root: Path, manifest: Manifest, manifest_path: Path) -> Pa
         return None
     if not base.is_dir():
         raise PopulationError(
-            f"{base}: base model folder not found (base_model.path {manifest.base_model.path!r} "
-            f"in {manifest_path})"
+            f"{base}: base model folder not found (base_model.path {manifest.base_model.path!r} in {manifest_path})"
         )
     if not (base / "config.json").is_file():
         raise PopulationError(f"{base / 'config.json'}: base model has no config.json (named in {manifest_path})")
     if not any(base.glob("*.safetensors")):
         pickles = _pickle_files(base)
         if pickles:
-            raise PopulationError(
-                f"{base}: base model has only pickle weights {pickles}; pickle weights are refused"
-            )
+            raise PopulationError(f"{base}: base model has only pickle weights {pickles}; pickle weights are refused")
         raise PopulationError(f"{base}: base model has no *.safetensors weights")
     expected = manifest.base_model.sha256
     if expected is not None:
         got = fingerprint_model_dir(base)
         if got != expected:
             raise PopulationError(
-                f"wrong base model: {base} has fingerprint {got}, manifest expects {expected} "
-                f"({manifest_path})"
+                f"wrong base model: {base} has fingerprint {got}, manifest expects {expected} ({manifest_path})"
             )
     return base
 
@@ -395,9 +390,7 @@ def _inside(root_resolved: Path, rel: str, manifest_path: Path) -> Path:
     return target
 
 
-def _check_adapter_dir(
-    folder: Path, member: Member, base_name: str, *, check_weights: bool, listed_in: Path
-) -> None:
+def _check_adapter_dir(folder: Path, member: Member, base_name: str, *, check_weights: bool, listed_in: Path) -> None:
     """Validate one PEFT LoRA adapter folder against its manifest entry."""
     if not folder.is_dir():
         raise PopulationError(f"{folder}: member folder for {member.name!r} is missing (listed in {listed_in})")
@@ -752,7 +745,7 @@ def append_history(root: str | os.PathLike[str], record: Mapping[str, Any]) -> N
         os.lseek(fd, 0, os.SEEK_END)
         data = line.encode("utf-8")
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
         os.fsync(fd)
     finally:
         os.close(fd)

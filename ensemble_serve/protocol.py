@@ -87,8 +87,11 @@ class _Strict(BaseModel):
         if not isinstance(data, Mapping):
             return data
         fields = cls.model_fields
-        defaulted = [k for k, v in data.items() if v is None and k in fields and fields[k].default is not None
-                     and not fields[k].is_required()]
+        defaulted = [
+            k
+            for k, v in data.items()
+            if v is None and k in fields and fields[k].default is not None and not fields[k].is_required()
+        ]
         return {k: v for k, v in data.items() if k not in defaulted} if defaulted else data
 
 

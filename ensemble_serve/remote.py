@@ -204,7 +204,7 @@ def _token_id(token: str) -> int:
             f"a remote vLLM server returned the token {token!r} instead of 'token_id:N'; "
             "it needs `return_tokens_as_token_ids` (vLLM >= 0.6)"
         )
-    return int(token[len(TOKEN_ID_PREFIX):])
+    return int(token[len(TOKEN_ID_PREFIX) :])
 
 
 def _logprob_entry(token_id: int, logprob: float, top: dict[str, float] | None) -> dict[int, RemoteLogprob]:
@@ -304,7 +304,9 @@ class RemoteBackend:
             RemoteServer(
                 u,
                 httpx.AsyncClient(
-                    base_url=u, headers=self._headers, timeout=self._timeout,
+                    base_url=u,
+                    headers=self._headers,
+                    timeout=self._timeout,
                     # an ensemble request holds one stream per member: no pool limit to queue them behind
                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
                 ),
@@ -384,9 +386,12 @@ class RemoteBackend:
         async def one(s: RemoteServer) -> _Found:
             try:
                 base, max_len, loras = self._parse_models(
-                    s.url, await s.client.get("/v1/models", timeout=self._discovery_timeout))
-                self._check_tokens(s.url, await s.client.post(
-                    "/tokenize", json=self._tokenize_body(base), timeout=self._discovery_timeout))
+                    s.url, await s.client.get("/v1/models", timeout=self._discovery_timeout)
+                )
+                self._check_tokens(
+                    s.url,
+                    await s.client.post("/tokenize", json=self._tokenize_body(base), timeout=self._discovery_timeout),
+                )
             except httpx.HTTPError as e:
                 raise _unreachable(s.url, e) from None
             return _Found(base, max_len, loras)
@@ -424,8 +429,10 @@ class RemoteBackend:
     def set_population(self, population: Population) -> None:
         """Serve `population` from now on; discovers the servers again and refuses members none of them serve."""
         old = self.population
-        if (population.manifest.base_model.sha256 != old.manifest.base_model.sha256
-                or population.base_model_path != old.base_model_path):
+        if (
+            population.manifest.base_model.sha256 != old.manifest.base_model.sha256
+            or population.base_model_path != old.base_model_path
+        ):
             raise ValueError(
                 f"{population.root}: the base model changed; a new base model needs a restart of the server"
             )
@@ -472,7 +479,7 @@ class RemoteBackend:
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
                         continue
-                    data = line[len("data:"):].strip()
+                    data = line[len("data:") :].strip()
                     if data == "[DONE]":
                         done = over = True
                         break
@@ -500,6 +507,7 @@ class RemoteBackend:
 
     def _release_later(self, server: RemoteServer, *, exclusive: bool) -> None:
         """Release the server's gate `abort_grace` seconds from now (a request was left running there)."""
+
         async def release() -> None:
             try:
                 await asyncio.sleep(self.abort_grace)
@@ -528,8 +536,14 @@ class RemoteBackend:
             ids = (list(prompt_ids) + list(cont))[:limit]
             if not cont or len(ids) <= n:
                 return float("-inf")
-            body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
-                    "request_id": self.next_id("score")}
+            body = {
+                "model": model,
+                "prompt": ids,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "prompt_logprobs": 0,
+                "request_id": self.next_id("score"),
+            }
             running = True
             try:
                 resp = await server.client.post("/v1/completions", json=body)
@@ -636,8 +650,9 @@ def _fold(state: dict[int, RemoteCompletion], ch: dict[str, Any], keep_logprobs:
     idx = int(ch.get("index", 0))
     out = state.get(idx)
     if out is None:
-        out = state[idx] = RemoteCompletion(idx, logprobs=[] if keep_logprobs else None,
-                                            cumulative_logprob=0.0 if keep_logprobs else None)
+        out = state[idx] = RemoteCompletion(
+            idx, logprobs=[] if keep_logprobs else None, cumulative_logprob=0.0 if keep_logprobs else None
+        )
     out.text += ch.get("text") or ""
     lp = ch.get("logprobs")
     if lp:

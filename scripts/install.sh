@@ -26,7 +26,8 @@ if [ -f "$stamp" ]; then
 fi
 
 echo "[install] installing ensemble-serve[$EXTRAS] (first time: about 2-3 minutes)"
-"$VENV/bin/pip" install --quiet --editable ".[$EXTRAS]"
+# (pip's notes about index folders this machine's configuration names but lacks are filtered out)
+"$VENV/bin/pip" install --quiet --editable ".[$EXTRAS]" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; }
 "$VENV/bin/pip" uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import transformers; from transformers import LlamaConfig; import ensemble_serve, trainer" \
   || { echo "[install] the environment does not import; see the messages above" >&2; exit 1; }

@@ -44,9 +44,7 @@ def load_base_model(base_dir: Path) -> Any:
     return transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
 
 
-def make_adapter(
-    base_dir: Path, out: Path, *, rank: int, alpha: float, seed: int, base_name: str = BASE_NAME
-) -> Path:
+def make_adapter(base_dir: Path, out: Path, *, rank: int, alpha: float, seed: int, base_name: str = BASE_NAME) -> Path:
     """Save a LoRA adapter with non-zero random A and B to ``out``.
 
     ``base_model_name_or_path`` in adapter_config.json is rewritten to
@@ -57,9 +55,7 @@ def make_adapter(
 
     torch.manual_seed(seed)
     model = load_base_model(base_dir)
-    cfg = peft.LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     peft.get_peft_model(model, cfg).save_pretrained(out)
     set_adapter_config(out, base_model_name_or_path=base_name)
     return out

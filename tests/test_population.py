@@ -63,8 +63,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     base = make_base_model(d / "base", seed=0)
     other = make_base_model(d / "other-base", seed=7)
     adapters = {
-        name: make_adapter(base, d / f"adapter-{name}", rank=r, alpha=a, seed=s)
-        for name, (r, a, s) in SPECS.items()
+        name: make_adapter(base, d / f"adapter-{name}", rank=r, alpha=a, seed=s) for name, (r, a, s) in SPECS.items()
     }
     (adapters["alpha"] / "optimizer.pt").write_bytes(b"training state, never copied")
     return Assets(base=base, other_base=other, adapters=adapters)
@@ -130,7 +129,9 @@ def test_create_load_round_trip(tmp_path: Path, assets: Assets) -> None:
     assert loaded.member_dir("alpha") == root / "members" / "alpha"
     assert loaded.member_dir("beta") == root / "members" / "b-g3"
     assert sorted(os.listdir(root / "members" / "alpha")) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors"
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
     ]  # optimizer.pt in the source is not copied
     assert (root / "members/alpha/adapter_model.safetensors").read_bytes() == (
         assets.adapters["alpha"] / "adapter_model.safetensors"
@@ -180,7 +181,13 @@ def test_hub_only_base_model_has_no_path(tmp_path: Path, assets: Assets) -> None
 def test_member_defaults_and_rules() -> None:
     m = Member(name="m1", rank=8, alpha=16)
     assert (m.path, m.fitness, m.domain_scores, m.parents, m.born_generation, m.seed, m.info) == (
-        "members/m1", None, {}, [], 0, None, {}
+        "members/m1",
+        None,
+        {},
+        [],
+        0,
+        None,
+        {},
     )
     assert Member(name="m1", path="./custom/m1/", rank=8, alpha=16).path == "custom/m1"
     for bad in ("-x", "a/b", "", "x" * 65, "a b"):
@@ -531,9 +538,7 @@ def test_commit_changed_member_needs_new_folder(pop_root: Path, assets: Assets) 
 
 
 @pytest.mark.parametrize("failure", ["bad_new_adapter", "missing_existing_member", "wrong_rank"])
-def test_commit_failure_keeps_previous_generation(
-    pop_root: Path, tmp_path: Path, assets: Assets, failure: str
-) -> None:
+def test_commit_failure_keeps_previous_generation(pop_root: Path, tmp_path: Path, assets: Assets, failure: str) -> None:
     before = (pop_root / "population.json").read_bytes()
     members = [member("alpha"), member("gamma")]
     new_adapters: dict[str, Path] = {"gamma": assets.adapters["gamma"]}

@@ -104,8 +104,16 @@ def make_app() -> FastAPI:
         if kind == "param-value":
             raise ParameterError("must name a loaded member", param="model")
         if kind == "query-int":
-            raise RequestValidationError([{"type": "int_parsing", "loc": ("query", "limit"),
-                                           "msg": "Input should be a valid integer", "input": "x"}])
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "int_parsing",
+                        "loc": ("query", "limit"),
+                        "msg": "Input should be a valid integer",
+                        "input": "x",
+                    }
+                ]
+            )
 
     return app
 
@@ -141,9 +149,20 @@ def test_valid_chat_request_fills_the_context_and_uses_openai_defaults(client: T
     resp = client.post("/v1/chat/completions", json=chat_body())
     assert resp.status_code == 200, resp.text
     assert resp.json() == {
-        "n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None, "stop": [],
-        "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-        "max_tokens": MAX_MODEL_LEN - 5, "logprobs": None, "ignore_eos": False, "skip_special_tokens": True,
+        "n": 1,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "seed": None,
+        "stop": [],
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": MAX_MODEL_LEN - 5,
+        "logprobs": None,
+        "ignore_eos": False,
+        "skip_special_tokens": True,
     }
 
 
@@ -154,14 +173,38 @@ def test_valid_chat_request_with_every_option(client: TestClient) -> None:
             {"role": "user", "content": [{"type": "text", "text": "two plus"}, {"type": "text", "text": "two"}]},
             {"role": "assistant", "content": None},
         ],
-        max_tokens=30, max_completion_tokens=20, temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05, n=4,
-        stop="####", seed=7, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1,
-        logprobs=True, top_logprobs=3, stream=True, stream_options={"include_usage": True}, user="u1",
+        max_tokens=30,
+        max_completion_tokens=20,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=-1,
+        min_p=0.05,
+        n=4,
+        stop="####",
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.1,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+        stream_options={"include_usage": True},
+        user="u1",
         ignore_eos=True,
-        ensemble={"members": ["m0", "m1"], "samples_per_member": 2, "vote": "cross",
-                  "answer": {"regex": r"#### (\d+)"}, "early_stop": True, "return_chains": True},
+        ensemble={
+            "members": ["m0", "m1"],
+            "samples_per_member": 2,
+            "vote": "cross",
+            "answer": {"regex": r"#### (\d+)"},
+            "early_stop": True,
+            "return_chains": True,
+        },
         # Unknown fields and neutral values of unsupported features are ignored.
-        frequency_bonus=3, tools=[], logit_bias={}, response_format={"type": "text"}, tool_choice="none",
+        frequency_bonus=3,
+        tools=[],
+        logit_bias={},
+        response_format={"type": "text"},
+        tool_choice="none",
     )
     resp = client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text
@@ -173,14 +216,20 @@ def test_valid_chat_request_with_every_option(client: TestClient) -> None:
 
 
 def test_chat_request_model_parses_text_parts_roles_and_ensemble() -> None:
-    req = ChatCompletionRequest.model_validate(chat_body(
-        messages=[{"role": "developer", "content": "sys"},
-                  {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-                  {"role": "assistant", "content": None, "tool_calls": []}],
-        ensemble={"members": 3, "vote": "weighted", "answer": "number"},
-    ))
+    req = ChatCompletionRequest.model_validate(
+        chat_body(
+            messages=[
+                {"role": "developer", "content": "sys"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": None, "tool_calls": []},
+            ],
+            ensemble={"members": 3, "vote": "weighted", "answer": "number"},
+        )
+    )
     assert chat_text(req.messages) == [
-        {"role": "system", "content": "sys"}, {"role": "user", "content": "a\nb"}, {"role": "assistant", "content": ""},
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
     ]
     assert req.ensemble == EnsembleOptions(members=3, vote="weighted", answer="number")
     assert not hasattr(req, "tool_calls") and "frequency_bonus" not in req.model_dump()
@@ -216,10 +265,22 @@ def test_sampling_kwargs_build_real_sampling_params() -> None:
 
     requests = [
         ChatCompletionRequest.model_validate(chat_body()),
-        ChatCompletionRequest.model_validate(chat_body(
-            temperature=0.5, top_k=-1, n=3, stop=["\n\n", "####"], seed=1, logprobs=True, top_logprobs=5,
-            max_tokens=10, presence_penalty=2, frequency_penalty=-2, repetition_penalty=1.3, ignore_eos=True,
-        )),
+        ChatCompletionRequest.model_validate(
+            chat_body(
+                temperature=0.5,
+                top_k=-1,
+                n=3,
+                stop=["\n\n", "####"],
+                seed=1,
+                logprobs=True,
+                top_logprobs=5,
+                max_tokens=10,
+                presence_penalty=2,
+                frequency_penalty=-2,
+                repetition_penalty=1.3,
+                ignore_eos=True,
+            )
+        ),
         ChatCompletionRequest.model_validate(chat_body(temperature=2, top_p=0.01, top_k=50, min_p=1, logprobs=True)),
         CompletionRequest.model_validate(completion_body()),
         CompletionRequest.model_validate(completion_body(prompt=["a", "b"], logprobs=0, max_tokens=1, stop="x")),
@@ -250,68 +311,134 @@ CHAT_CASES = [
     ({"messages": []}, "messages", "messages: List should have at least 1 item after validation, not 0"),
     ({"max_tokens": -5}, "max_tokens", "max_tokens: Input should be greater than or equal to 1 (got -5)"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens: Input should be greater than or equal to 1 (got 0)"),
-    ({"max_completion_tokens": 1.5}, "max_completion_tokens",
-     "max_completion_tokens: Input should be a valid integer (got 1.5)"),
+    (
+        {"max_completion_tokens": 1.5},
+        "max_completion_tokens",
+        "max_completion_tokens: Input should be a valid integer (got 1.5)",
+    ),
     ({"n": 0}, "n", "n: Input should be greater than or equal to 1 (got 0)"),
     ({"n": 1000}, "n", "n: Input should be less than or equal to 128 (got 1000)"),
     ({"temperature": -1}, "temperature", "temperature: Input should be greater than or equal to 0 (got -1)"),
     ({"temperature": 5}, "temperature", "temperature: Input should be less than or equal to 2 (got 5)"),
     ({"top_p": 0}, "top_p", "top_p: Input should be greater than 0 (got 0)"),
     ({"top_k": -2}, "top_k", "top_k: Input should be greater than or equal to -1 (got -2)"),
-    ({"presence_penalty": 2.5}, "presence_penalty",
-     "presence_penalty: Input should be less than or equal to 2 (got 2.5)"),
+    (
+        {"presence_penalty": 2.5},
+        "presence_penalty",
+        "presence_penalty: Input should be less than or equal to 2 (got 2.5)",
+    ),
     ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty: Input should be greater than 0 (got 0)"),
-    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs",
-     "top_logprobs: Input should be less than or equal to 20 (got 21)"),
+    (
+        {"top_logprobs": 21, "logprobs": True},
+        "top_logprobs",
+        "top_logprobs: Input should be less than or equal to 20 (got 21)",
+    ),
     ({"top_logprobs": 2}, "top_logprobs", "top_logprobs: requires logprobs to be true"),
-    ({"stream_options": {"include_usage": True}}, "stream_options",
-     "stream_options: only allowed when stream is true"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "stream_options: only allowed when stream is true"),
     ({"stop": [str(i) for i in range(9)]}, "stop", "stop: at most 8 stop sequences are allowed, got 9"),
     ({"stop": ["ok", ""]}, "stop", "stop: stop sequences must be non-empty strings"),
     ({"stop": 3}, "stop", "stop: must be a string or a list of strings"),
-    ({"seed": 2**64}, "seed", "seed: Input should be less than or equal to 9223372036854775807 (got 18446744073709551616)"),
+    (
+        {"seed": 2**64},
+        "seed",
+        "seed: Input should be less than or equal to 9223372036854775807 (got 18446744073709551616)",
+    ),
     ({"model": ""}, "model", "model: must be a non-empty model name"),
     ({"model": None}, "model", "model: Input should be a valid string (got null)"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools: not supported by this server"),
-    ({"response_format": {"type": "json_object"}}, "response_format",
-     "response_format: not supported by this server"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role",
-     "messages[0].role: Input should be 'system', 'user', 'assistant', 'tool' or 'developer' (got 'robot')"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "response_format: not supported by this server"),
+    (
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        "messages[0].role",
+        "messages[0].role: Input should be 'system', 'user', 'assistant', 'tool' or 'developer' (got 'robot')",
+    ),
     ({"messages": [{"role": "user"}]}, "messages[0].content", "messages[0].content: required for a user message"),
-    ({"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
-     "messages[0].content", "messages[0].content: only text content is supported; got a part of type 'image_url'"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
-     "messages[0].content: must be a string or a list of text parts"),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    ],
+                }
+            ]
+        },
+        "messages[0].content",
+        "messages[0].content: only text content is supported; got a part of type 'image_url'",
+    ),
+    (
+        {"messages": [{"role": "user", "content": 5}]},
+        "messages[0].content",
+        "messages[0].content: must be a string or a list of text parts",
+    ),
     # The ensemble object.
-    ({"ensemble": {"samples_per_member": 0}}, "ensemble.samples_per_member",
-     "ensemble.samples_per_member: Input should be greater than or equal to 1 (got 0)"),
-    ({"ensemble": {"samples_per_member": 1000}}, "ensemble.samples_per_member",
-     "ensemble.samples_per_member: Input should be less than or equal to 32 (got 1000)"),
-    ({"ensemble": {"vote": "plurality"}}, "ensemble.vote",
-     "ensemble.vote: unknown vote rule 'plurality'; valid rules: majority, weighted, cross"),
-    ({"ensemble": {"answer": "fuzzy"}}, "ensemble.answer",
-     ("ensemble.answer: unknown answer mode 'fuzzy'; valid modes: auto, marked, boxed, number, choice, text, "
-      "or {'regex': PATTERN}")),
-    ({"ensemble": {"answer": {"regex": "(\\d+"}}}, "ensemble.answer",
-     "ensemble.answer: invalid answer regex '(\\\\d+': missing ), unterminated subpattern at position 0"),
-    ({"ensemble": {"answer": {"pattern": "x"}}}, "ensemble.answer",
-     "ensemble.answer: an answer spec dict must have exactly the key 'regex', got keys ['pattern']"),
+    (
+        {"ensemble": {"samples_per_member": 0}},
+        "ensemble.samples_per_member",
+        "ensemble.samples_per_member: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        {"ensemble": {"samples_per_member": 1000}},
+        "ensemble.samples_per_member",
+        "ensemble.samples_per_member: Input should be less than or equal to 32 (got 1000)",
+    ),
+    (
+        {"ensemble": {"vote": "plurality"}},
+        "ensemble.vote",
+        "ensemble.vote: unknown vote rule 'plurality'; valid rules: majority, weighted, cross",
+    ),
+    (
+        {"ensemble": {"answer": "fuzzy"}},
+        "ensemble.answer",
+        (
+            "ensemble.answer: unknown answer mode 'fuzzy'; valid modes: auto, marked, boxed, number, choice, text, "
+            "or {'regex': PATTERN}"
+        ),
+    ),
+    (
+        {"ensemble": {"answer": {"regex": "(\\d+"}}},
+        "ensemble.answer",
+        "ensemble.answer: invalid answer regex '(\\\\d+': missing ), unterminated subpattern at position 0",
+    ),
+    (
+        {"ensemble": {"answer": {"pattern": "x"}}},
+        "ensemble.answer",
+        "ensemble.answer: an answer spec dict must have exactly the key 'regex', got keys ['pattern']",
+    ),
     ({"ensemble": {"members": []}}, "ensemble.members", "ensemble.members: must not be an empty list"),
-    ({"ensemble": {"members": ["m0", "m1", "m0"]}}, "ensemble.members",
-     "ensemble.members: must be unique; repeated: 'm0'"),
+    (
+        {"ensemble": {"members": ["m0", "m1", "m0"]}},
+        "ensemble.members",
+        "ensemble.members: must be unique; repeated: 'm0'",
+    ),
     ({"ensemble": {"members": 0}}, "ensemble.members", "ensemble.members: must be at least 1, got 0"),
-    ({"ensemble": {"members": True}}, "ensemble.members",
-     "ensemble.members: must be a member count (an integer >= 1) or a list of member names"),
-    ({"ensemble": {"members": ["m0", ""]}}, "ensemble.members",
-     "ensemble.members: member names must be non-empty strings"),
-    ({"ensemble": {"votes": "majority"}}, "ensemble.votes",
-     f"ensemble.votes: unknown ensemble option 'votes'; did you mean 'vote'? valid options: {ENSEMBLE_OPTIONS}"),
-    ({"ensemble": {"early_stop": "yes"}}, "ensemble.early_stop",
-     "ensemble.early_stop: Input should be a valid boolean (got 'yes')"),
-    ({"ensemble": "all"}, "ensemble",
-     "ensemble: Input should be a valid dictionary or object to extract fields from (got 'all')"),
+    (
+        {"ensemble": {"members": True}},
+        "ensemble.members",
+        "ensemble.members: must be a member count (an integer >= 1) or a list of member names",
+    ),
+    (
+        {"ensemble": {"members": ["m0", ""]}},
+        "ensemble.members",
+        "ensemble.members: member names must be non-empty strings",
+    ),
+    (
+        {"ensemble": {"votes": "majority"}},
+        "ensemble.votes",
+        f"ensemble.votes: unknown ensemble option 'votes'; did you mean 'vote'? valid options: {ENSEMBLE_OPTIONS}",
+    ),
+    (
+        {"ensemble": {"early_stop": "yes"}},
+        "ensemble.early_stop",
+        "ensemble.early_stop: Input should be a valid boolean (got 'yes')",
+    ),
+    (
+        {"ensemble": "all"},
+        "ensemble",
+        "ensemble: Input should be a valid dictionary or object to extract fields from (got 'all')",
+    ),
 ]
 
 
@@ -348,7 +475,9 @@ def test_invalid_completion_requests_are_400s(
 def test_missing_fields_are_named(client: TestClient) -> None:
     error = api_error(client.post("/v1/chat/completions", json={"messages": []}), 400)
     assert error["param"] == "model"
-    assert error["message"] == "model: Field required; messages: List should have at least 1 item after validation, not 0"
+    assert (
+        error["message"] == "model: Field required; messages: List should have at least 1 item after validation, not 0"
+    )
     error = api_error(client.post("/v1/completions", json={"model": "m"}), 400)
     assert (error["param"], error["message"]) == ("prompt", "prompt: Field required")
 
@@ -374,7 +503,10 @@ def test_non_finite_floats_are_rejected(client: TestClient, token: bytes) -> Non
 def test_malformed_json_is_a_400(client: TestClient, body: bytes) -> None:
     resp = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert api_error(resp, 400) == {
-        "message": INVALID_JSON_MESSAGE, "type": "invalid_request_error", "param": None, "code": None,
+        "message": INVALID_JSON_MESSAGE,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
     }
 
 
@@ -395,12 +527,15 @@ def test_bodies_that_are_not_json_objects(client: TestClient, body: bytes, heade
 
 def test_prompt_too_long_for_the_context(client: TestClient) -> None:
     words = " ".join(["w"] * MAX_MODEL_LEN)
-    error = api_error(client.post("/v1/chat/completions", json=chat_body(messages=[
-        {"role": "user", "content": words}])), 400)
+    error = api_error(
+        client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": words}])), 400
+    )
     assert error == {
         "message": "This model's maximum context length is 64 tokens. However, your request has 64 input tokens. "
-                   "Please reduce the length of the messages.",
-        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded",
+        "Please reduce the length of the messages.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
     }
     error = api_error(client.post("/v1/completions", json=completion_body(prompt=["a", words + " w"])), 400)
     assert (error["param"], error["code"]) == ("prompt", "context_length_exceeded")
@@ -411,8 +546,12 @@ def test_prompt_too_long_for_the_context(client: TestClient) -> None:
     ("route", "fields", "param", "requested"),
     [
         ("/v1/chat/completions", {"max_tokens": 60}, "max_tokens", "65 tokens (5 in the messages, 60 in"),
-        ("/v1/chat/completions", {"max_completion_tokens": 10**12}, "max_completion_tokens",
-         "1000000000005 tokens (5 in the messages, 1000000000000 in"),
+        (
+            "/v1/chat/completions",
+            {"max_completion_tokens": 10**12},
+            "max_completion_tokens",
+            "1000000000005 tokens (5 in the messages, 1000000000000 in",
+        ),
         ("/v1/completions", {"max_tokens": 62}, "max_tokens", "66 tokens (4 in the prompt, 62 in"),
     ],
 )
@@ -422,15 +561,21 @@ def test_max_tokens_past_the_context(client: TestClient, route: str, fields: dic
     what = "messages" if "chat" in route else "prompt"
     assert error == {
         "message": f"This model's maximum context length is 64 tokens. However, you requested {requested} the "
-                   f"completion). Please reduce the length of the {what} or completion.",
-        "type": "invalid_request_error", "param": param, "code": "context_length_exceeded",
+        f"completion). Please reduce the length of the {what} or completion.",
+        "type": "invalid_request_error",
+        "param": param,
+        "code": "context_length_exceeded",
     }
 
 
 def test_greedy_sampling_allows_only_one_choice(client: TestClient) -> None:
     error = api_error(client.post("/v1/chat/completions", json=chat_body(temperature=0, n=2)), 400)
-    assert error == {"message": "n must be 1 when temperature is 0 (greedy sampling), got n=2",
-                     "type": "invalid_request_error", "param": "n", "code": "invalid_value"}
+    assert error == {
+        "message": "n must be 1 when temperature is 0 (greedy sampling), got n=2",
+        "type": "invalid_request_error",
+        "param": "n",
+        "code": "invalid_value",
+    }
     assert client.post("/v1/chat/completions", json=chat_body(temperature=0)).status_code == 200
 
 
@@ -438,7 +583,9 @@ def test_prompt_lists_are_bounded(client: TestClient) -> None:
     ok = client.post("/v1/completions", json=completion_body(prompt=["a"] * MAX_PROMPTS))
     assert ok.status_code == 200, ok.text
     error = api_error(client.post("/v1/completions", json=completion_body(prompt=["a"] * (MAX_PROMPTS + 1))), 400)
-    assert error["message"] == f"prompt: at most {MAX_PROMPTS} prompts are allowed in one request, got {MAX_PROMPTS + 1}"
+    assert (
+        error["message"] == f"prompt: at most {MAX_PROMPTS} prompts are allowed in one request, got {MAX_PROMPTS + 1}"
+    )
 
 
 def test_max_tokens_exactly_filling_the_context_is_fine(client: TestClient) -> None:
@@ -452,40 +599,58 @@ def test_max_tokens_exactly_filling_the_context_is_fine(client: TestClient) -> N
 
 def test_unknown_route_is_a_404_in_the_same_shape(client: TestClient) -> None:
     assert api_error(client.post("/v1/nope", json={}), 404) == {
-        "message": "Invalid URL (POST /v1/nope)", "type": "invalid_request_error", "param": None, "code": None,
+        "message": "Invalid URL (POST /v1/nope)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
     }
 
 
 def test_wrong_method_is_a_405_in_the_same_shape(client: TestClient) -> None:
     resp = client.get("/v1/chat/completions")
     assert api_error(resp, 405) == {
-        "message": "Method not allowed (GET /v1/chat/completions)", "type": "invalid_request_error",
-        "param": None, "code": "method_not_allowed",
+        "message": "Method not allowed (GET /v1/chat/completions)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "method_not_allowed",
     }
     assert resp.headers["allow"] == "POST"
 
 
 def test_raised_errors_get_their_status(client: TestClient) -> None:
     assert api_error(client.get("/raise/missing-model"), 404) == {
-        "message": "The model 'nope' does not exist", "type": "invalid_request_error", "param": "model",
+        "message": "The model 'nope' does not exist",
+        "type": "invalid_request_error",
+        "param": "model",
         "code": "model_not_found",
     }
     assert api_error(client.get("/raise/not-implemented"), 501) == {
-        "message": "beam search is not implemented", "type": "not_implemented", "param": None, "code": None,
+        "message": "beam search is not implemented",
+        "type": "not_implemented",
+        "param": None,
+        "code": None,
     }
     assert api_error(client.get("/raise/value"), 400)["message"] == "bad value"
     resp = client.get("/raise/busy")
     assert api_error(resp, 503)["type"] == "service_unavailable"
     assert resp.headers["retry-after"] == "5"
     assert api_error(client.get("/raise/http"), 404) == {  # an endpoint's own 404 keeps its message
-        "message": "no member named 'm9'", "type": "invalid_request_error", "param": None, "code": None,
+        "message": "no member named 'm9'",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
     }
     assert api_error(client.get("/raise/param-value"), 400) == {
-        "message": "must name a loaded member", "type": "invalid_request_error", "param": "model", "code": None,
+        "message": "must name a loaded member",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": None,
     }
     assert api_error(client.get("/raise/query-int"), 400) == {
-        "message": "limit: Input should be a valid integer (got 'x')", "type": "invalid_request_error",
-        "param": "limit", "code": None,
+        "message": "limit: Input should be a valid integer (got 'x')",
+        "type": "invalid_request_error",
+        "param": "limit",
+        "code": None,
     }
 
 
@@ -493,8 +658,10 @@ def test_plain_string_validation_errors_are_400s() -> None:
     resp = error_response(RequestValidationError(["Unsupported Media Type: only application/json is allowed"]))
     assert resp.status_code == 400
     assert json.loads(resp.body)["error"] == {
-        "message": "Unsupported Media Type: only application/json is allowed", "type": "invalid_request_error",
-        "param": None, "code": None,
+        "message": "Unsupported Media Type: only application/json is allowed",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
     }
 
 
@@ -502,7 +669,10 @@ def test_crashes_are_500s_that_leak_nothing(client: TestClient, caplog: pytest.L
     with caplog.at_level(logging.ERROR, logger="ensemble_serve.errors"):
         resp = client.get("/raise/crash")
     assert api_error(resp, 500) == {
-        "message": INTERNAL_ERROR_MESSAGE, "type": "internal_error", "param": None, "code": None,
+        "message": INTERNAL_ERROR_MESSAGE,
+        "type": "internal_error",
+        "param": None,
+        "code": None,
     }
     assert "secret" not in resp.text
     assert any("RuntimeError" in r.getMessage() and r.exc_info for r in caplog.records)
@@ -555,21 +725,35 @@ def test_error_response_for_a_pydantic_validation_error() -> None:
 
 def _ensemble_info() -> EnsembleInfo:
     return EnsembleInfo(
-        answer="4", agreement=2 / 3, votes={"4": 2.0, "5": 1.0}, members=["m0", "m1", "m2"], rule="majority",
+        answer="4",
+        agreement=2 / 3,
+        votes={"4": 2.0, "5": 1.0},
+        members=["m0", "m1", "m2"],
+        rule="majority",
         chains=[EnsembleChain(member="m0", sample=0, answer="4", status="ok", text="#### 4", score=0.9, tokens=3)],
-        failed=[FailedChain(member="m2", sample=0, reason="aborted")], tokens_saved=12, early_stopped=True,
+        failed=[FailedChain(member="m2", sample=0, reason="aborted")],
+        tokens_saved=12,
+        early_stopped=True,
     )
 
 
 def test_chat_completion_matches_the_openai_types() -> None:
     from openai.types.chat import ChatCompletion
 
-    logprobs = ChatLogprobs(content=[TokenLogprob(token="4", logprob=float("-inf"), bytes=[52],
-                                                  top_logprobs=[TopLogprob(token="4", logprob=-0.1)])])
+    logprobs = ChatLogprobs(
+        content=[
+            TokenLogprob(
+                token="4", logprob=float("-inf"), bytes=[52], top_logprobs=[TopLogprob(token="4", logprob=-0.1)]
+            )
+        ]
+    )
     resp = ChatCompletionResponse(
         model="ensemble",
-        choices=[ChatCompletionChoice(index=0, message=ResponseMessage(content="#### 4"), logprobs=logprobs,
-                                      finish_reason="stop")],
+        choices=[
+            ChatCompletionChoice(
+                index=0, message=ResponseMessage(content="#### 4"), logprobs=logprobs, finish_reason="stop"
+            )
+        ],
         usage=UsageInfo(prompt_tokens=5, completion_tokens=3),
         ensemble=_ensemble_info(),
     )
@@ -587,30 +771,39 @@ def test_chat_completion_matches_the_openai_types() -> None:
 def test_chat_chunks_match_the_openai_types() -> None:
     from openai.types.chat import ChatCompletionChunk as OpenAIChunk
 
-    first = ChatCompletionChunk(model="m0", choices=[ChatCompletionChunkChoice(
-        index=0, delta=DeltaMessage(role="assistant", content=""))])
-    last = ChatCompletionChunk(id=first.id, model="m0", choices=[ChatCompletionChunkChoice(
-        index=0, delta=DeltaMessage(content="4"), finish_reason="length")],
-        usage=UsageInfo(prompt_tokens=1, completion_tokens=1))
-    usage_only = ChatCompletionChunk(model="m0", choices=[], usage=UsageInfo(prompt_tokens=1, completion_tokens=2),
-                                     ensemble=_ensemble_info())
+    first = ChatCompletionChunk(
+        model="m0", choices=[ChatCompletionChunkChoice(index=0, delta=DeltaMessage(role="assistant", content=""))]
+    )
+    last = ChatCompletionChunk(
+        id=first.id,
+        model="m0",
+        choices=[ChatCompletionChunkChoice(index=0, delta=DeltaMessage(content="4"), finish_reason="length")],
+        usage=UsageInfo(prompt_tokens=1, completion_tokens=1),
+    )
+    usage_only = ChatCompletionChunk(
+        model="m0", choices=[], usage=UsageInfo(prompt_tokens=1, completion_tokens=2), ensemble=_ensemble_info()
+    )
     for chunk in (first, last, usage_only):
         data = chunk.model_dump(exclude_none=True)
         parsed = OpenAIChunk.model_validate(data)
         assert parsed.object == "chat.completion.chunk"
-    assert first.model_dump(exclude_none=True)["choices"] == [{"index": 0, "delta": {"role": "assistant",
-                                                                                     "content": ""}}]
+    assert first.model_dump(exclude_none=True)["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}}
+    ]
     assert OpenAIChunk.model_validate(last.model_dump(exclude_none=True)).choices[0].finish_reason == "length"
 
 
 def test_completions_match_the_openai_types() -> None:
     from openai.types import Completion
 
-    logprobs = CompletionLogprobs(tokens=["4"], token_logprobs=[float("nan")], top_logprobs=[{"4": -0.2}],
-                                  text_offset=[0])
-    resp = CompletionResponse(model="member-0", choices=[CompletionChoice(index=0, text=" 4", logprobs=logprobs,
-                                                                          finish_reason="length")],
-                              usage=UsageInfo(prompt_tokens=4, completion_tokens=1, total_tokens=5))
+    logprobs = CompletionLogprobs(
+        tokens=["4"], token_logprobs=[float("nan")], top_logprobs=[{"4": -0.2}], text_offset=[0]
+    )
+    resp = CompletionResponse(
+        model="member-0",
+        choices=[CompletionChoice(index=0, text=" 4", logprobs=logprobs, finish_reason="length")],
+        usage=UsageInfo(prompt_tokens=4, completion_tokens=1, total_tokens=5),
+    )
     parsed = Completion.model_validate(resp.model_dump(exclude_none=True))
     assert parsed.id.startswith("cmpl-") and parsed.object == "text_completion"
     assert parsed.choices[0].text == " 4" and parsed.choices[0].logprobs.token_logprobs == [-9999.0]
@@ -624,11 +817,17 @@ def test_completions_match_the_openai_types() -> None:
 def test_model_list_matches_the_openai_types() -> None:
     from openai.types import Model
 
-    models = ModelList(data=[
-        ModelCard(id="ensemble", root="sandbox-substrate", max_model_len=512,
-                  ensemble={"members": ["m0", "m1"], "vote": "majority"}),
-        ModelCard(id="m0", root="m0", parent="sandbox-substrate", max_model_len=512),
-    ])
+    models = ModelList(
+        data=[
+            ModelCard(
+                id="ensemble",
+                root="sandbox-substrate",
+                max_model_len=512,
+                ensemble={"members": ["m0", "m1"], "vote": "majority"},
+            ),
+            ModelCard(id="m0", root="m0", parent="sandbox-substrate", max_model_len=512),
+        ]
+    )
     data = models.model_dump(exclude_none=True)
     assert data["object"] == "list"
     for card in data["data"]:

@@ -86,19 +86,39 @@ class VLLMServer:
 def _start_vllm(name: str, substrate: Path, population: Path, members: list[str], log: Path) -> VLLMServer:
     port = free_port()
     args = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(substrate), "--host", "127.0.0.1", "--port", str(port), "--api-key", VLLM_KEY,
-        "--enable-lora", "--lora-modules", *[f"{m}={population / 'members' / m}" for m in members],
-        "--max-lora-rank", "16", "--max-loras", "4", "--max-cpu-loras", "4",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(substrate),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        VLLM_KEY,
+        "--enable-lora",
+        "--lora-modules",
+        *[f"{m}={population / 'members' / m}" for m in members],
+        "--max-lora-rank",
+        "16",
+        "--max-loras",
+        "4",
+        "--max-cpu-loras",
+        "4",
         # Memory on the CPU backend is a fraction of NUMA node 0's: the worker alone holds about
         # 0.7 GiB before its KV cache, more than --gpu-memory-utilization 0.08 grants, so the KV
         # cache is sized explicitly (this also skips the warm-up that sizes it: a faster start).
-        "--kv-cache-memory-bytes", str(64 * 2**20),
-        "--enforce-eager", "--dtype", "float32",
+        "--kv-cache-memory-bytes",
+        str(64 * 2**20),
+        "--enforce-eager",
+        "--dtype",
+        "float32",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+    )
     return VLLMServer(name, f"http://127.0.0.1:{port}", proc, log)
 
 
@@ -136,8 +156,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         started.append(b)
         _wait_healthy([a, b])
         ensemble = start_server(
-            population, root / "ensemble.log", "--remote", f"{a.url},{b.url}/v1", "--remote-api-key", VLLM_KEY,
-            "--served-model-name", "sandbox-ensemble", "--no-watch", timeout=START_TIMEOUT,
+            population,
+            root / "ensemble.log",
+            "--remote",
+            f"{a.url},{b.url}/v1",
+            "--remote-api-key",
+            VLLM_KEY,
+            "--served-model-name",
+            "sandbox-ensemble",
+            "--no-watch",
+            timeout=START_TIMEOUT,
         )
         started.append(ensemble)
         yield Cluster(a, b, ensemble)
@@ -211,8 +239,11 @@ def test_member_request_is_answered_by_its_server(cluster: Cluster, client):
     assert all(len(t.top_logprobs) == 2 for t in ours)
 
     # streaming through ensemble-serve carries the same text
-    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        **_chat(model="m05", temperature=0, max_tokens=64), stream=True) if c.choices]
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**_chat(model="m05", temperature=0, max_tokens=64), stream=True)
+        if c.choices
+    ]
     assert "".join(pieces) == text
 
 
@@ -223,8 +254,15 @@ def test_base_model_and_completions(client):
     resp = client.completions.create(model="m02", prompt=prompt, temperature=0, max_tokens=64)
     chat = client.chat.completions.create(**_chat(model="m02", temperature=0, max_tokens=64))
     assert resp.choices[0].text == chat.choices[0].message.content
-    sampled = client.completions.create(model="m06", prompt="<|user|>sort 52 17 83 4\n<|assistant|>",
-                                        temperature=1.0, n=3, max_tokens=48, seed=1, stop=["="])
+    sampled = client.completions.create(
+        model="m06",
+        prompt="<|user|>sort 52 17 83 4\n<|assistant|>",
+        temperature=1.0,
+        n=3,
+        max_tokens=48,
+        seed=1,
+        stop=["="],
+    )
     assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
     assert all("=" not in c.text for c in sampled.choices)
 
@@ -247,7 +285,10 @@ def test_ensemble_over_all_members(client):
         assert resp.choices[0].message.content in [c["text"] for c in chains if c["answer"] == ens["answer"]]
 
     mixed = client.completions.create(
-        model="sandbox-ensemble", prompt=f"<|user|>{PROBLEM}\n<|assistant|>", temperature=1.0, max_tokens=64,
+        model="sandbox-ensemble",
+        prompt=f"<|user|>{PROBLEM}\n<|assistant|>",
+        temperature=1.0,
+        max_tokens=64,
         extra_body={"ensemble": {"members": ["m01", "m06"], "samples_per_member": 2, "return_chains": True}},
     )
     e = _ensemble(mixed)
@@ -260,13 +301,24 @@ def test_cross_vote_with_concurrent_traffic_on_both_servers(cluster: Cluster):
         client = cluster.ensemble.async_client()
         jobs = []
         for i in range(3):
-            jobs.append(client.chat.completions.create(
-                model="sandbox-ensemble", messages=[{"role": "user", "content": f"add {100 + i}+{27 * i}"}],
-                temperature=1.0, max_tokens=48, extra_body={"ensemble": {"vote": "cross", "samples_per_member": 2}}))
+            jobs.append(
+                client.chat.completions.create(
+                    model="sandbox-ensemble",
+                    messages=[{"role": "user", "content": f"add {100 + i}+{27 * i}"}],
+                    temperature=1.0,
+                    max_tokens=48,
+                    extra_body={"ensemble": {"vote": "cross", "samples_per_member": 2}},
+                )
+            )
             for m in MEMBERS:
-                jobs.append(client.chat.completions.create(
-                    model=m, messages=[{"role": "user", "content": f"sub {900 - i}-{m[-1]}"}], temperature=1.0,
-                    max_tokens=32))
+                jobs.append(
+                    client.chat.completions.create(
+                        model=m,
+                        messages=[{"role": "user", "content": f"sub {900 - i}-{m[-1]}"}],
+                        temperature=1.0,
+                        max_tokens=32,
+                    )
+                )
         return await asyncio.gather(*jobs, return_exceptions=True)
 
     results = asyncio.run(hammer())
@@ -292,12 +344,17 @@ def test_backend_scores_chains_alongside_generation(cluster: Cluster):
     from ensemble_serve.remote import RemoteBackend
 
     async def run() -> tuple[list[list[float]], int]:
-        backend = RemoteBackend(load_population(cluster.ensemble.population), [cluster.a.url, cluster.b.url],
-                                api_key=VLLM_KEY)
+        backend = RemoteBackend(
+            load_population(cluster.ensemble.population), [cluster.a.url, cluster.b.url], api_key=VLLM_KEY
+        )
         try:
             tok = backend.tokenizer
-            prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROBLEM}], tokenize=False,
-                                                        add_generation_prompt=True), add_special_tokens=False)
+            prompt = tok.encode(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": PROBLEM}], tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )
             chains = {}
             for m in ("m01", "m06"):
                 greedy = SamplingParams(temperature=0, max_tokens=64)
@@ -321,8 +378,10 @@ def test_backend_scores_chains_alongside_generation(cluster: Cluster):
             assert backend.gate.state == (0, False)
 
             results = await asyncio.gather(
-                backend.score(prompt, [own, wrong], "m01"), backend.score(prompt, [own, wrong], "m06"),
-                *(generate(m) for m in MEMBERS), backend.score(prompt, [chains["m06"], own], "m02"),
+                backend.score(prompt, [own, wrong], "m01"),
+                backend.score(prompt, [own, wrong], "m06"),
+                *(generate(m) for m in MEMBERS),
+                backend.score(prompt, [chains["m06"], own], "m02"),
             )
             return [results[0], results[1], results[-1]], sum(results[2:-1])
         finally:
@@ -342,21 +401,33 @@ def _generated(cluster: Cluster) -> float:
 
 def test_client_disconnect_aborts_the_remote_generations(cluster: Cluster):
     srv = cluster.ensemble
-    body = {"model": "sandbox-ensemble", "messages": [{"role": "user", "content": "calc (3+4)*5-6"}], "max_tokens": 200,
-            "temperature": 1.0, "ignore_eos": True, "ensemble": {"samples_per_member": 4}}
+    body = {
+        "model": "sandbox-ensemble",
+        "messages": [{"role": "user", "content": "calc (3+4)*5-6"}],
+        "max_tokens": 200,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "ensemble": {"samples_per_member": 4},
+    }
     asked = 8 * 4 * 200
     for stream in (False, True):
         before = _generated(cluster)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, json={**body, "stream": stream},
-                       timeout=1.0)
+            httpx.post(
+                srv.url + "/v1/chat/completions", headers=srv.headers, json={**body, "stream": stream}, timeout=1.0
+            )
         deadline = time.monotonic() + 15
         running = None
         while time.monotonic() < deadline:
             running = cluster.a.metric("vllm:num_requests_running") + cluster.b.metric("vllm:num_requests_running")
             metrics = httpx.get(srv.url + "/metrics").text
-            inflight = float(next(line.split()[-1] for line in metrics.splitlines()
-                                  if line.startswith("ensemble_engine_requests_inflight")))
+            inflight = float(
+                next(
+                    line.split()[-1]
+                    for line in metrics.splitlines()
+                    if line.startswith("ensemble_engine_requests_inflight")
+                )
+            )
             if running == 0 and inflight == 0:
                 break
             time.sleep(0.2)

@@ -372,7 +372,11 @@ def test_client_disconnect_aborts_every_generation(server):
         while time.monotonic() < deadline:
             metrics = httpx.get(server.url + "/metrics").text
             inflight = float(
-                next(l.split()[-1] for l in metrics.splitlines() if l.startswith("ensemble_engine_requests_inflight"))
+                next(
+                    line.split()[-1]
+                    for line in metrics.splitlines()
+                    if line.startswith("ensemble_engine_requests_inflight")
+                )
             )
             if inflight == 0:
                 break
@@ -429,10 +433,14 @@ def test_adapter_files_changing_on_disk_cannot_kill_the_engine(server, client):
     original = weights.read_bytes()
     try:
         weights.write_bytes(original[: len(original) // 2])  # the trainer (or a disk) breaks the file
-        resp = client.chat.completions.create(model="m05", messages=[{"role": "user", "content": PROBLEM}], max_tokens=32)
+        resp = client.chat.completions.create(
+            model="m05", messages=[{"role": "user", "content": PROBLEM}], max_tokens=32
+        )
         assert resp.choices[0].message.content
         ens = client.chat.completions.create(
-            model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], max_tokens=32,
+            model="sandbox-ensemble",
+            messages=[{"role": "user", "content": PROBLEM}],
+            max_tokens=32,
             extra_body={"ensemble": {"members": ["m04", "m05"]}},
         )
         assert _ensemble(ens)["failed"] == []
@@ -443,7 +451,10 @@ def test_adapter_files_changing_on_disk_cannot_kill_the_engine(server, client):
 
 def test_chains_without_an_answer_are_excluded_and_the_request_still_answered(client):
     resp = client.chat.completions.create(
-        model="sandbox-ensemble", messages=[{"role": "user", "content": PROBLEM}], temperature=0, max_tokens=3,
+        model="sandbox-ensemble",
+        messages=[{"role": "user", "content": PROBLEM}],
+        temperature=0,
+        max_tokens=3,
         extra_body={"ensemble": {"return_chains": True}},
     )
     ens = _ensemble(resp)

@@ -67,8 +67,9 @@ class ScriptedBackend:
             for k in range(1, len(ids) + 1):
                 await asyncio.sleep(0.02 if member in self.slow else 0.001)
                 done = k == len(ids)
-                yield RequestOut([Out(i, self.tokenizer.decode(ids[:k]), ids[:k], "stop" if done else None)
-                                  for i in range(params.n)])
+                yield RequestOut(
+                    [Out(i, self.tokenizer.decode(ids[:k]), ids[:k], "stop" if done else None) for i in range(params.n)]
+                )
         except asyncio.CancelledError:
             self.aborted.append(member)
             raise
@@ -138,8 +139,11 @@ def test_member_selection_by_name_count_and_errors():
     with pytest.raises(BadRequestError, match="has 8 members"):
         asyncio.run(service.chat(_req(members=9)))
     with pytest.raises(NotFoundError, match="does not exist"):
-        asyncio.run(service.chat(ChatCompletionRequest.model_validate(
-            {"model": "nope", "messages": [{"role": "user", "content": "x"}]})))
+        asyncio.run(
+            service.chat(
+                ChatCompletionRequest.model_validate({"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+            )
+        )
 
 
 def test_cross_vote_uses_the_jury_scores():
