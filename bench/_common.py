@@ -342,18 +342,52 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _python() -> str:
+    """The interpreter as typed from the repository root (".venv/bin/python"), never an absolute path."""
+    try:
+        return str(Path(sys.executable).absolute().relative_to(ROOT))
+    except ValueError:
+        return "python"
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {
         "benchmark": name,
-        "command": "python " + " ".join([rel(Path(sys.argv[0]))] + sys.argv[1:]),
+        "command": " ".join([_python(), rel(Path(sys.argv[0]))] + sys.argv[1:]),
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **payload,
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+# vLLM's CPU build kills its engine when a request with a `seed` has its prefill split over engine steps
+# (chunked prefill): the worker rewinds the request's torch.Generator with `set_offset`, which CPU generators
+# do not support ("RuntimeError: CPU Generator does not use offset", then EngineDeadError). The server's
+# engine runs with max_num_batched_tokens=2048 (see its log), so a seeded request is only sent when every
+# prefill that can share its step fits in that budget (see `seed_is_safe`).
+MAX_BATCHED_TOKENS = 2048
+
+
+class PromptLength:
+    """Token count of a chat prompt as the server builds it (the embedded substrate's chat template)."""
+
+    def __init__(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(EMBEDDED_SUBSTRATE)
+
+    def __call__(self, prompt: str) -> int:
+        text = self.tok.apply_chat_template(chat(prompt), tokenize=False, add_generation_prompt=True)
+        return len(self.tok.encode(text, add_special_tokens=False))
+
+
+def seed_is_safe(prompt_tokens: int, sequences_in_flight: int, budget: int = MAX_BATCHED_TOKENS) -> bool:
+    """Whether `sequences_in_flight` seeded sequences of this prompt length can never need a chunked prefill."""
+    return sequences_in_flight * (prompt_tokens + 1) <= budget
 
 
 def chat(prompt: str) -> list[dict[str, str]]:

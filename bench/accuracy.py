@@ -15,13 +15,15 @@ balanced over the 6 domains x 4 difficulties:
   - the ensemble, 8 members x 1 chain at temperature 0.7 with `vote` = majority, weighted, cross;
   - the ensemble, 8 members x 1 chain, greedy, majority.
   Sampled methods send `seed` = seed + problem index, the same for every rule, so the vote rules see
-  (nearly: batch composition can change float rounding) the same chains.
+  (nearly: batch composition can change float rounding) the same chains. At most --seeded-concurrency (3)
+  seeded requests are in flight, so that no seeded prefill is ever chunked: that kills vLLM's CPU engine
+  (see `_common.py`).
 
 Correctness is `trainer.sandbox.verify(problem, returned text)`. Completion tokens per problem come from
 the responses' `usage` (for the ensemble: every chain of every member; cross-vote scoring prefills are not
 completion tokens and are not counted).
 
-    .venv/bin/python bench/accuracy.py [--n 120] [--val 96] [--concurrency 32]
+    .venv/bin/python bench/accuracy.py [--n 192] [--val 144] [--concurrency 32]
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ from _common import (  # noqa: E402
     EMBEDDED_POPULATION,
     ENSEMBLE_NAME,
     ForeignLoad,
+    PromptLength,
     ServerSet,
     add_common_args,
     chat,
     md_table,
     member_names,
     others_running,
+    seed_is_safe,
     wait_quiet,
     write_json,
 )
@@ -61,6 +65,8 @@ class Runner:
         self.client, self.args, self.bar = client, args, bar
         self.member_sem = asyncio.Semaphore(args.concurrency)
         self.ensemble_sem = asyncio.Semaphore(max(1, args.concurrency // 8))
+        # seeded requests: few enough in flight that no seeded prefill can be chunked (see _common.seed_is_safe)
+        self.seeded_sem = asyncio.Semaphore(args.seeded_concurrency)
 
     async def member(self, model: str, p: Problem) -> dict:
         async with self.member_sem:
@@ -74,7 +80,7 @@ class Runner:
     async def self_consistency(self, model: str, p: Problem, seed: int) -> dict:
         texts: dict[int, str] = defaultdict(str)
         tokens = None
-        async with self.member_sem:
+        async with self.seeded_sem:
             stream = await self.client.chat.completions.create(
                 model=model,
                 messages=chat(p.prompt),
@@ -105,7 +111,7 @@ class Runner:
     async def ensemble(self, p: Problem, rule: str, temperature: float, seed: int | None) -> dict:
         extra = {"ensemble": {"vote": rule, "samples_per_member": 1}}
         kw = {} if seed is None else {"seed": seed}
-        async with self.ensemble_sem:
+        async with self.ensemble_sem if seed is None else self.seeded_sem:
             r = await self.client.chat.completions.create(
                 model=ENSEMBLE_NAME,
                 messages=chat(p.prompt),
@@ -144,6 +150,12 @@ async def bench(args: argparse.Namespace) -> dict:
     test_all = generate_problems(args.n, args.seed, split="heldout")
     test = [p for p in test_all if p.prompt not in val_prompts]
     members = member_names()
+    longest = max(map(PromptLength(), (p.prompt for p in test)))
+    if not seed_is_safe(longest, 8 * args.seeded_concurrency):
+        raise SystemExit(
+            f"--seeded-concurrency {args.seeded_concurrency} is unsafe for {longest}-token prompts: seeded prefills "
+            "could be chunked, which kills vLLM's CPU engine (see bench/_common.py)"
+        )
     n_sampled = 4  # self-consistency + 3 sampled ensemble rules
     total = len(val) * len(members) + len(test) * len(members) + len(test) * (n_sampled + 1)
     out: dict = {
@@ -199,14 +211,36 @@ async def bench(args: argparse.Namespace) -> dict:
         cands = [candidate_from_text(m, 0, methods[f"{m} greedy"][i]["text"], 0, "auto") for m in members]
         agree += vote(cands, "majority").answer == methods["ensemble 8x1 majority, greedy"][i]["answer"]
     out["greedy_ensemble_matches_client_majority"] = agree / len(test)
+    out["diversity"] = diversity(test, members, methods)
+    base = methods[f"{best} greedy"]
+    for recs in methods.values():  # paired against the best member's greedy answers
+        for r, b in zip(recs, base):
+            r["vs_best_greedy"] = int(r["correct"]) - int(b["correct"])
     out["methods"] = {k: {"summary": by_domain(test, v), "records": v} for k, v in methods.items()}
     out["test_domains"] = {d: sum(p.domain == d for p in test) for d in DOMAINS}
     return out
 
 
+def diversity(test: list[Problem], members: list[str], methods: dict[str, list[dict]]) -> dict:
+    """How different the members' greedy answers are: an ensemble can only help where they differ."""
+    answers = {
+        m: [candidate_from_text(m, 0, r["text"], 0, "auto").answer for r in methods[f"{m} greedy"]] for m in members
+    }
+    correct = {m: [r["correct"] for r in methods[f"{m} greedy"]] for m in members}
+    pairs = [(a, b) for i, a in enumerate(members) for b in members[i + 1 :]]
+    same = [sum(x == y for x, y in zip(answers[a], answers[b])) / len(test) for a, b in pairs]
+    n = len(test)
+    return {
+        "mean_pairwise_same_answer": sum(same) / len(same),
+        "all_8_same_answer": sum(len({answers[m][i] for m in members}) == 1 for i in range(n)) / n,
+        "oracle_any_member_correct": sum(any(correct[m][i] for m in members) for i in range(n)) / n,
+        "all_members_correct": sum(all(correct[m][i] for m in members) for i in range(n)) / n,
+    }
+
+
 def table(out: dict) -> str:
     domains = list(DOMAINS)
-    headers = ["method", "val acc", *domains, "all", "tokens/problem"]
+    headers = ["method", "val acc", *domains, "all", "tokens/problem", "vs best greedy: +right / -wrong"]
     rows = []
     best = out["best_member"]
     for name, m in out["methods"].items():
@@ -221,6 +255,7 @@ def table(out: dict) -> str:
                 *(f"{s.get(d, float('nan')):.3f}" for d in domains),
                 f"{s['all']:.3f}",
                 f"{s['tokens_per_problem']:.1f}",
+                "+{} / -{}".format(*(sum(r["vs_best_greedy"] == k for r in m["records"]) for k in (1, -1))),
             ]
         )
     return md_table(headers, rows)
@@ -228,14 +263,17 @@ def table(out: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=120, help="test problems (multiple of 24 for balance)")
+    p.add_argument("--n", type=int, default=192, help="test problems (multiple of 24 for balance)")
     p.add_argument("--seed", type=int, default=2026, help="seed of the test problems")
-    p.add_argument("--val", type=int, default=96, help="validation problems (to choose the best member)")
+    p.add_argument("--val", type=int, default=144, help="validation problems (to choose the best member)")
     p.add_argument("--val-seed", type=int, default=7, help="seed of the validation problems")
     p.add_argument("--sample-seed", type=int, default=1000, help="request seed of problem 0 for sampled methods")
     p.add_argument("--samples", type=int, default=8, help="self-consistency samples")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument(
+        "--seeded-concurrency", type=int, default=3, help="seeded requests in flight (each 8 sequences; see _common.py)"
+    )
     p.add_argument("--concurrency", type=int, default=32, help="member requests in flight (ensemble: this / 8)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.1)
     add_common_args(p)
@@ -249,6 +287,7 @@ def main() -> None:
         f"test problems {out['test_problems']} (dropped {out['test_dropped_overlap']} overlapping validation); "
         f"greedy ensemble == client majority of greedy members: {out['greedy_ensemble_matches_client_majority']:.3f}"
     )
+    print("member diversity (greedy, test): " + ", ".join(f"{k}: {v:.3f}" for k, v in out["diversity"].items()))
     print("phase seconds: " + ", ".join(f"{k}: {v:.0f}" for k, v in out["phases_s"].items()))
     path = write_json("accuracy", {"args": vars(args), "waited_for_quiet_s": waited, **out, "markdown": md})
     print(f"wrote {path.relative_to(path.parents[2])}", file=sys.stderr)

@@ -4,7 +4,9 @@ Wall time of ONE ensemble request (8 members x 1 chain, model `sandbox-ensemble`
 time of ONE member request with n=8 (model `m00`): same prompt, same fixed output length
 (`ignore_eos`, same `max_tokens`), temperature 1.0, one real `ensemble-serve up` server (the embedded
 default), the real `openai` client. The variants are interleaved in every round (order shuffled with a
-fixed seed), each round gives one paired ratio; the table reports the median and the spread.
+fixed seed), each round gives one paired ratio; the table reports the median and the spread. Every
+request starts after --gap (1.5 s) idle, so that it never meets the 1 s busy loop a vLLM worker process
+runs after its last engine step (`busy_loop_s` in vllm's shm_broadcast.py); --gap 0 sends back to back.
 
 Diagnostic variants (off with --no-diagnostics) split the gap into its parts:
 `m00 n=8 +logprobs` (the ensemble asks vLLM for the sampled tokens' logprobs), `m00 x8 (n=1)` (eight
@@ -99,6 +101,7 @@ async def bench(args: argparse.Namespace) -> dict:
                     order = names[:]
                     rng.shuffle(order)
                     for v in order:
+                        await asyncio.sleep(args.gap)  # every request starts on an idle engine
                         cpu0 = server.cpu_seconds()
                         load.mark()
                         rec = await run_variant(client, v, args.prompt, mt, args.temperature, members)
@@ -168,6 +171,12 @@ def main() -> None:
     p.add_argument("--prompt", default="add 478+365")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled variant order")
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=1.5,
+        help="idle seconds before each request (a vLLM worker busy-loops for 1 s after its last step); 0: back to back",
+    )
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false", help="only the two main variants")
     add_common_args(p)
     args = p.parse_args()

@@ -4,8 +4,11 @@ Two servers run at the same time on this machine, each with a small KV cache
 (`--gpu-memory-utilization 0.1` of NUMA node 0): `ensemble-serve up` (the embedded default, model
 `sandbox-ensemble`) and vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`) with
 the same base model, the same eight LoRA adapters, the same engine settings (float32, eager, max-loras 8,
-max-lora-rank 16, max-num-seqs 64, seed 0). Only one request (or request group) is in flight at a time;
-the idle server's CPU use while the other works is recorded to show that it does not interfere.
+max-lora-rank 16, max-num-seqs 64, seed 0). Only one request (or request group) is in flight at a time,
+and each starts after --gap (1.5 s) idle: after its last engine step a vLLM worker process busy-loops on
+its shared-memory queue for 1 s (`busy_loop_s` in vllm/distributed/device_communicators/shm_broadcast.py),
+which on 2 cores takes a core from the other server. The idle server's CPU use while the other works is
+recorded to show that it does not interfere.
 
 Per round, interleaved in shuffled order (fixed seed):
 * `ensemble-serve: ensemble 8x1` - ONE request to the ensemble (8 members x 1 chain, majority vote);
@@ -133,6 +136,7 @@ async def bench(args: argparse.Namespace) -> dict:
                     order = names[:]
                     rng.shuffle(order)
                     for v in order:
+                        await asyncio.sleep(args.gap)  # let the last server's worker leave its busy loop
                         c_ours, c_vllm = ours.cpu_seconds(), vllm_server.cpu_seconds()
                         load.mark()
                         rec = await run_variant(v, clients, members, args.prompt, mt, args.temperature)
@@ -165,6 +169,7 @@ def summarize(results: dict, names: list[str]) -> tuple[str, dict]:
             s = {
                 "wall_s": spread(walls),
                 "ratio_to_baseline": spread(ratios),
+                "ensemble_over_this": spread([t["wall_s"] / r["wall_s"] for t, r in zip(timed[TARGET], timed[v])]),
                 "client_vote_ms": spread([1000 * r["client_vote_s"] for r in timed[v]]),
                 "busy_server_cpu_s": spread([r["cpu_s"][busy] for r in timed[v]]),
                 "idle_server_cpu_s": spread([r["cpu_s"][other] for r in timed[v]]),
@@ -178,6 +183,7 @@ def summarize(results: dict, names: list[str]) -> tuple[str, dict]:
                     v,
                     fmt_spread(s["wall_s"]),
                     "1 (baseline)" if v == BASELINE else fmt_spread(s["ratio_to_baseline"]),
+                    "" if v == TARGET else fmt_spread(s["ensemble_over_this"]),
                     f"{s['client_vote_ms']['median']:.2f}",
                     f"{s['busy_server_cpu_s']['median']:.2f}",
                     f"{s['idle_server_cpu_s']['median']:.2f}",
@@ -190,6 +196,7 @@ def summarize(results: dict, names: list[str]) -> tuple[str, dict]:
         "variant",
         "wall s: median [min, max]",
         "ratio to vLLM+client vote: median [min, max]",
+        "ensemble 8x1 / this: median [min, max]",
         "client vote ms",
         "CPU s of the serving server",
         "CPU s of the idle server",
@@ -208,6 +215,13 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.1, help="for both servers")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled variant order")
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=1.5,
+        help="idle seconds before each request: after its last step a vLLM worker spins for 1 s (shm_broadcast "
+        "busy_loop_s), taking a core from the other server",
+    )
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false")
     add_common_args(p)
     args = p.parse_args()
