@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
-LOGS = RESULTS / "logs"
+# Server logs hold machine paths, so they stay outside the repository (the temp folder); a server that
+# fails to start has the tail of its log in the error.
+LOGS = Path(tempfile.gettempdir()) / "ensemble-serve-bench-logs"
 EMBEDDED = ROOT / "ensemble_serve" / "embedded"
 EMBEDDED_POPULATION = EMBEDDED / "population"
 EMBEDDED_SUBSTRATE = EMBEDDED / "substrate"

@@ -201,6 +201,11 @@ def engine_kwargs(population: Population, cfg: EngineConfig) -> dict[str, Any]:
     )
     if cfg.max_model_len:
         kw["max_model_len"] = cfg.max_model_len
+    if _on_cpu():
+        # vLLM's CPU sampler dies ("CPU Generator does not use offset", then EngineDeadError)
+        # on a seeded request whose prefill is split over engine steps; whole-prompt
+        # scheduling means a client's `seed` can never take the engine down.
+        kw["enable_chunked_prefill"] = False
     if cfg.distributed_executor_backend:
         kw["distributed_executor_backend"] = cfg.distributed_executor_backend
     return kw

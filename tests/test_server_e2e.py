@@ -314,6 +314,17 @@ def test_bad_requests_get_openai_errors(server):
     assert ok.status_code == 200
 
 
+def test_a_seeded_request_with_a_split_prefill_cannot_kill_the_engine(server, client):
+    """vLLM's CPU sampler dies on a seeded request whose prefill is split over engine steps
+    ("CPU Generator does not use offset"); n=40 copies of a long prompt used to do that."""
+    prompt = "sort " + " ".join(str(i) for i in range(20, 60))
+    resp = client.chat.completions.create(
+        model="m00", messages=[{"role": "user", "content": prompt}], max_tokens=16, n=40, seed=1
+    )
+    assert len(resp.choices) == 40
+    assert server.alive()
+
+
 def test_api_key_is_required_on_every_working_route(server):
     msg = {"model": "m00", "messages": [{"role": "user", "content": PROBLEM}], "max_tokens": 4}
     routes = [
