@@ -397,7 +397,8 @@ def test_client_disconnect_aborts_every_generation(server):
 
 
 def test_cross_vote_under_concurrent_mixed_traffic_keeps_the_engine_alive(server):
-    """The vLLM CPU bug: prompt-logprobs under one adapter batched with another adapter kills the engine.
+    """The vLLM CPU bug: a prompt-logprobs request under a LoRA adapter that shares an engine step with
+    any other request kills the engine.
 
     Cross votes score with prompt logprobs; fire them together with plain member requests of every
     adapter, streaming and not, and the engine must survive and answer everything.
