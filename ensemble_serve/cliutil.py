@@ -42,11 +42,19 @@ def _option_for(name: str, field: Any) -> Callable:
     return click.option(flag, name, type=click_type, default=None, help=help_text)
 
 
+def _file_only(ann: Any) -> bool:
+    if typing.get_origin(ann) is dict:
+        return True
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
 def config_options(model: type[BaseModel]) -> Callable:
     """Add `--config FILE` plus one option per field of `model`."""
 
     def wrap(fn: Callable) -> Callable:
         for name, field in reversed(list(model.model_fields.items())):
+            if _file_only(field.annotation):
+                continue  # mappings and nested sections are set in the config file
             fn = _option_for(name, field)(fn)
         return click.option(
             "--config",

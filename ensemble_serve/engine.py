@@ -244,13 +244,14 @@ class OfflineEngine:
     adapters, into one `LLM.generate` call so vLLM batches them in the same steps.
     """
 
-    def __init__(self, population: Population, cfg: EngineConfig | None = None):
+    def __init__(self, population: Population, cfg: EngineConfig | None = None, snapshot_root: Path | None = None):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         from vllm import LLM
 
         self.population = population
         self.cfg = cfg or EngineConfig()
-        self.registry = AdapterRegistry()
+        # with snapshot_root, vLLM loads private copies: the population may change under a long-lived engine
+        self.registry = AdapterRegistry(snapshot_root=snapshot_root)
         self.registry.sync(population)
         self.llm: LLM = LLM(**engine_kwargs(population, self.cfg))
         self.tokenizer = self.llm.get_tokenizer()

@@ -10,7 +10,7 @@ import click
 from pydantic import BaseModel
 
 from ensemble_serve.cliutil import config_options
-from trainer.config import ConfigError, EvalConfig, InitConfig, SubstrateConfig, load_config
+from trainer.config import ConfigError, EvalConfig, EvolveConfig, InitConfig, SubstrateConfig, load_config
 
 
 def _load(model: type[BaseModel], config_file: Path | None, overrides: dict[str, Any]) -> Any:
@@ -22,7 +22,7 @@ def _load(model: type[BaseModel], config_file: Path | None, overrides: dict[str,
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
-    """Offline half of ensemble-serve: the sandbox substrate, the starting population, evaluation."""
+    """Offline half of ensemble-serve: the sandbox substrate, the starting population, evolution, evaluation."""
 
 
 @main.command()
@@ -92,6 +92,55 @@ def eval_(config_file: Path | None, update_manifest: bool, **overrides: Any) -> 
     click.echo(format_table(result["accuracy"]))
     if cfg.out:
         click.echo(f"results written to {cfg.out}")
+
+
+@main.command()
+@config_options(EvolveConfig)
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in the population directory (its settings).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def evolve(config_file: Path | None, resume: bool, quiet: bool, **overrides: Any) -> None:
+    """Evolve a population by self-play: generate, score, train, select/cross/mutate, commit.
+
+    Each generation is written atomically into the population directory (a server
+    watching it reloads), with one line in history.jsonl. Ctrl-C stops after the last
+    complete generation; `--resume` continues a run that was stopped or killed.
+    Fitness weights and the evolution operators are set in the config file
+    (see configs/evolve.yaml).
+    """
+    from trainer.evolve import EvolveError, Interrupted, run_evolve
+    from trainer.report import summary_table
+
+    cfg = _load(EvolveConfig, config_file, overrides)
+    try:
+        root, records = run_evolve(cfg, resume=resume, progress=not quiet)
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
+    except (EvolveError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    if records:
+        click.echo(summary_table(records))
+    click.echo(f"population: {root} (plots: ensemble-train report {root})")
+
+
+@main.command()
+@click.argument("population", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--out", type=click.Path(path_type=Path, file_okay=False), help="Folder for the plots (default: DIR/report)."
+)
+def report(population: Path, out: Path | None) -> None:
+    """Plots (PNG) and one HTML page of an evolve run: fitness, accuracy, diversity, domains, lineage."""
+    from trainer.report import ReportError, load_records, summary_table, write_report
+
+    try:
+        files = write_report(population, out)
+        click.echo(summary_table(load_records(population)))
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"report: {files['html']}")
+    for name, path in files.items():
+        if name != "html":
+            click.echo(f"  {name}: {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover
