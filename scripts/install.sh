@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-cpu,train,embed,dev}
+EXTRAS=${EXTRAS:-cpu,train,embed,dev,ray}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 if [ ! -x "$VENV/bin/python" ]; then
