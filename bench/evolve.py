@@ -95,7 +95,15 @@ def main() -> None:
     for name, res in results.items():
         for r in res["generations"]:
             rows.append(
-                [name, r["generation"], r["best_member"], r["mean_member"], r["ensemble_vote"], r["oracle"], r["verified"]]
+                [
+                    name,
+                    r["generation"],
+                    r["best_member"],
+                    r["mean_member"],
+                    r["ensemble_vote"],
+                    r["oracle"],
+                    r["verified"],
+                ]
             )
     print(md_table(headers, rows))
     print("wall time: " + ", ".join(f"{n} {r['wall_s']:.0f}s" for n, r in results.items()))

@@ -535,12 +535,6 @@ def test_member_with_other_base_model_refused(pop_copy: Path, tmp_path: Path) ->
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=PopulationError,
-    reason="bug: run_evolve builds the Evolver (load_population) outside its PopulationError -> EvolveError "
-    "conversion, so an in-place run on a broken population escapes the CLI's error handling",
-)
 def test_member_with_other_base_model_in_place_is_an_evolve_error(
     pop_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -550,12 +544,6 @@ def test_member_with_other_base_model_in_place_is_an_evolve_error(
         run_evolve(cfg_for(pop_copy), progress=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=EvolveError,
-    reason="bug: prepare_run writes the run state (out copy / evolve-run.json) before Evolver checks the "
-    "members and operators, so a refused start blocks the corrected one",
-)
 @pytest.mark.parametrize("copy", [True, False], ids=["out", "in-place"])
 def test_refused_start_leaves_no_run_behind(
     pop_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copy: bool
@@ -570,11 +558,6 @@ def test_refused_start_leaves_no_run_behind(
     assert records == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: operator names, rank_policy and the generational offspring count are only checked by "
-    "evolutionary_step, after a whole generation of self-play, scoring and training (as OperatorError)",
-)
 @pytest.mark.parametrize(
     "evolution",
     [
@@ -858,12 +841,6 @@ def test_next_generation_manifest_and_commit(evolver: Evolver, pop_weights: dict
     assert all(new[m] is weights[m] for m in loaded.names)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug: a child of a member without info.lr records lr None (_next_manifest), and _train then calls "
-    "float(None) instead of falling back to the default 2e-3",
-)
 def test_child_of_a_member_without_lr_can_be_trained(
     pop_copy: Path, tmp_path: Path, pop_weights: dict[str, LoraWeights]
 ) -> None:
@@ -929,12 +906,6 @@ def test_commit_failure_keeps_the_previous_generation(
     assert not (root / PENDING_FILE).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="bug: Evolver._commit saves the adapters to its temp folder outside the try, so a full temp disk "
-    "escapes as a bare OSError instead of EvolveError",
-)
 def test_commit_failure_in_the_temp_folder(evolver: Evolver, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest, weights, record = next_generation(evolver)
     monkeypatch.setattr(evolve, "save_lora", _fail_on_call(evolve.save_lora, 1, OSError(errno.ENOSPC, "full")))

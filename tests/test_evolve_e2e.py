@@ -86,7 +86,9 @@ def _snapshot(root: Path) -> dict[str, object]:
     pop = load_population(root)
     members = [m.model_dump(exclude={"info"}) for m in pop.manifest.members]
     files = {
-        f"{m.name}/{f.name}": f.read_bytes() for m in pop.manifest.members for f in sorted(pop.member_dir(m.name).iterdir())
+        f"{m.name}/{f.name}": f.read_bytes()
+        for m in pop.manifest.members
+        for f in sorted(pop.member_dir(m.name).iterdir())
     }
     return {"generation": pop.manifest.generation, "members": members, "files": files}
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from ensemble_serve.answers import answers_equal
 from ensemble_serve.engine import EngineConfig, OfflineEngine
-from ensemble_serve.fsutil import atomic_write_text
+from ensemble_serve.fsutil import atomic_write_text, remove_tree
 from ensemble_serve.population import (
     Manifest,
     Member,
@@ -59,6 +59,7 @@ from ensemble_serve.population import (
     commit_generation,
     create_population,
     load_population,
+    prune_unreferenced,
     read_history,
     read_manifest,
     write_manifest,
@@ -72,6 +73,8 @@ from trainer.sandbox import DatasetError, Problem, generate_problems, load_jsonl
 from trainer.workers import make_executor, score_member_task, train_member_task
 
 RUN_FILE = "evolve-run.json"
+DEFAULT_LR = 2e-3
+"""Gradient-phase learning rate of a member whose manifest records none (and no `train_lr` is set)."""
 PENDING_FILE = "evolve-pending.json"
 
 
@@ -337,6 +340,8 @@ class Offspring:
     weights: LoraWeights
     parents: list[str]
     operators: list[str]
+    fitter: str
+    """The fitter parent (ties: the lower index): the child takes its rank ratio and learning rate."""
 
 
 def evolutionary_step(
@@ -386,7 +391,9 @@ def evolutionary_step(
         if mutate is not None and evo.mutation_strength > 0:
             child = mutate(child, evo.mutation_strength, gen)
             ops.append(evo.mutation)
-        children.append(Offspring(f"g{generation}c{k}", child, sorted(set(parents), key=parents.index), ops))
+        children.append(
+            Offspring(f"g{generation}c{k}", child, sorted(set(parents), key=parents.index), ops, names[fitter])
+        )
     return elite, replaced, children
 
 
@@ -499,6 +506,8 @@ class Evolver:
         self.dataset = load_dataset(cfg.data, cfg.skip_invalid) if cfg.data is not None else None
         self.heldout = heldout_problems(cfg)
         self.population = load_population(root)
+        # member folders of a commit that was killed before its manifest swap are not part of any generation
+        prune_unreferenced(root)
         self._check_members(self.population)
         self._check_operators(self.population)
         self.engine: OfflineEngine | None = None
@@ -511,9 +520,33 @@ class Evolver:
     def _check_operators(self, population: Population) -> None:
         """Refuse, before any work, a crossover that cannot combine these members' ranks under the policy."""
         evo = self.cfg.evolution
-        if not evo.enabled or evo.crossover not in ("svd_interpolate", "layer_wise") or evo.rank_policy != "error":
+        if not evo.enabled:
             return
-        ranks = {m.rank for m in population.manifest.members} | ({evo.child_rank} if evo.child_rank else set())
+        for kind, name in (
+            ("selection", evo.selection),
+            ("crossover", evo.crossover),
+            ("mutation", evo.mutation),
+            ("replacement", evo.replacement),
+        ):
+            if name != "none" or kind in ("selection", "replacement"):
+                try:
+                    operators.get_operator(kind, name)
+                except operators.OperatorError as e:
+                    raise EvolveError(f"evolution.{kind}: {e}") from None
+        if evo.rank_policy not in ("error", "truncate", "pad"):
+            raise EvolveError(f"evolution.rank_policy must be error, truncate or pad, got {evo.rank_policy!r}")
+        n = len(population.manifest.members)
+        free = n - min(evo.elite, n)
+        if evo.replacement == "generational" and evo.offspring and min(evo.offspring, free) != free:
+            raise EvolveError(
+                f"replacement generational replaces every non-elite member: with {n} members and elite "
+                f"{evo.elite}, offspring must be {free} (got {evo.offspring})"
+            )
+        if evo.crossover not in ("svd_interpolate", "layer_wise") or evo.rank_policy != "error":
+            return
+        ranks = {m.rank for m in population.manifest.members}
+        if evo.crossover == "layer_wise" and evo.child_rank:
+            ranks.add(evo.child_rank)  # layer_wise copies a parent's factors: the child must have its rank
         if len(ranks) > 1:
             raise EvolveError(
                 f"crossover {evo.crossover} needs equal ranks, but the members' (and child) ranks are {sorted(ranks)}; "
@@ -693,20 +726,22 @@ class Evolver:
     def _commit(self, manifest: Manifest, adapters: dict[str, LoraWeights], record: dict[str, Any]) -> None:
         """Write generation `manifest` (new adapters + atomic manifest swap); on failure the previous one stays."""
         g = manifest.generation
-        with tempfile.TemporaryDirectory(prefix="ensemble-evolve-") as work:
-            sources = {}
-            for name, w in adapters.items():
-                folder = Path(work) / name
-                save_lora(w, folder)
-                sources[name] = folder
-            try:
+        try:
+            with tempfile.TemporaryDirectory(prefix="ensemble-evolve-") as work:
+                sources = {}
+                for name, w in adapters.items():
+                    folder = Path(work) / name
+                    save_lora(w, folder)
+                    sources[name] = folder
                 atomic_write_text(self.root / PENDING_FILE, json.dumps(record) + "\n")
                 self.population = commit_generation(self.root, manifest, sources)
-            except OSError as e:
+        except (OSError, PopulationError) as e:
+            if read_manifest(self.root).generation != g:
                 (self.root / PENDING_FILE).unlink(missing_ok=True)
-                raise EvolveError(
-                    f"{self.root}: could not write generation {g} ({e.strerror or e}); generation {g - 1} is intact"
-                ) from e
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise EvolveError(
+                f"{self.root}: could not write generation {g} ({reason}); generation {g - 1} is intact"
+            ) from e
 
     def _finish_pending(self) -> dict[str, Any] | None:
         """Held-out evaluation and the history line of a committed generation (also after a crash)."""
@@ -792,7 +827,7 @@ class Evolver:
         base = str(pop.base_model_path)
         calls = []
         for m in pop.manifest.members:
-            lr = cfg.train_lr or float(m.info.get("lr", 2e-3))
+            lr = cfg.train_lr or float(m.info.get("lr") or DEFAULT_LR)
             calls.append(
                 dict(
                     base=base,
@@ -832,8 +867,7 @@ class Evolver:
         for i, m in enumerate(pop.manifest.members):
             if i in child_for:
                 child = child_for[i]
-                fitter = max(child.parents, key=lambda p: fitness[p])
-                parent = pop.member(fitter)
+                parent = pop.member(child.fitter)
                 inherited = sum(fitness[p] for p in child.parents) / len(child.parents)
                 member = Member(
                     name=child.name,
@@ -844,7 +878,7 @@ class Evolver:
                     born_generation=g,
                     seed=derive_seed(self.cfg.seed, "child", g, child.name),
                     info={
-                        "lr": parent.info.get("lr"),
+                        **({"lr": parent.info["lr"]} if parent.info.get("lr") is not None else {}),
                         "operators": child.operators,
                         "replaced": m.name,
                         "fitness_inherited": True,
@@ -925,11 +959,22 @@ def run_evolve(cfg: EvolveConfig, resume: bool = False, progress: bool = True) -
     Ctrl-C or SIGTERM raises :class:`Interrupted` after cleaning up; every generation
     committed before it is complete on disk and `--resume` continues from there.
     """
+    copied = cfg.out is not None and not resume and not Path(cfg.out).exists()
     try:
         cfg, root, run = prepare_run(cfg, resume)
-    except (PopulationError, FileNotFoundError) as e:
+    except (PopulationError, LoraError, FileNotFoundError) as e:
         raise EvolveError(str(e)) from None
-    evolver = Evolver(cfg, root, run, progress=progress)
+    try:
+        evolver = Evolver(cfg, root, run, progress=progress)
+    except BaseException as e:
+        if not resume:  # a refused start leaves nothing behind: fix the config and run the same command again
+            if copied:
+                remove_tree(root)
+            else:
+                (root / RUN_FILE).unlink(missing_ok=True)
+        if isinstance(e, (PopulationError, LoraError, operators.OperatorError, DatasetError)):
+            raise EvolveError(str(e)) from None
+        raise
     try:
         return root, evolver.run_all()
     except KeyboardInterrupt as e:
