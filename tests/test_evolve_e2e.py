@@ -155,7 +155,7 @@ def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, dat
     names_before = {m["name"] for r in history[:-1] for m in r["members"]}
     assert all(set(c["parents"]) <= names_before for c in children)
 
-    # finishing a finished run is refused; resuming it is a no-op
+    # resuming a finished run is a no-op
     code, out = _finish(_cli("--out", str(run), "--resume"))
     assert code == 0 and load_population(run).manifest.generation == 3
 

@@ -236,7 +236,12 @@ def heldout_problems(cfg: EvolveConfig) -> list[Problem]:
 
 
 def self_play(
-    engine: OfflineEngine, members: Sequence[str], problems: Sequence[Problem], cfg: EvolveConfig, generation: int
+    engine: OfflineEngine,
+    members: Sequence[str],
+    problems: Sequence[Problem],
+    cfg: EvolveConfig,
+    generation: int,
+    progress: bool = False,
 ) -> dict[str, list[list[Candidate]]]:
     """Every member x problem x sample in one multi-LoRA batch; returns the candidates (answers extracted)."""
     from vllm import SamplingParams
@@ -256,7 +261,7 @@ def self_play(
                 )
             )
             index.append((m, i))
-    outputs = engine.generate(prompts, owners, params, progress=False)
+    outputs = engine.generate(prompts, owners, params, progress=progress)
     cands: dict[str, list[list[Candidate]]] = {m: [[] for _ in problems] for m in members}
     for (m, i), gens in zip(index, outputs):
         cands[m][i] = [candidate_from_text(m, s, g.text, g.tokens, cfg.answer) for s, g in enumerate(gens)]
@@ -400,7 +405,9 @@ def evolutionary_step(
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_heldout(engine: OfflineEngine, members: Sequence[str], problems: Sequence[Problem], answer: str) -> dict:
+def evaluate_heldout(
+    engine: OfflineEngine, members: Sequence[str], problems: Sequence[Problem], answer: str, progress: bool = False
+) -> dict:
     """Greedy chains of every member on the held-out problems: member, ensemble-vote and oracle accuracy."""
     from vllm import SamplingParams
 
@@ -409,7 +416,7 @@ def evaluate_heldout(engine: OfflineEngine, members: Sequence[str], problems: Se
     params = SamplingParams(temperature=0.0, max_tokens=160)
     chat = [engine.chat_prompt(p.prompt) for p in problems]
     pairs = [(m, i) for m in members for i in range(len(problems))]
-    outputs = engine.generate([chat[i] for _, i in pairs], [m for m, _ in pairs], params)
+    outputs = engine.generate([chat[i] for _, i in pairs], [m for m, _ in pairs], params, progress=progress)
     cands: dict[str, list[Candidate]] = {m: [None] * len(problems) for m in members}  # type: ignore[list-item]
     for (m, i), gens in zip(pairs, outputs):
         cands[m][i] = candidate_from_text(m, 0, gens[0].text, gens[0].tokens, answer)
@@ -620,7 +627,7 @@ class Evolver:
         started = time.perf_counter()
         engine = self._engine()
         engine.registry.sync(self.population)
-        heldout = evaluate_heldout(engine, self.population.names, self.heldout, self.cfg.answer)
+        heldout = evaluate_heldout(engine, self.population.names, self.heldout, self.cfg.answer, self.progress)
         members = [
             {
                 "name": m.name,
@@ -664,7 +671,7 @@ class Evolver:
         engine.registry.sync(pop)
         if self.progress:
             tqdm.write(f"generation {g}: {len(names)} members x {len(problems)} problems x {cfg.samples_per_member}")
-        candidates = self_play(engine, names, problems, cfg, g)
+        candidates = self_play(engine, names, problems, cfg, g, self.progress)
         seconds["generate"] = _secs(t)
 
         # 2. scoring
@@ -761,7 +768,7 @@ class Evolver:
         if self.heldout:
             engine = self._engine()
             engine.registry.sync(self.population)
-            heldout = evaluate_heldout(engine, self.population.names, self.heldout, self.cfg.answer)
+            heldout = evaluate_heldout(engine, self.population.names, self.heldout, self.cfg.answer, self.progress)
             for m in record["members"]:
                 m["heldout"] = heldout["members"].get(m["name"])
             record["heldout"] = _heldout_summary(heldout)
