@@ -105,6 +105,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return train, heldout
 
 
+@pytest.mark.timeout(1800)  # four evolve processes, each starting vLLM
 def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, dataset, tmp_path: Path):
     train, heldout = dataset
     cfg = tmp_path / "evolve.yaml"
