@@ -132,7 +132,7 @@ def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, dat
     os.killpg(proc.pid, signal.SIGINT)
     code, out = _finish(proc)
     if code != 0:  # (the run may have finished generation 3 before the signal arrived)
-        assert code == 130, out[-3000:]
+        assert code == 130, f"exit {code}:\n{out[-3000:]}"
         assert "continue with --resume" in out
     assert load_population(run).manifest.generation >= 2
 

@@ -456,21 +456,29 @@ def evaluate_heldout(
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the run like Ctrl-C: after the last complete generation."""
+def _stop_signals(state: dict[str, bool]) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM stop the run after the last complete generation.
+
+    A terminal's Ctrl-C reaches the whole process group, so vLLM's engine processes may die of
+    it at the same moment; whatever error that causes here, `state["stop"]` records that a stop
+    was asked for, so the run still ends as an interruption, not a crash.
+    """
 
     def handler(signum, frame):  # noqa: ARG001
+        state["stop"] = True
         raise Interrupted()
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 class _TensorBoard:
@@ -521,6 +529,7 @@ class Evolver:
         self.executor = None
         self.tb = _TensorBoard(cfg.tensorboard)
         self._snapshots = tempfile.TemporaryDirectory(prefix="ensemble-evolve-adapters-")
+        self.stop_state = {"stop": False}
 
     # -- setup
 
@@ -608,7 +617,7 @@ class Evolver:
     def run_all(self) -> list[dict[str, Any]]:
         target = self.run["target_generation"]
         records = []
-        with _sigterm_as_interrupt():
+        with _stop_signals(self.stop_state):
             self._finish_pending()
             if self.heldout and not any(
                 r.get("generation") == self.population.manifest.generation for r in read_history(self.root)
@@ -984,7 +993,9 @@ def run_evolve(cfg: EvolveConfig, resume: bool = False, progress: bool = True) -
         raise
     try:
         return root, evolver.run_all()
-    except KeyboardInterrupt as e:
+    except BaseException as e:
+        if not (isinstance(e, KeyboardInterrupt) or evolver.stop_state["stop"]):
+            raise
         raise Interrupted(
             f"stopped; generation {read_manifest(root).generation} is complete in {root} (continue with --resume)"
         ) from e
