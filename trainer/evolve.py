@@ -709,7 +709,7 @@ class Evolver:
         manifest, adapters, member_info = self._next_manifest(
             pop, g, trained, losses, result.fitness, elite, replaced, children
         )
-        valid = [c for row in candidates.values() for r in row for c in r]
+        chains = [c for row in candidates.values() for r in row for c in r]
         record.update(
             seconds=seconds,
             fitness=_stats(list(result.fitness.values())),
@@ -718,8 +718,8 @@ class Evolver:
             diversity=diversity_summary(result.terms),
             train={
                 "problems": len(problems),
-                "chains": len(valid),
-                "parsed": round(sum(c.valid for c in valid) / max(1, len(valid)), 4),
+                "chains": len(chains),
+                "parsed": round(sum(c.valid for c in chains) / max(1, len(chains)), 4),
                 "labelled": sum(label is not None for label in labels),
                 "verified": round(
                     sum(
@@ -728,7 +728,7 @@ class Evolver:
                         for lab, row in zip(labels, candidates[m])
                         for c in row
                     )
-                    / max(1, len(valid)),
+                    / max(1, len(chains)),
                     4,
                 ),
                 "examples": {m: len(x) for m, x in examples.items()},
