@@ -34,8 +34,8 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from ensemble_serve.lora import load_lora, lora_from_bytes, lora_to_bytes, save_lora
     from trainer.data import greedy_answers
-    from trainer.lora import load_lora, lora_from_bytes, lora_to_bytes, save_lora
     from trainer.sandbox import generate_problems, verify
     from trainer.workers import train_member_task
 

@@ -21,6 +21,7 @@ import torch
 from pydantic import ValidationError
 
 import ensemble_serve.population as population_module
+from ensemble_serve.lora import LoraWeights, check_compatible, load_lora, lora_from_bytes, lora_to_bytes
 from ensemble_serve.population import (
     PopulationError,
     load_population,
@@ -54,7 +55,6 @@ from trainer.fitness import (
     term_diversity_hidden,
     term_diversity_output,
 )
-from trainer.lora import LoraWeights, check_compatible, load_lora, lora_from_bytes, lora_to_bytes
 from trainer.sandbox import Problem, generate_problems
 from trainer.workers import LocalExecutor, RayExecutor, score_member_task, train_member_task
 

@@ -1,4 +1,4 @@
-"""Unit tests of `trainer.lora` and `trainer.operators` on small, realistic PEFT adapters.
+"""Unit tests of `ensemble_serve.lora` and `trainer.operators` on small, realistic PEFT adapters.
 
 The adapters are built in memory exactly as PEFT lays them out (key names, config keys) and
 parsed through the same code path as an adapter folder, so nothing here needs a model.
@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from trainer.lora import (
+from ensemble_serve.lora import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoraError,

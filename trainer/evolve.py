@@ -50,6 +50,15 @@ from tqdm import tqdm
 from ensemble_serve.answers import answers_equal
 from ensemble_serve.engine import EngineConfig, OfflineEngine
 from ensemble_serve.fsutil import atomic_write_text, remove_tree
+from ensemble_serve.lora import (
+    LoraError,
+    LoraWeights,
+    check_compatible,
+    load_lora,
+    lora_from_bytes,
+    lora_to_bytes,
+    save_lora,
+)
 from ensemble_serve.population import (
     Manifest,
     Member,
@@ -68,7 +77,6 @@ from ensemble_serve.voting import Candidate, candidate_from_text, vote
 from trainer import operators
 from trainer.config import EvolveConfig
 from trainer.fitness import Evidence, compute_fitness, diversity_summary
-from trainer.lora import LoraError, LoraWeights, check_compatible, load_lora, lora_from_bytes, lora_to_bytes, save_lora
 from trainer.sandbox import DatasetError, Problem, generate_problems, load_jsonl
 from trainer.workers import make_executor, score_member_task, train_member_task
 

@@ -15,7 +15,7 @@ Crossover and mutation work on each module's *update* dW = scale * B @ A, not on
 the factors of an update are only defined up to an invertible R (B R, R^-1 A), so two adapters
 trained independently have unrelated factor bases and averaging factors would mix noise. A
 child is brought back to the requested rank and alpha with the truncated SVD of its update
-(`trainer.lora.refactor_low_rank`, which never forms the dense matrix).
+(`ensemble_serve.lora.refactor_low_rank`, which never forms the dense matrix).
 
 Fitness is "higher is better" everywhere; NaN or infinite fitness is refused (`OperatorError`)
 rather than sorted somewhere arbitrary.
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from trainer.lora import LoraWeights, check_compatible, lora_scale, refactor_low_rank, svd_low_rank
+from ensemble_serve.lora import LoraWeights, check_compatible, lora_scale, refactor_low_rank, svd_low_rank
 
 RANK_POLICIES = ("error", "truncate", "pad")
 

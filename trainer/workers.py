@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.lora import load_lora, lora_from_bytes, lora_to_bytes, save_lora
+from ensemble_serve.lora import load_lora, lora_from_bytes, lora_to_bytes, save_lora
 
 Example = tuple[str, str]
 """(user prompt, assistant chain) of one training or scoring sequence."""
