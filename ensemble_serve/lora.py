@@ -1,8 +1,8 @@
 """LoRA adapter weights as plain tensors: load, save, ship between processes, refactor.
 
 It lives on the serving side because both halves need it: the server mixes members' updates
-into one routed adapter, and the trainer's evolutionary operators (`trainer.operators`) work on the *update* a LoRA adapter makes to
-each base weight, dW = scale * B @ A, rather than on the factors A and B themselves: the factors
+into one routed adapter, and the trainer's evolutionary operators (`trainer.operators`) work
+on the *update* a LoRA adapter makes to each base weight, dW = scale * B @ A, rather than on the factors A and B themselves: the factors
 of one update are far from unique (B R, R^-1 A gives the same dW for any invertible R), so
 averaging or mixing factors of independently trained adapters mixes arbitrary rotations. This
 module provides the representation (`LoraWeights`), the PEFT folder format (`load_lora`,
