@@ -111,6 +111,7 @@ def build_app(
             ensemble_name=config.ensemble_name,
             default_members=config.default_members,
             semantic_threshold=config.semantic_threshold,
+            route=config.route,
         )
         app.state.metrics = metrics
         metrics.generation.set(population.manifest.generation)

@@ -42,6 +42,10 @@ class ServeConfig(BaseModel):
     semantic_threshold: float = Field(
         0.8, ge=-1, le=1, description="Cosine similarity at which free-form answers count as the same."
     )
+    route: bool = Field(
+        True,
+        description="Use the population's router (if it has one) to pick the top-k members and weight votes.",
+    )
     max_loras: int | None = Field(
         None, ge=1, description="vLLM: adapters in one batch (default: all members, at most 16)."
     )

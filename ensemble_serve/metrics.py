@@ -56,6 +56,11 @@ class Metrics:
         self.generation = Gauge(
             "ensemble_population_generation", "Generation of the population being served.", registry=r
         )
+        self.route_fallbacks = Counter(
+            "ensemble_route_fallbacks",
+            "Ensemble requests voted unrouted because the router's gates were unusable.",
+            registry=r,
+        )
 
     def track_inflight(self, fn: Callable[[], float]) -> None:
         self.inflight.set_function(fn)

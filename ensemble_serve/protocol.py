@@ -109,6 +109,9 @@ class EnsembleOptions(_Strict):
     """An answer mode or ``{"regex": PATTERN}`` (see ``ensemble_serve.answers``)."""
     early_stop: bool = False
     return_chains: bool = False
+    route: bool | None = None
+    """Use the population's router to pick the members (top-k) and weight a weighted vote.
+    None: yes when the population has a router and `members` is not a list of names."""
 
     @model_validator(mode="before")
     @classmethod
@@ -561,6 +564,9 @@ class EnsembleInfo(_Response):
     failed: list[FailedChain] = Field(default_factory=list)
     tokens_saved: int | None = None
     early_stopped: bool = False
+    routing: dict[str, Any] | None = None
+    """When the population has a router: {"used": true, "top_k", "gates": {member: gate}}, or
+    {"used": false, "reason"} when the router was refused or its output was unusable."""
 
     @model_serializer(mode="wrap")
     def _always_answer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -97,6 +97,53 @@ class ServeSettings:
     ensemble_name: str
     default_members: int | None = None  # None: all members
     semantic_threshold: float = 0.8
+    route: bool = True  # use the population's router (when it has one) to pick and weight members
+
+
+@dataclass
+class Routing:
+    """The population's mixture router as the server holds it.
+
+    `status` is "none" (the population has no router), "active", or "refused: <why>": a router
+    that cannot be used (trained for another population, corrupt files...) is refused at load,
+    and the ensemble then votes unrouted and says so in every response's `ensemble.routing`.
+    """
+
+    status: str = "none"
+    router: Any = None
+    features: Any = None
+    top_k: int | None = None
+
+    @classmethod
+    def load(cls, population: Population) -> Routing:
+        entry = population.manifest.router
+        if not entry:
+            return cls()
+        from ensemble_serve.router import RouterError, RouterFeatures, load_router
+
+        folder = population.root / str(entry.get("path", "router"))
+        try:
+            router = load_router(
+                folder, expected_members=population.names, base_model=population.manifest.base_model.name
+            )
+            if population.base_model_path is None:
+                raise RouterError("the router needs the base model's folder for its features; the manifest has none")
+            features = RouterFeatures(population.base_model_path)
+        except (RouterError, OSError) as e:
+            log.warning("router refused (%s); the ensemble votes unrouted", e)
+            return cls(status=f"refused: {e}")
+        top_k = entry.get("top_k")
+        return cls(status="active", router=router, features=features, top_k=top_k if isinstance(top_k, int) else None)
+
+    def gates(self, prompt: str) -> tuple[dict[str, float] | None, str | None]:
+        """Gate per member for one prompt, or (None, why) when the router's output is unusable."""
+        from ensemble_serve.router import safe_gates
+
+        feats = self.features([prompt], self.router.feature)
+        gates, problem = safe_gates(self.router, feats)
+        if problem is not None:
+            return None, problem
+        return {m: float(g) for m, g in zip(self.router.members, gates[0].tolist())}, None
 
 
 @dataclass
@@ -140,6 +187,7 @@ class EnsembleService:
         self.settings = settings
         self.metrics = metrics
         self._embedder: Any = None
+        self.routing = Routing.load(population) if settings.route else Routing()
 
     # ------------------------------------------------------------------ models
 
@@ -173,6 +221,7 @@ class EnsembleService:
                     "members": self.population.names,
                     "generation": manifest.generation,
                     "vote_rules": ["majority", "weighted", "cross"],
+                    "router": self.routing.status,
                 },
             ),
             ModelCard(id=self.base_name, root=self.base_name, max_model_len=self.backend.max_model_len),
@@ -184,8 +233,9 @@ class EnsembleService:
         return ModelList(data=cards)
 
     def set_population(self, population: Population) -> None:
+        routing = Routing.load(population) if self.settings.route else Routing()
         self.backend.set_population(population)
-        self.population = population
+        self.population, self.routing = population, routing
 
     # ------------------------------------------------------------------ prompts
 
@@ -513,7 +563,9 @@ class EnsembleService:
             raise BadRequestError("logprobs are not available for the ensemble model; ask a member", param="logprobs")
         if not chat and req.logprobs is not None:
             raise BadRequestError("logprobs are not available for the ensemble model; ask a member", param="logprobs")
-        members = self._select_members(opts)
+        routing, weights, members = await self._route(req, opts, chat)
+        if members is None:
+            members = self._select_members(opts)
         if opts.samples_per_member > 1 and req.temperature is not None and req.temperature < 1e-5:
             raise BadRequestError(
                 "samples_per_member > 1 needs sampling (temperature > 0): greedy samples of one member are identical",
@@ -522,22 +574,60 @@ class EnsembleService:
         params = self._params(req, prompt_ids, n=opts.samples_per_member, logprobs=0)
         get_vote_rule(opts.vote)  # validated by the protocol too; keeps a registry miss loud
         if req.stream:
-            return self._stream_ensemble(req, prompt_ids, params, members, opts, chat)
+            return self._stream_ensemble(req, prompt_ids, params, members, opts, chat, weights, routing)
         started = time.perf_counter()
-        outcome = await self._fan_out_and_vote(prompt_ids, params, members, opts)
+        outcome = await self._fan_out_and_vote(prompt_ids, params, members, opts, weights, routing)
         self.metrics.observe_request(
             "ensemble", time.perf_counter() - started, len(prompt_ids), outcome.completion_tokens
         )
         return self._ensemble_response(req, prompt_ids, outcome, chat)
 
+    async def _route(
+        self, req: Any, opts: EnsembleOptions, chat: bool
+    ) -> tuple[dict[str, Any] | None, dict[str, float] | None, list[str] | None]:
+        """(routing info for the response, vote weights, members) from the router; Nones when not routed."""
+        if opts.route is False or isinstance(opts.members, list):
+            return None, None, None
+        routing = self.routing
+        if routing.router is None:
+            if routing.status == "none":
+                if opts.route:
+                    raise BadRequestError("this population has no router", param="ensemble.route")
+                return None, None, None
+            return {"used": False, "reason": routing.status}, None, None
+        prompt = _routing_prompt(req, chat)
+        gates, problem = await asyncio.to_thread(routing.gates, prompt)
+        if gates is None:
+            self.metrics.route_fallbacks.inc()
+            return {"used": False, "reason": f"router output unusable ({problem}); voted unrouted"}, None, None
+        names = self.population.names
+        k = opts.members if isinstance(opts.members, int) else (routing.top_k or self.settings.default_members)
+        k = len(names) if k is None else k
+        if k > len(names):
+            raise BadRequestError(
+                f"ensemble.members={k} but the ensemble has {len(names)} members", param="ensemble.members"
+            )
+        ranked = sorted(range(len(names)), key=lambda i: (-gates[names[i]], i))
+        chosen = sorted(ranked[:k])
+        total = sum(gates[names[i]] for i in chosen)
+        weights = {names[i]: (gates[names[i]] / total if total > 0 else 1.0 / k) for i in chosen}
+        info = {"used": True, "top_k": k, "gates": {m: round(g, 4) for m, g in gates.items()}}
+        return info, weights, [names[i] for i in chosen]
+
     async def _fan_out_and_vote(
-        self, prompt_ids: list[int], params: Any, members: list[str], opts: EnsembleOptions
+        self,
+        prompt_ids: list[int],
+        params: Any,
+        members: list[str],
+        opts: EnsembleOptions,
+        weights: dict[str, float] | None = None,
+        routing: dict[str, Any] | None = None,
     ) -> EnsembleOutcome:
-        chains = await self._fan_out(prompt_ids, params, members, opts)
+        chains = await self._fan_out(prompt_ids, params, members, opts, weights)
         candidates = [self._candidate(c, opts) for c in chains]
-        result, scores = await self._vote(prompt_ids, chains, candidates, opts)
+        result, scores = await self._vote(prompt_ids, chains, candidates, opts, weights)
         self.metrics.observe_vote(result, candidates)
-        return EnsembleOutcome(members, chains, candidates, result, scores)
+        return EnsembleOutcome(members, chains, candidates, result, scores, routing)
 
     def _candidate(self, c: Chain, opts: EnsembleOptions) -> Candidate:
         if c.error is not None or c.stopped:
@@ -545,13 +635,18 @@ class EnsembleService:
         return candidate_from_text(c.member, c.sample, c.text, c.tokens, opts.answer, c.mean_logprob)
 
     async def _fan_out(
-        self, prompt_ids: list[int], params: Any, members: list[str], opts: EnsembleOptions
+        self,
+        prompt_ids: list[int],
+        params: Any,
+        members: list[str],
+        opts: EnsembleOptions,
+        route_weights: dict[str, float] | None = None,
     ) -> list[Chain]:
         """All members x samples in flight at once (vLLM batches them); optional early stop."""
         s = opts.samples_per_member
         chains = {(m, i): Chain(m, i) for m in members for i in range(s)}
         done: set[tuple[str, int]] = set()
-        weights = self._member_weights() if opts.vote == "weighted" else {}
+        weights = (route_weights or self._member_weights()) if opts.vote == "weighted" else {}
         stop_event = asyncio.Event()
 
         async def run(member: str) -> None:
@@ -608,10 +703,15 @@ class EnsembleService:
         return decided(tally, remaining_weight(pending, opts.vote, weights))
 
     async def _vote(
-        self, prompt_ids: list[int], chains: list[Chain], candidates: list[Candidate], opts: EnsembleOptions
+        self,
+        prompt_ids: list[int],
+        chains: list[Chain],
+        candidates: list[Candidate],
+        opts: EnsembleOptions,
+        route_weights: dict[str, float] | None = None,
     ) -> tuple[VoteResult, list[float] | None]:
         grouper = self._grouper(opts)
-        weights = self._member_weights()
+        weights = route_weights or self._member_weights()
         cross_scores = None
         group_scores = None
         if opts.vote == "cross":
@@ -673,6 +773,7 @@ class EnsembleService:
             failed=failed,
             tokens_saved=outcome.tokens_saved,
             early_stopped=outcome.early_stopped,
+            routing=outcome.routing,
         )
 
     def _winner_chain(self, outcome: EnsembleOutcome) -> Chain:
@@ -697,7 +798,15 @@ class EnsembleService:
         return CompletionResponse(model=req.model, choices=[choice], usage=usage, ensemble=info)
 
     def _stream_ensemble(
-        self, req: Any, prompt_ids: list[int], params: Any, members: list[str], opts: EnsembleOptions, chat: bool
+        self,
+        req: Any,
+        prompt_ids: list[int],
+        params: Any,
+        members: list[str],
+        opts: EnsembleOptions,
+        chat: bool,
+        weights: dict[str, float] | None = None,
+        routing: dict[str, Any] | None = None,
     ):
         """Streams once the vote is in: the role first, then the winning chain in pieces, then `ensemble` and usage."""
 
@@ -729,7 +838,7 @@ class EnsembleService:
 
             if chat:
                 yield chunk("", role=True)
-            outcome = await self._fan_out_and_vote(prompt_ids, params, members, opts)
+            outcome = await self._fan_out_and_vote(prompt_ids, params, members, opts, weights, routing)
             best = self._winner_chain(outcome)
             for i in range(0, len(best.text), STREAM_PIECE_CHARS):
                 yield chunk(best.text[i : i + STREAM_PIECE_CHARS])
@@ -759,6 +868,7 @@ class EnsembleOutcome:
     candidates: list[Candidate]
     result: VoteResult
     scores: list[float | None] | None
+    routing: dict[str, Any] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -779,6 +889,16 @@ class EnsembleOutcome:
             return 0
         mean = sum(finished) / len(finished)
         return int(round(sum(max(0.0, mean - c.tokens) for c in stopped)))
+
+
+def _routing_prompt(req: Any, chat: bool) -> str:
+    """The text the router sees: the last user message (the task), or the completion prompt."""
+    if not chat:
+        return req.prompt if isinstance(req.prompt, str) else str(req.prompt)
+    for m in reversed(chat_text(req.messages)):
+        if m["role"] == "user":
+            return m["content"]
+    return chat_text(req.messages)[-1]["content"] if req.messages else ""
 
 
 async def _cancel(tasks: Sequence[asyncio.Task]) -> None:
