@@ -155,3 +155,40 @@ def test_cross_vote_uses_the_jury_scores():
     assert sum(resp.ensemble.votes.values()) == pytest.approx(1.0)
     majority = asyncio.run(_service(ScriptedBackend(chains)).chat(_req(vote="majority")))
     assert majority.ensemble.answer == "3"
+
+
+class _FixedGates:
+    """A stand-in router state: fixed gates per member (or NaN ones), as `Routing.gates` returns them."""
+
+    def __init__(self, gates: dict[str, float]):
+        self.status, self.router, self.top_k, self._gates = "active", object(), 3, gates
+
+    def gates(self, prompt: str):
+        import math
+
+        if any(math.isnan(g) for g in self._gates.values()):
+            return None, "gates are NaN"
+        return dict(self._gates), None
+
+
+def test_routing_picks_top_k_and_weights_the_vote_by_gates():
+    # m00-m01 (high gates) say 4; m02-m07 say 3: routed top-3 + gate-weighted vote picks 4
+    chains = dict(ANSWERS, m00="1+2=4\n#### 4", m01="1+2=4\n#### 4")
+    service = _service(ScriptedBackend(chains))
+    gates = {f"m0{i}": 0.1 for i in range(8)} | {"m00": 0.9, "m01": 0.8, "m05": 0.3}
+    service.routing = _FixedGates(gates)
+    resp = asyncio.run(service.chat(_req(vote="weighted")))
+    ens = resp.ensemble
+    assert ens.members == ["m00", "m01", "m05"] and ens.routing["used"] is True and ens.routing["top_k"] == 3
+    assert ens.answer == "4" and ens.votes["4"] == pytest.approx((0.9 + 0.8) / 2.0)
+    # unrouted, the same chains vote 3
+    assert asyncio.run(service.chat(_req(vote="weighted", route=False))).ensemble.answer == "3"
+
+
+def test_unusable_gates_fall_back_to_unrouted_voting_and_say_so():
+    service = _service(ScriptedBackend(ANSWERS))
+    service.routing = _FixedGates({f"m0{i}": float("nan") for i in range(8)})
+    resp = asyncio.run(service.chat(_req()))
+    assert resp.ensemble.routing["used"] is False and "NaN" in resp.ensemble.routing["reason"]
+    assert len(resp.ensemble.members) == 8 and resp.ensemble.answer == "3"
+    assert service.metrics.route_fallbacks._value.get() == 1
