@@ -10,7 +10,15 @@ import click
 from pydantic import BaseModel
 
 from ensemble_serve.cliutil import config_options
-from trainer.config import ConfigError, EvalConfig, EvolveConfig, InitConfig, SubstrateConfig, load_config
+from trainer.config import (
+    ConfigError,
+    EvalConfig,
+    EvolveConfig,
+    InitConfig,
+    RouterCommandConfig,
+    SubstrateConfig,
+    load_config,
+)
 
 
 def _load(model: type[BaseModel], config_file: Path | None, overrides: dict[str, Any]) -> Any:
@@ -22,7 +30,7 @@ def _load(model: type[BaseModel], config_file: Path | None, overrides: dict[str,
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
-    """Offline half of ensemble-serve: the sandbox substrate, the starting population, evolution, evaluation."""
+    """Offline half of ensemble-serve: the sandbox substrate, the starting population, evolution, evaluation, routing."""
 
 
 @main.command()
@@ -121,6 +129,31 @@ def evolve(config_file: Path | None, resume: bool, quiet: bool, **overrides: Any
     if records:
         click.echo(summary_table(records))
     click.echo(f"population: {root} (plots: ensemble-train report {root})")
+
+
+@main.command()
+@config_options(RouterCommandConfig)
+@click.option("--dry-run", is_flag=True, help="Train and report, but install nothing in the population directory.")
+def router(config_file: Path | None, dry_run: bool, **overrides: Any) -> None:
+    """Train the population's mixture router on per-prompt member quality and install it.
+
+    Every member answers the training and held-out problems greedily in one multi-LoRA
+    vLLM batch; a member's quality on a prompt is whether its answer verifies. The
+    router learns that from the base model's prompt features, is compared on the
+    held-out problems with voting by all members, the best member and the oracle, and
+    is written to DIR/router with the manifest's `router` entry (atomically; a failed
+    install leaves the previous router and manifest as they were).
+    """
+    from trainer.route import RouteError, format_report, run_router
+
+    cfg = _load(RouterCommandConfig, config_file, overrides)
+    try:
+        result = run_router(cfg, dry_run=dry_run)
+    except (RouteError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_report(result))
+    if cfg.out:
+        click.echo(f"results written to {cfg.out}")
 
 
 @main.command()
