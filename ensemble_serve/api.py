@@ -132,6 +132,7 @@ def build_app(
             shutdown = getattr(backend, "shutdown", None)
             if shutdown is not None:
                 shutdown()
+            app.state.service.close()
 
     app = FastAPI(title="ensemble-serve", lifespan=lifespan)
     install_error_handlers(app)

@@ -424,6 +424,15 @@ class AsyncEngine:
         finally:
             await self.gate.release_exclusive()
 
+    @property
+    def max_lora_rank(self) -> int:
+        return self.llm.vllm_config.lora_config.max_lora_rank
+
+    def register_extra(self, name: str, folder: Path) -> None:
+        """Serve an adapter that is not a member (a routed mixture) under `name` until the next refresh."""
+        if name not in self.registry.names():
+            self.registry.register(name, folder, self.population.manifest.base_model.name)
+
     async def check_health(self) -> None:
         await self.llm.check_health()
 

@@ -109,6 +109,9 @@ class EnsembleOptions(_Strict):
     """An answer mode or ``{"regex": PATTERN}`` (see ``ensemble_serve.answers``)."""
     early_stop: bool = False
     return_chains: bool = False
+    mode: Literal["vote", "mixture"] = "vote"
+    """vote: fan out to members and vote; mixture: answer with one adapter whose update is the
+    router-weighted mix of the routed members' updates (needs a router and the in-process engine)."""
     route: bool | None = None
     """Use the population's router to pick the members (top-k) and weight a weighted vote.
     None: yes when the population has a router and `members` is not a list of names."""

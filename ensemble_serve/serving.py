@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -188,6 +189,7 @@ class EnsembleService:
         self.metrics = metrics
         self._embedder: Any = None
         self.routing = Routing.load(population) if settings.route else Routing()
+        self._mixtures: Any = None
 
     # ------------------------------------------------------------------ models
 
@@ -231,6 +233,13 @@ class EnsembleService:
             for m in manifest.members
         ]
         return ModelList(data=cards)
+
+    def close(self) -> None:
+        """Remove the mixed adapters this server wrote."""
+        if self._mixtures is not None:
+            import shutil
+
+            shutil.rmtree(self._mixtures.root, ignore_errors=True)
 
     def set_population(self, population: Population) -> None:
         routing = Routing.load(population) if self.settings.route else Routing()
@@ -564,6 +573,9 @@ class EnsembleService:
         if not chat and req.logprobs is not None:
             raise BadRequestError("logprobs are not available for the ensemble model; ask a member", param="logprobs")
         routing, weights, members = await self._route(req, opts, chat)
+        if opts.mode == "mixture":
+            members, routing = await self._mixture(opts, routing, weights, members)
+            weights = None
         if members is None:
             members = self._select_members(opts)
         if opts.samples_per_member > 1 and req.temperature is not None and req.temperature < 1e-5:
@@ -614,6 +626,38 @@ class EnsembleService:
         info = {"used": True, "top_k": k, "gates": {m: round(g, 4) for m, g in gates.items()}}
         return info, weights, [names[i] for i in chosen]
 
+    async def _mixture(
+        self,
+        opts: EnsembleOptions,
+        routing: dict[str, Any] | None,
+        weights: dict[str, float] | None,
+        members: list[str] | None,
+    ) -> tuple[list[str], dict[str, Any]]:
+        """The routed members' updates mixed by their gates into one adapter (cached), served as the only 'member'."""
+        if routing is None or not routing.get("used") or not weights or not members:
+            why = (routing or {}).get("reason") or "the population has no router, or routing is off"
+            raise BadRequestError(
+                f"ensemble.mode 'mixture' needs the population's router ({why})", param="ensemble.mode"
+            )
+        register = getattr(self.backend, "register_extra", None)
+        max_rank = getattr(self.backend, "max_lora_rank", None)
+        if register is None or max_rank is None:
+            raise BadRequestError(
+                "ensemble.mode 'mixture' needs the in-process engine (remote vLLM servers cannot load a mixed adapter)",
+                param="ensemble.mode",
+            )
+        if self._mixtures is None:
+            from ensemble_serve.mixture import MixtureCache
+
+            self._mixtures = MixtureCache(tempfile.mkdtemp(prefix="ensemble-serve-mixtures-"), capacity=32)
+        pairs = [(m, self.population.member_dir(m)) for m in members]
+        name, folder, created = await asyncio.to_thread(
+            self._mixtures.get_or_create, pairs, [weights[m] for m in members], "exact", None, max_rank
+        )
+        register(name, folder)
+        routing = {**routing, "mixture": {"adapter": name, "members": members, "cached": not created}}
+        return [name], routing
+
     async def _fan_out_and_vote(
         self,
         prompt_ids: list[int],
@@ -626,7 +670,8 @@ class EnsembleService:
         chains = await self._fan_out(prompt_ids, params, members, opts, weights)
         candidates = [self._candidate(c, opts) for c in chains]
         result, scores = await self._vote(prompt_ids, chains, candidates, opts, weights)
-        self.metrics.observe_vote(result, candidates)
+        if opts.mode != "mixture":  # per-member vote metrics are for members, not for mixed adapters
+            self.metrics.observe_vote(result, candidates)
         return EnsembleOutcome(members, chains, candidates, result, scores, routing)
 
     def _candidate(self, c: Chain, opts: EnsembleOptions) -> Candidate:

@@ -95,6 +95,8 @@ def test_router_lifecycle_in_the_server(server):
     assert len(info["members"]) == len(names)
     with pytest.raises(openai.BadRequestError, match="no router"):
         _ask(client, route=True)
+    with pytest.raises(openai.BadRequestError, match="mixture"):
+        _ask(client, mode="mixture")
 
     # a router for this population: the fan-out goes to the router's top-k, with gates reported
     _install(population, _train_router(population, names), top_k=3)
@@ -111,6 +113,14 @@ def test_router_lifecycle_in_the_server(server):
     explicit = _ask(client, members=["m05", "m06"])
     assert explicit["members"] == ["m05", "m06"] and not explicit.get("routing")
     assert len(_ask(client, route=False)["members"]) == len(names)
+    # mixture mode: one adapter whose update is the gate-weighted mix of the routed members, cached per route
+    first = _ask(client, mode="mixture")
+    mixture = first["routing"]["mixture"]
+    assert mixture["adapter"].startswith("mix-") and first["members"] == [mixture["adapter"]]
+    assert sorted(mixture["members"]) == sorted(top3) and mixture["cached"] is False
+    assert first["answer"] is not None
+    again = _ask(client, mode="mixture")
+    assert again["routing"]["mixture"] == {**mixture, "cached": True} and again["answer"] == first["answer"]
 
     # a router trained for another population: refused at load, the ensemble votes unrouted and says so
     other = [*names[:-1], "stranger"]
@@ -120,6 +130,8 @@ def test_router_lifecycle_in_the_server(server):
     info = _ask(client)
     assert info["routing"]["used"] is False and "another population" in info["routing"]["reason"]
     assert len(info["members"]) == len(names) and info["answer"] is not None
+    with pytest.raises(openai.BadRequestError, match="another population"):
+        _ask(client, mode="mixture")
     assert server.alive()
     # the server still answers plain member requests
     resp = client.chat.completions.create(

@@ -192,3 +192,12 @@ def test_unusable_gates_fall_back_to_unrouted_voting_and_say_so():
     assert resp.ensemble.routing["used"] is False and "NaN" in resp.ensemble.routing["reason"]
     assert len(resp.ensemble.members) == 8 and resp.ensemble.answer == "3"
     assert service.metrics.route_fallbacks._value.get() == 1
+
+
+def test_mixture_mode_needs_a_router_and_the_in_process_engine():
+    service = _service(ScriptedBackend(ANSWERS))
+    with pytest.raises(BadRequestError, match="needs the population's router"):
+        asyncio.run(service.chat(_req(mode="mixture")))
+    service.routing = _FixedGates({f"m0{i}": 0.5 for i in range(8)})
+    with pytest.raises(BadRequestError, match="in-process engine"):  # the scripted backend cannot load adapters
+        asyncio.run(service.chat(_req(mode="mixture")))
