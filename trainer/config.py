@@ -195,6 +195,45 @@ class EvolutionConfig(_Config):
     replacement: str = Field("weakest", description="Who the children replace: weakest | generational.")
 
 
+class LifecycleConfig(_Config):
+    """The adapter lifecycle after the evolutionary step: death, alpha-blend inheritance, SVD mutation, reallocation.
+
+    Off by default, and every part is its own switch: in the decomposition study the lifecycle
+    was a net drag, so it exists for the factorial ablation to measure on other data, not as a
+    recommended setting. With `enabled` false nothing below is read and a run is unchanged.
+    """
+
+    enabled: bool = Field(False, description="Run the lifecycle after the evolutionary step each generation.")
+    death_fitness: float | None = Field(
+        None, allow_inf_nan=False, description="Members whose fitness is below this die (None: no death by fitness)."
+    )
+    max_age: int | None = Field(
+        None,
+        ge=1,
+        description="Members older than this many generations (generation - born_generation) die (None: no death by age).",
+    )
+    max_deaths: int = Field(2, ge=1, description="At most this many deaths per generation, weakest first.")
+    inherit_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Alpha-blend inheritance: a dying member's update is blended into its nearest living neighbour "
+        "with this weight (0: off).",
+    )
+    svd_mutation: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Strength of the SVD mutation applied to every surviving non-elite member each generation (0: off).",
+    )
+    reallocation: Literal["best", "fresh"] = Field(
+        "best",
+        description="What re-seeds a dead member's slot: best (a copy of the fittest member, SVD-mutated when "
+        "svd_mutation > 0) or fresh (a new adapter of the dead member's rank: A kaiming-uniform, B zero).",
+    )
+
+
 class EvolveConfig(_Config):
     """`ensemble-train evolve`: population self-play (generate, score, train, evolve, commit)."""
 
@@ -253,6 +292,14 @@ class EvolveConfig(_Config):
     )
     share_chains: bool = Field(True, description="Members also learn from other members' verified chains.")
     evolution: EvolutionConfig = Field(default_factory=EvolutionConfig, description="The evolutionary step.")
+    lifecycle: LifecycleConfig = Field(
+        default_factory=LifecycleConfig, description="The adapter lifecycle after the evolutionary step (off by default)."
+    )
+    fitness_scope: Literal["global", "domain_loo"] = Field(
+        "global",
+        description="Scope of the per-problem fitness terms (correctness, consensus): global (all problems) or "
+        "domain_loo (mean over domains d of the term on every problem outside d).",
+    )
     heldout_per_domain: int = Field(
         32, ge=0, description="Held-out problems per domain evaluated after each generation (0: skip)."
     )

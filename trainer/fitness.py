@@ -8,6 +8,13 @@ min-max scaled across the population first, so a weight means the same thing
 whatever the term's units. Every term is defined for every input: a member with
 no parseable chain scores 0, a population of one has no diversity, and nothing
 divides by zero.
+
+Scope: by default (``"global"``) every term sees the whole batch. With ``"domain_loo"``
+the terms that are means over problems (correctness, consensus) are computed once per
+domain d on every problem *outside* d and averaged over the domains, so each domain is held
+out of the selection pressure once (a member cannot win only by being good on the domain
+that happens to fill the batch). The other terms are population-level comparisons without a
+per-problem mean to split, so they keep their global value.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -186,24 +194,90 @@ def _minmax(values: Mapping[str, float]) -> dict[str, float]:
     return {m: (v - lo) / (hi - lo) for m, v in values.items()}
 
 
+Scope = Literal["global", "domain_loo"]
+SCOPES: tuple[str, ...] = ("global", "domain_loo")
+PER_PROBLEM_TERMS: tuple[str, ...] = ("correctness", "consensus")
+"""Terms that are means over the batch's problems: the only ones a domain scope can split."""
+
+
 @dataclass
 class FitnessResult:
     fitness: dict[str, float]
     terms: dict[str, dict[str, float]]
-    """Raw value of every computable term (also those with weight 0: they are reported)."""
+    """Raw value of every computable term (also those with weight 0: they are reported), in the scope used."""
     used: dict[str, float]
     """Weights of the terms that entered the fitness."""
+    scope: str = "global"
+    """The scope the per-problem terms were computed in (a requested domain_loo can fall back to global)."""
+    scope_note: str | None = None
+    """Why the requested scope was not applied, when it was not."""
 
 
-def compute_fitness(ev: Evidence, weights: Mapping[str, float]) -> FitnessResult:
-    """Every computable term, and the fitness: sum of weight x (scaled) term over the weights of the terms used."""
+def evidence_subset(ev: Evidence, keep: Sequence[int]) -> Evidence:
+    """The evidence of the problems `keep` only, with the full batch's consensus.
+
+    The consensus answers are kept, not re-voted on the subset: a problem's majority answer does
+    not depend on which other problems are in the batch, and re-voting would cost a vote per
+    problem for nothing. Population-level evidence (judges, probes, embeddings) is left out: the
+    per-problem terms do not read it.
+    """
+    return Evidence(
+        members=list(ev.members),
+        problems=[ev.problems[i] for i in keep],
+        candidates={m: [ev.candidates[m][i] for i in keep] for m in ev.members},
+        labels_visible=ev.labels_visible,
+        consensus=[ev.consensus[i] for i in keep],
+        agreement=[ev.agreement[i] for i in keep],
+    )
+
+
+def domain_loo_term(ev: Evidence, name: str, domains: Sequence[str]) -> dict[str, float] | None:
+    """Mean over domains d of term `name` computed on every problem outside d.
+
+    A domain whose complement leaves the term undefined (e.g. no labelled problem outside it)
+    is skipped; None when the term is undefined for every domain. An empty complement gives the
+    term's own empty value (0 for the per-problem terms), never a division by zero.
+    """
+    fn = FITNESS_TERMS[name][0]
+    per_domain = []
+    for d in domains:
+        keep = [i for i, p in enumerate(ev.problems) if p.domain != d]
+        values = fn(evidence_subset(ev, keep))
+        if values is not None:
+            per_domain.append(values)
+    if not per_domain:
+        return None
+    return {m: _mean([v[m] for v in per_domain]) for m in ev.members}
+
+
+def compute_fitness(ev: Evidence, weights: Mapping[str, float], scope: Scope = "global") -> FitnessResult:
+    """Every computable term, and the fitness: sum of weight x (scaled) term over the weights of the terms used.
+
+    `scope` "domain_loo" replaces the per-problem terms by their per-domain leave-one-out mean
+    (module docstring); with fewer than two domains in the batch there is nothing to hold out,
+    so the global values are used and `scope_note` says so.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown fitness scope {scope!r}; expected one of {list(SCOPES)}")
     terms: dict[str, dict[str, float]] = {}
     for name, (fn, _) in FITNESS_TERMS.items():
         values = fn(ev)
         if values is not None:
-            if not all(math.isfinite(v) for v in values.values()):
-                raise ValueError(f"fitness term {name} is not finite: {values}")
             terms[name] = values
+    used_scope, note = "global", None
+    if scope == "domain_loo":
+        domains = sorted({p.domain for p in ev.problems})
+        if len(domains) < 2:
+            note = f"domain_loo needs at least two domains, the batch has {len(domains)} {domains}: global scope used"
+        else:
+            used_scope = "domain_loo"
+            for name in PER_PROBLEM_TERMS:
+                loo = domain_loo_term(ev, name, domains) if name in terms else None
+                if loo is not None:  # undefined outside every domain: the global value stands
+                    terms[name] = loo
+    for name, values in terms.items():
+        if not all(math.isfinite(v) for v in values.values()):
+            raise ValueError(f"fitness term {name} is not finite: {values}")
     used = {t: w for t, w in weights.items() if w > 0 and t in terms}
     total = sum(used.values())
     fitness = {m: 0.0 for m in ev.members}
@@ -211,7 +285,7 @@ def compute_fitness(ev: Evidence, weights: Mapping[str, float]) -> FitnessResult
         scaled = _minmax(terms[t]) if FITNESS_TERMS[t][1] else terms[t]
         for m in ev.members:
             fitness[m] += w * scaled[m] / total
-    return FitnessResult(fitness=fitness, terms=terms, used=used)
+    return FitnessResult(fitness=fitness, terms=terms, used=used, scope=used_scope, scope_note=note)
 
 
 def diversity_summary(terms: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
