@@ -176,6 +176,16 @@ def test_sandbox_run_with_hidden_labels(tiny_population: Path, tmp_path: Path):
 
     settings = {**SMALL, "labels": "hidden", "fitness": {**SMALL["fitness"], "correctness": 0.0, "consensus": 1.0}}
     settings["evolution"] = {**SMALL["evolution"], "crossover": "weighted_average", "mutation": "gaussian"}
+    # the lifecycle (one death by fitness, alpha-blend inheritance, SVD mutation, a fresh slot) and domain LOO scope
+    settings["lifecycle"] = {
+        "enabled": True,
+        "death_fitness": 2.0,
+        "max_deaths": 1,
+        "inherit_alpha": 0.5,
+        "svd_mutation": 0.05,
+        "reallocation": "fresh",
+    }
+    settings["fitness_scope"] = "domain_loo"
     cfg = EvolveConfig(
         **settings,
         population=tiny_population,
@@ -193,6 +203,11 @@ def test_sandbox_run_with_hidden_labels(tiny_population: Path, tmp_path: Path):
     assert set(rec["diversity"]) == {"embedding", "hidden", "output"}
     assert all(0.0 <= v for v in rec["diversity"].values())
     assert rec["heldout"]["problems"] == 2 and 0.0 <= rec["heldout"]["ensemble_vote"] <= 1.0
+    assert rec["fitness_scope"] == "domain_loo"
+    life = rec["lifecycle"]
+    assert len(life["deaths"]) == 1 and len(life["newborn"]) == 1
+    newborn = next(m for m in rec["members"] if m["status"] == "reallocated")
+    assert newborn["name"].startswith("g1r") and newborn["parents"] == []
     pop = load_population(root)
     assert pop.manifest.generation == 1 and len(pop.names) == 3
     assert all(m.domain_scores for m in pop.manifest.members)  # held-out accuracy per domain recorded

@@ -293,7 +293,8 @@ class EvolveConfig(_Config):
     share_chains: bool = Field(True, description="Members also learn from other members' verified chains.")
     evolution: EvolutionConfig = Field(default_factory=EvolutionConfig, description="The evolutionary step.")
     lifecycle: LifecycleConfig = Field(
-        default_factory=LifecycleConfig, description="The adapter lifecycle after the evolutionary step (off by default)."
+        default_factory=LifecycleConfig,
+        description="The adapter lifecycle after the evolutionary step (off by default).",
     )
     fitness_scope: Literal["global", "domain_loo"] = Field(
         "global",

@@ -13,7 +13,8 @@ Each generation:
    right answers with labels, consensus answers with labels hidden;
 4. **evolution**: elites stay, selected parents make children by crossover and
    mutation, children replace the members chosen by the replacement operator
-   (:mod:`trainer.operators`);
+   (:mod:`trainer.operators`); then, when switched on, the adapter lifecycle
+   (:mod:`trainer.lifecycle`: death, inheritance, SVD mutation, slot reallocation);
 5. **commit**: the new generation is written atomically
    (:func:`ensemble_serve.population.commit_generation`), evaluated on held-out
    problems, and a line goes to ``history.jsonl``.
@@ -75,8 +76,9 @@ from ensemble_serve.population import (
 )
 from ensemble_serve.voting import Candidate, candidate_from_text, vote
 from trainer import operators
-from trainer.config import EvolveConfig
+from trainer.config import EvolveConfig, LifecycleConfig
 from trainer.fitness import Evidence, compute_fitness, diversity_summary
+from trainer.lifecycle import LifecycleResult, lifecycle_step
 from trainer.sandbox import DatasetError, Problem, generate_problems, load_jsonl
 from trainer.workers import make_executor, score_member_task, train_member_task
 
@@ -108,6 +110,11 @@ def config_hash(cfg: EvolveConfig) -> str:
     data = cfg.model_dump(mode="json", exclude={"generations", "executor", "ray_address", "ray_workers", "tensorboard"})
     data.pop("population", None)
     data.pop("out", None)
+    # switches added after runs existed: at their defaults they change nothing, so they leave the hash as it was
+    if data.get("lifecycle") == LifecycleConfig().model_dump(mode="json"):
+        data.pop("lifecycle")
+    if data.get("fitness_scope") == "global":
+        data.pop("fitness_scope")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -698,7 +705,7 @@ class Evolver:
             members=list(names), problems=problems, candidates=candidates, labels_visible=cfg.labels != "hidden"
         )
         self._score(ev, weights)
-        result = compute_fitness(ev, cfg.fitness)
+        result = compute_fitness(ev, cfg.fitness, cfg.fitness_scope)
         seconds["score"] = _secs(t)
 
         # 3. gradient phase
@@ -711,18 +718,24 @@ class Evolver:
         # 4. evolution
         t = time.perf_counter()
         elite, replaced, children = evolutionary_step(names, trained, result.fitness, cfg, g)
+        life = self._lifecycle(pop, g, trained, result.fitness, replaced, children)
         seconds["evolve"] = _secs(t)
 
         # 5. commit
         manifest, adapters, member_info = self._next_manifest(
             pop, g, trained, losses, result.fitness, elite, replaced, children
         )
+        manifest, adapters, member_info = self._apply_lifecycle(manifest, adapters, member_info, life, g)
+        if cfg.lifecycle.enabled:
+            record["lifecycle"] = lifecycle_summary(life, cfg.lifecycle)
         chains = [c for row in candidates.values() for r in row for c in r]
         record.update(
             seconds=seconds,
             fitness=_stats(list(result.fitness.values())),
             terms={t: {m: round(v, 6) for m, v in vals.items()} for t, vals in result.terms.items()},
             fitness_weights=result.used,
+            fitness_scope=result.scope,
+            **({"fitness_scope_note": result.scope_note} if result.scope_note else {}),
             diversity=diversity_summary(result.terms),
             train={
                 "problems": len(problems),
@@ -950,6 +963,132 @@ class Evolver:
         except ValueError as e:  # e.g. a child name that clashes with a member's
             raise EvolveError(f"generation {g} would be invalid: {e}") from e
         return manifest, adapters, info
+
+    def _lifecycle(
+        self,
+        pop: Population,
+        g: int,
+        trained: dict[str, LoraWeights],
+        fitness: dict[str, float],
+        replaced: list[int],
+        children: list[Offspring],
+    ) -> LifecycleResult:
+        """The lifecycle step on the population as it will be committed: children in their slots, at age 0.
+
+        Children carry the mean fitness of their parents (as the manifest records it) so the
+        step is defined for them, but at age 0 they never die. The elites are the top
+        `evolution.elite` by this generation's fitness, the same members `evolutionary_step`
+        keeps, and protected even when evolution itself is off.
+        """
+        cfg = self.cfg
+        if not cfg.lifecycle.enabled:
+            return LifecycleResult()
+        names = list(pop.names)
+        weights = dict(trained)
+        fit = dict(fitness)
+        ages = {m.name: g - m.born_generation for m in pop.manifest.members}
+        for i, child in zip(replaced, children):
+            names[i] = child.name
+            weights[child.name] = child.weights
+            fit[child.name] = sum(fitness[p] for p in child.parents) / len(child.parents)
+            ages[child.name] = 0
+        elite = operators.elites([fitness[m] for m in pop.names], min(cfg.evolution.elite, len(names)))
+        return lifecycle_step(
+            names,
+            {m: weights[m] for m in names},
+            {m: fit[m] for m in names},
+            {m: ages[m] for m in names},
+            elite,
+            cfg.lifecycle,
+            g,
+            cfg.seed,
+        )
+
+    def _apply_lifecycle(
+        self,
+        manifest: Manifest,
+        adapters: dict[str, LoraWeights],
+        info: list[dict[str, Any]],
+        life: LifecycleResult,
+        g: int,
+    ) -> tuple[Manifest, dict[str, LoraWeights], list[dict[str, Any]]]:
+        """The next generation's manifest, adapters and history entries with the lifecycle's effects.
+
+        Changed members get a new folder `members/<name>-g<g>` (unless they already have one
+        this generation: trained members and children); dead members give their slot to the
+        newborns, whose status is "reallocated"; survivors' status becomes "inherited" or
+        "mutated" (their entry's `lifecycle` lists every event).
+        """
+        if life.empty:
+            return manifest, adapters, info
+        members = list(manifest.members)
+        adapters = dict(adapters)
+        info = [dict(x) for x in info]
+        index = {m.name: i for i, m in enumerate(members)}
+        received = set(life.inherited.values())
+        for name, w in life.changed.items():
+            i = index[name]
+            if name not in adapters:  # its folder belongs to the previous generation, which must stay intact
+                members[i] = members[i].model_copy(update={"path": f"members/{name}-g{g}"})
+            adapters[name] = w
+            events = [e for e, hit in (("inherited", name in received), ("mutated", name in life.mutated)) if hit]
+            info[i].update(
+                status=events[0],
+                lifecycle=events,
+                operators=[*info[i]["operators"], *(["svd"] if name in life.mutated else [])],
+            )
+        for slot, name, w, parents in life.newborn:
+            dead = members[slot]
+            source = members[index[parents[0]]] if parents else dead
+            member = Member(
+                name=name,
+                rank=w.rank,
+                alpha=w.alpha,
+                fitness=source.fitness if parents else None,
+                parents=list(parents),
+                born_generation=g,
+                seed=derive_seed(self.cfg.seed, "newborn", g, name),
+                info={
+                    **({"lr": source.info["lr"]} if source.info.get("lr") is not None else {}),
+                    "lifecycle": "reallocated",
+                    "replaced": dead.name,
+                    **({"fitness_inherited": True} if parents else {}),
+                },
+            )
+            members[slot] = member
+            adapters.pop(dead.name, None)
+            adapters[name] = w
+            info[slot] = {
+                "name": name,
+                "parents": list(parents),
+                "born_generation": g,
+                "rank": w.rank,
+                "fitness": member.fitness,
+                "status": "reallocated",
+                "lifecycle": ["reallocated"],
+                "operators": ["svd"] if parents and self.cfg.lifecycle.svd_mutation > 0 else [],
+                "scored_fitness": None,
+                "train_steps": 0,
+                "replaced": dead.name,
+            }
+        try:
+            manifest = Manifest.model_validate(manifest.model_copy(update={"members": members}).model_dump())
+        except ValueError as e:  # e.g. a newborn name that clashes with a member's
+            raise EvolveError(f"generation {g} would be invalid: {e}") from e
+        return manifest, adapters, info
+
+
+def lifecycle_summary(life: LifecycleResult, cfg: LifecycleConfig) -> dict[str, Any]:
+    """The history record's account of a lifecycle step (names only, JSON-able)."""
+    return {
+        "deaths": list(life.deaths),
+        "inherited": dict(life.inherited),
+        "mutated": list(life.mutated),
+        "newborn": [
+            {"name": b.name, "replaced": dead, "parents": list(b.parents), "reallocation": cfg.reallocation}
+            for b, dead in zip(life.newborn, life.deaths)  # newborn k takes the slot of deaths[k]
+        ],
+    }
 
 
 def _vllm_rank(biggest: int, child_rank: int | None) -> int:
