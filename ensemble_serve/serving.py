@@ -612,7 +612,7 @@ class EnsembleService:
         if gates is None:
             self.metrics.route_fallbacks.inc()
             return {"used": False, "reason": f"router output unusable ({problem}); voted unrouted"}, None, None
-        names = self.population.names
+        names = list(gates)  # the router's members: the population it was loaded with (a reload may be racing)
         k = opts.members if isinstance(opts.members, int) else (routing.top_k or self.settings.default_members)
         k = len(names) if k is None else k
         if k > len(names):
