@@ -15,6 +15,7 @@ from pathlib import Path
 from ensemble_serve.engine import EngineConfig, OfflineEngine
 from ensemble_serve.fsutil import atomic_write_text
 from ensemble_serve.population import Population, load_population, write_manifest
+from ensemble_serve.voting import Candidate, candidate_from_text
 from trainer.config import EvalConfig
 from trainer.sandbox import Problem, generate_problems, load_jsonl, verify
 
@@ -36,26 +37,47 @@ def eval_problems(cfg: EvalConfig) -> list[Problem]:
     )
 
 
+def greedy_candidates(
+    engine: OfflineEngine,
+    members: Sequence[str | None],
+    problems: Sequence[Problem],
+    max_tokens: int,
+    answer: str = "auto",
+    progress: bool = False,
+) -> dict[str | None, list[Candidate]]:
+    """Every member's greedy chain for every problem, its answer extracted: ``{member: [candidate per problem]}``.
+
+    All (member, problem) pairs go into one multi-LoRA ``generate`` call, so vLLM batches every
+    member in the same engine steps. ``None`` is the base model without an adapter.
+    """
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    chat = [engine.chat_prompt(p.prompt) for p in problems]
+    pairs = [(m, i) for m in members for i in range(len(problems))]
+    outputs = engine.generate([chat[i] for _, i in pairs], [m for m, _ in pairs], params, progress=progress)
+    cands: dict[str | None, list[Candidate]] = {m: [] for m in members}
+    for (m, _), gens in zip(pairs, outputs):
+        cands[m].append(candidate_from_text(m or BASE, 0, gens[0].text, gens[0].tokens, answer))
+    return cands
+
+
 def score_members(
     engine: OfflineEngine, problems: Sequence[Problem], members: Sequence[str | None], max_tokens: int
 ) -> dict[str, dict[str, float]]:
     """accuracy[member][domain] (plus "all") from greedy chains, all members in one batch."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    prompts = [engine.chat_prompt(p.prompt) for p in problems]
-    pairs = [(m, i) for m in members for i in range(len(problems))]
-    outputs = engine.generate([prompts[i] for _, i in pairs], [m for m, _ in pairs], params, progress=True)
+    cands = greedy_candidates(engine, members, problems, max_tokens, progress=True)
     right: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     total: dict[str, int] = defaultdict(int)
     for p in problems:
         total[p.domain] += 1
         total["all"] += 1
-    for (member, i), gens in zip(pairs, outputs):
+    for member, row in cands.items():
         key = BASE if member is None else member
-        ok = verify(problems[i], gens[0].text).correct
-        right[key][problems[i].domain] += ok
-        right[key]["all"] += ok
+        for p, c in zip(problems, row):
+            ok = verify(p, c.text).correct
+            right[key][p.domain] += ok
+            right[key]["all"] += ok
     return {
         (BASE if m is None else m): {d: right[BASE if m is None else m][d] / total[d] for d in sorted(total)}
         for m in members

@@ -77,12 +77,15 @@ from ensemble_serve.population import (
 from ensemble_serve.voting import Candidate, candidate_from_text, vote
 from trainer import operators
 from trainer.config import EvolveConfig, LifecycleConfig
+from trainer.evaluate import greedy_candidates
 from trainer.fitness import Evidence, compute_fitness, diversity_summary
 from trainer.lifecycle import LifecycleResult, lifecycle_step
 from trainer.sandbox import DatasetError, Problem, generate_problems, load_jsonl
 from trainer.workers import make_executor, score_member_task, train_member_task
 
 RUN_FILE = "evolve-run.json"
+HELDOUT_MAX_TOKENS = 160
+"""Generation limit of the held-out evaluation's greedy chains."""
 DEFAULT_LR = 2e-3
 """Gradient-phase learning rate of a member whose manifest records none (and no `train_lr` is set)."""
 PENDING_FILE = "evolve-pending.json"
@@ -424,17 +427,9 @@ def evaluate_heldout(
     engine: OfflineEngine, members: Sequence[str], problems: Sequence[Problem], answer: str, progress: bool = False
 ) -> dict:
     """Greedy chains of every member on the held-out problems: member, ensemble-vote and oracle accuracy."""
-    from vllm import SamplingParams
-
     if not problems:
         return {}
-    params = SamplingParams(temperature=0.0, max_tokens=160)
-    chat = [engine.chat_prompt(p.prompt) for p in problems]
-    pairs = [(m, i) for m in members for i in range(len(problems))]
-    outputs = engine.generate([chat[i] for _, i in pairs], [m for m, _ in pairs], params, progress=progress)
-    cands: dict[str, list[Candidate]] = {m: [None] * len(problems) for m in members}  # type: ignore[list-item]
-    for (m, i), gens in zip(pairs, outputs):
-        cands[m][i] = candidate_from_text(m, 0, gens[0].text, gens[0].tokens, answer)
+    cands = greedy_candidates(engine, members, problems, HELDOUT_MAX_TOKENS, answer, progress)
     domains = sorted({p.domain for p in problems})
 
     def acc(hits: Sequence[bool], subset: Sequence[int]) -> float:

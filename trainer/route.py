@@ -53,8 +53,9 @@ from ensemble_serve.router import (
     save_router,
     top_k,
 )
-from ensemble_serve.voting import Candidate, candidate_from_text, vote
+from ensemble_serve.voting import Candidate, vote
 from trainer.config import RouterCommandConfig
+from trainer.evaluate import greedy_candidates
 from trainer.router import RouterTrainConfig, targets_from_correctness, train_router
 from trainer.sandbox import Problem, generate_problems, verify
 
@@ -164,22 +165,14 @@ def generate_answers(
     members in the same steps. The engine is dropped before returning: the router's features load
     the base model next, and both need not be in memory at once.
     """
-    from vllm import SamplingParams
-
     members = population.names
     engine = OfflineEngine(population, EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed))
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens)
-        chat = [engine.chat_prompt(p.prompt) for p in problems]
-        pairs = [(i, m) for i in range(len(problems)) for m in members]
-        outputs = engine.generate([chat[i] for i, _ in pairs], [m for _, m in pairs], params, progress=progress)
+        cands = greedy_candidates(engine, members, problems, cfg.max_tokens, progress=progress)
     finally:
         del engine
         gc.collect()
-    answers: list[list[Candidate]] = [[] for _ in problems]
-    for (i, m), gens in zip(pairs, outputs):
-        answers[i].append(candidate_from_text(m, 0, gens[0].text, gens[0].tokens, "auto"))
-    return answers
+    return [[cands[m][i] for m in members] for i in range(len(problems))]
 
 
 def correctness(problems: Sequence[Problem], answers: Sequence[Sequence[Candidate]]) -> torch.Tensor:
