@@ -116,7 +116,7 @@ class Routing:
     top_k: int | None = None
 
     @classmethod
-    def load(cls, population: Population) -> Routing:
+    def load(cls, population: Population, previous: Routing | None = None) -> Routing:
         entry = population.manifest.router
         if not entry:
             return cls()
@@ -129,7 +129,9 @@ class Routing:
             )
             if population.base_model_path is None:
                 raise RouterError("the router needs the base model's folder for its features; the manifest has none")
-            features = RouterFeatures(population.base_model_path)
+            # a refresh (every evolve generation) keeps the base model's copy: the base cannot change under a server
+            features = previous.features if previous is not None and previous.features is not None else None
+            features = features or RouterFeatures(population.base_model_path)
         except (RouterError, OSError) as e:
             log.warning("router refused (%s); the ensemble votes unrouted", e)
             return cls(status=f"refused: {e}")
@@ -242,7 +244,7 @@ class EnsembleService:
             shutil.rmtree(self._mixtures.root, ignore_errors=True)
 
     def set_population(self, population: Population) -> None:
-        routing = Routing.load(population) if self.settings.route else Routing()
+        routing = Routing.load(population, self.routing) if self.settings.route else Routing()
         self.backend.set_population(population)
         self.population, self.routing = population, routing
 
