@@ -45,6 +45,8 @@ def _option_for(name: str, field: Any) -> Callable:
 def _file_only(ann: Any) -> bool:
     if typing.get_origin(ann) is dict:
         return True
+    if typing.get_origin(ann) is tuple and any(typing.get_origin(a) is tuple for a in typing.get_args(ann)):
+        return True  # a tuple of tuples has no comma-separated form
     return isinstance(ann, type) and issubclass(ann, BaseModel)
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from ensemble_serve.cliutil import config_options
 from trainer.config import (
+    AblateConfig,
     ConfigError,
     EvalConfig,
     EvolveConfig,
@@ -174,6 +175,39 @@ def report(population: Path, out: Path | None) -> None:
     for name, path in files.items():
         if name != "html":
             click.echo(f"  {name}: {path}")
+
+
+@main.command()
+@config_options(AblateConfig)
+@click.option("--report-only", is_flag=True, help="Write the report from the finished cells; run nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def ablate(config_file: Path | None, report_only: bool, quiet: bool, **overrides: Any) -> None:
+    """Factorial ablation of the switches (router, scope, lifecycle, evolution, init), n seeds per cell.
+
+    Each cell evolves its starting population for a fixed budget, trains the mixture router and
+    scores held-out reference chains under the routed mixture (balanced log-PPL). Finished cells
+    are never recomputed: run the same command again after an interruption or a failed cell.
+    Writes OUT/ablation.md, OUT/ablation.json, OUT/effects.png and OUT/domains.png. Exits 1 when
+    cells are missing (the report lists them), 130 when interrupted.
+    """
+    from trainer.ablate import AblationError, format_report, run_ablation
+    from trainer.ablate import report as write_ablation_report
+
+    cfg = _load(AblateConfig, config_file, overrides)
+    try:
+        summary = write_ablation_report(cfg) if report_only else run_ablation(cfg, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"stopped; finished cells are kept in {cfg.out} (run the same command to continue)", err=True)
+        sys.exit(130)
+    except AblationError as e:
+        raise click.ClickException(str(e)) from None
+    if not summary:
+        raise click.ClickException(f"no cell finished; see the .failed.json files under {cfg.out / 'cells'}")
+    click.echo(format_report(summary))
+    click.echo(f"report: {cfg.out / 'ablation.md'} (plots: effects.png, domains.png)")
+    if summary["missing"]:
+        click.echo(f"{len(summary['missing'])} cell run(s) missing; run the same command again to retry them", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

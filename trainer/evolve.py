@@ -523,7 +523,14 @@ class _TensorBoard:
 class Evolver:
     """One evolve run over one population directory."""
 
-    def __init__(self, cfg: EvolveConfig, root: Path, run: dict[str, Any], progress: bool = True):
+    def __init__(
+        self,
+        cfg: EvolveConfig,
+        root: Path,
+        run: dict[str, Any],
+        progress: bool = True,
+        engine: OfflineEngine | None = None,
+    ):
         self.cfg = cfg
         self.root = root
         self.run = run
@@ -535,7 +542,12 @@ class Evolver:
         prune_unreferenced(root)
         self._check_members(self.population)
         self._check_operators(self.population)
-        self.engine: OfflineEngine | None = None
+        # a caller's engine (same base model) saves vLLM's start-up when one process runs many evolve runs
+        self.engine: OfflineEngine | None = engine
+        if engine is not None:
+            need = _vllm_rank(max(m.rank for m in self.population.manifest.members), cfg.evolution.child_rank)
+            if engine.cfg.max_lora_rank is not None and engine.cfg.max_lora_rank < need:
+                raise EvolveError(f"the shared engine's max_lora_rank {engine.cfg.max_lora_rank} is below {need}")
         self.executor = None
         self.tb = _TensorBoard(cfg.tensorboard)
         self._snapshots = tempfile.TemporaryDirectory(prefix="ensemble-evolve-adapters-")
@@ -1111,11 +1123,15 @@ def _secs(t: float) -> float:
     return round(time.perf_counter() - t, 2)
 
 
-def run_evolve(cfg: EvolveConfig, resume: bool = False, progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
+def run_evolve(
+    cfg: EvolveConfig, resume: bool = False, progress: bool = True, engine: OfflineEngine | None = None
+) -> tuple[Path, list[dict[str, Any]]]:
     """Run (or resume) an evolve run; returns the population directory and the history lines written.
 
     Ctrl-C or SIGTERM raises :class:`Interrupted` after cleaning up; every generation
-    committed before it is complete on disk and `--resume` continues from there.
+    committed before it is complete on disk and `--resume` continues from there. ``engine``: an
+    :class:`OfflineEngine` on the same base model to use instead of starting one (it is synced to
+    this population and left running).
     """
     copied = cfg.out is not None and not resume and not Path(cfg.out).exists()
     try:
@@ -1123,7 +1139,7 @@ def run_evolve(cfg: EvolveConfig, resume: bool = False, progress: bool = True) -
     except (PopulationError, LoraError, FileNotFoundError) as e:
         raise EvolveError(str(e)) from None
     try:
-        evolver = Evolver(cfg, root, run, progress=progress)
+        evolver = Evolver(cfg, root, run, progress=progress, engine=engine)
     except BaseException as e:
         if not resume:  # a refused start leaves nothing behind: fix the config and run the same command again
             if copied:

@@ -20,7 +20,7 @@ The result is saved into a population with :func:`ensemble_serve.router.save_rou
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from ensemble_serve.router import Router, RouterConfig
 
 __all__ = [
     "RouterExample",
+    "fit_router",
     "RouterTrainConfig",
     "quality_targets",
     "specialisation_score",
@@ -212,22 +213,54 @@ def train_router(
 ) -> tuple[Router, dict[str, Any]]:
     """Train a router on ``features [N, D]`` towards ``quality [N, M]``; return it (eval mode) and its metrics.
 
+    ``softmax`` trains on the rows where some member is good (see :func:`_softmax_targets`);
+    ``sigmoid_floor`` on every row. The loop itself is :func:`fit_router`.
+    """
+    _check_inputs(features, quality, members)
+    q_all = quality.detach().to(torch.float32).cpu()
+    if cfg.variant == "softmax":
+        targets, rows = _softmax_targets(q_all)
+    else:
+        targets, rows = q_all, torch.arange(q_all.shape[0])
+
+    def loss(router: Router, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return _loss(router, x, targets[idx])
+
+    return fit_router(features, members, base_model, cfg, loss, rows=rows, progress=progress, domains=domains)
+
+
+def fit_router(
+    features: torch.Tensor,
+    members: Sequence[str],
+    base_model: str,
+    cfg: RouterTrainConfig,
+    loss_fn: Callable[[Router, torch.Tensor, torch.Tensor], torch.Tensor],
+    rows: torch.Tensor | None = None,
+    progress: bool = False,
+    domains: Sequence[str] | None = None,
+    label: str | None = None,
+) -> tuple[Router, dict[str, Any]]:
+    """The training loop shared by every router objective: ``loss_fn(router, x[idx], idx)`` on batches of ``rows``.
+
     Deterministic: the initial weights come from ``torch.manual_seed(cfg.seed)`` and the batch
     order from a generator seeded with ``cfg.seed``, so one seed gives one router. The temperature
     follows the anneal every step and is left at ``t_end`` for inference. Features are
     standardised with their training mean and standard deviation, stored in the router.
 
-    Metrics (also stored in the router's config): ``final_loss`` (full data, inference
+    Metrics (also stored in the router's config): ``final_loss`` (all ``rows``, inference
     temperature), ``loss_curve`` (``[step, loss]`` every 10 steps), ``mean_gate`` per member,
     and with ``domains``: ``specialisation`` (mean gate per domain per member) and
     ``specialisation_score``.
     """
-    _check_inputs(features, quality, members)
+    if features.dim() != 2 or features.shape[0] == 0:
+        raise ValueError(f"features must be a non-empty [N, D] tensor, got {list(features.shape)}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or inf")
     if domains is not None and len(domains) != features.shape[0]:
         raise ValueError(f"{len(domains)} domains for {features.shape[0]} feature rows")
     x_all = features.detach().to(torch.float32).cpu()
-    q_all = quality.detach().to(torch.float32).cpu()
     n, d = x_all.shape
+    rows = torch.arange(n) if rows is None else rows
 
     torch.manual_seed(cfg.seed)
     router = Router(
@@ -249,11 +282,6 @@ def train_router(
         std = x_all.std(dim=0, unbiased=False) if n > 1 else torch.ones(d)
         router.feature_scale.copy_(torch.where(std > _EPS, std, torch.ones_like(std)))
 
-    if cfg.variant == "softmax":
-        targets, rows = _softmax_targets(q_all)
-    else:
-        targets, rows = q_all, torch.arange(n)
-
     decay = [p for name, p in router.named_parameters() if name.endswith("weight")]
     no_decay = [p for name, p in router.named_parameters() if not name.endswith("weight")]
     opt = torch.optim.AdamW(
@@ -265,14 +293,15 @@ def train_router(
     pos = 0
     curve: list[list[float]] = []
     router.train()
-    bar = tqdm(range(cfg.steps), desc=f"router ({cfg.variant})", disable=not progress, unit="step")
+    desc = f"router ({cfg.variant}{', ' + label if label else ''})"
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, unit="step")
     for step in bar:
         router.anneal(step, cfg.steps)
         if pos + batch > order.numel():  # new epoch: a fresh permutation from the same generator
             order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
         idx = order[pos : pos + batch]
         pos += batch
-        loss = _loss(router, x_all[idx], targets[idx])
+        loss = loss_fn(router, x_all[idx], idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -283,7 +312,7 @@ def train_router(
     router.set_temperature(cfg.t_end)
     router.eval()
     with torch.no_grad():
-        final_loss = _loss(router, x_all[rows], targets[rows]).item()
+        final_loss = loss_fn(router, x_all[rows], rows).item()
         gates = router(x_all)
     metrics: dict[str, Any] = {
         "final_loss": final_loss,
@@ -292,8 +321,10 @@ def train_router(
         "floors": {name: float(v) for name, v in zip(members, router.floors().tolist())},
         "examples": n,
     }
+    if label:
+        metrics["objective"] = label
     if domains is not None:
-        table = specialisation_table(gates, domains, members)
+        table = specialisation_table(gates, domains, list(members))
         metrics["specialisation"] = table
         metrics["specialisation_score"] = specialisation_score(table)
     router.cfg = router.cfg.model_copy(update={"trained_steps": cfg.steps, "metrics": metrics})
