@@ -112,6 +112,7 @@ def build_app(
             default_members=config.default_members,
             semantic_threshold=config.semantic_threshold,
             route=config.route,
+            mixture_cache=config.mixture_cache,
         )
         app.state.metrics = metrics
         metrics.generation.set(population.manifest.generation)

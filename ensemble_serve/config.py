@@ -46,6 +46,12 @@ class ServeConfig(BaseModel):
         True,
         description="Use the population's router (if it has one) to pick the top-k members and weight votes.",
     )
+    mixture_cache: int = Field(
+        32,
+        ge=1,
+        description="Mixed adapters (ensemble.mode mixture) kept per server: a route repeated within this many "
+        "distinct routes costs nothing extra.",
+    )
     max_loras: int | None = Field(
         None, ge=1, description="vLLM: adapters in one batch (default: all members, at most 16)."
     )

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,15 @@ class AdapterRegistry:
         while len(kept) > self.keep_snapshots:
             shutil.rmtree(kept.pop(0), ignore_errors=True)
         return dest
+
+    def forget(self, name: str) -> None:
+        """Drop `name` and delete its private snapshots (new requests for it get a KeyError)."""
+        with self._lock:
+            self._by_name.pop(name, None)
+            self._digest.pop(name, None)
+            gone = self._snapshots.pop(name, [])
+        for folder in gone:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def sync(self, population: Population) -> None:
         """Register every member of `population` and forget names it no longer has."""
@@ -353,6 +363,7 @@ class AsyncEngine:
         self._snapshot_dir = Path(tempfile.mkdtemp(prefix="ensemble-serve-adapters-"))
         self.registry = AdapterRegistry(snapshot_root=self._snapshot_dir)
         self.registry.sync(population)
+        self._extras: OrderedDict[str, None] = OrderedDict()  # registered non-members, least recently used first
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(population, self.cfg)))
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len: int = self.llm.model_config.max_model_len
@@ -428,10 +439,19 @@ class AsyncEngine:
     def max_lora_rank(self) -> int:
         return self.llm.vllm_config.lora_config.max_lora_rank
 
-    def register_extra(self, name: str, folder: Path) -> None:
-        """Serve an adapter that is not a member (a routed mixture) under `name` until the next refresh."""
+    def register_extra(self, name: str, folder: Path, keep: int | None = None) -> None:
+        """Serve an adapter that is not a member (a routed mixture) under `name` until the next refresh.
+
+        With `keep`, at most that many extras stay registered: the least recently used is forgotten
+        (its private snapshot deleted), so a server answering many distinct routes does not grow.
+        """
         if name not in self.registry.names():
             self.registry.register(name, folder, self.population.manifest.base_model.name)
+        self._extras[name] = None
+        self._extras.move_to_end(name)
+        while keep is not None and len(self._extras) > keep:
+            old, _ = self._extras.popitem(last=False)
+            self.registry.forget(old)
 
     async def check_health(self) -> None:
         await self.llm.check_health()

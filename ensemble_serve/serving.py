@@ -99,6 +99,7 @@ class ServeSettings:
     default_members: int | None = None  # None: all members
     semantic_threshold: float = 0.8
     route: bool = True  # use the population's router (when it has one) to pick and weight members
+    mixture_cache: int = 32  # mixed adapters kept (ensemble.mode mixture)
 
 
 @dataclass
@@ -651,12 +652,16 @@ class EnsembleService:
         if self._mixtures is None:
             from ensemble_serve.mixture import MixtureCache
 
-            self._mixtures = MixtureCache(tempfile.mkdtemp(prefix="ensemble-serve-mixtures-"), capacity=32)
+            self._mixtures = MixtureCache(
+                tempfile.mkdtemp(prefix="ensemble-serve-mixtures-"), capacity=self.settings.mixture_cache
+            )
         pairs = [(m, self.population.member_dir(m)) for m in members]
         name, folder, created = await asyncio.to_thread(
             self._mixtures.get_or_create, pairs, [weights[m] for m in members], "exact", None, max_rank
         )
-        register(name, folder)
+        # the engine keeps twice the cache's entries registered, so a request still holding an evicted
+        # route's adapter finds its (private) snapshot, and the registry stays bounded
+        register(name, folder, keep=2 * self.settings.mixture_cache)
         routing = {**routing, "mixture": {"adapter": name, "members": members, "cached": not created}}
         return [name], routing
 

@@ -201,3 +201,35 @@ def test_mixture_mode_needs_a_router_and_the_in_process_engine():
     service.routing = _FixedGates({f"m0{i}": 0.5 for i in range(8)})
     with pytest.raises(BadRequestError, match="in-process engine"):  # the scripted backend cannot load adapters
         asyncio.run(service.chat(_req(mode="mixture")))
+
+
+@dataclass
+class _MixingBackend(ScriptedBackend):
+    """A scripted backend that accepts mixed adapters, as the in-process engine does, and records them."""
+
+    registered: list = field(default_factory=list)
+    max_lora_rank: int = 64
+
+    def register_extra(self, name, folder, keep=None):
+        self.registered.append((name, keep))
+        self.chains.setdefault(name, "1+2=3\n#### 3")
+
+
+def test_mixture_cache_size_comes_from_the_settings_and_bounds_the_registered_adapters():
+    backend = _MixingBackend(dict(ANSWERS))
+    population = load_population(EMBEDDED / "population")
+    service = EnsembleService(backend, population, ServeSettings(ensemble_name="ens", mixture_cache=2), Metrics())
+    try:
+        names = []
+        for top in ("m00", "m01", "m02", "m00"):
+            service.routing = _FixedGates({f"m0{i}": 0.1 for i in range(8)} | {top: 0.9})
+            resp = asyncio.run(service.chat(_req(mode="mixture")))
+            names.append(resp.ensemble.routing["mixture"]["adapter"])
+        assert service._mixtures.capacity == 2 and len(service._mixtures) == 2
+        assert len(set(names[:3])) == 3  # three distinct routes, three mixed adapters
+        assert names[3] == names[0]  # the same gates again: the same route name
+        # m00's route was evicted by the time it came back (capacity 2), so it was mixed again
+        assert resp.ensemble.routing["mixture"]["cached"] is False
+        assert all(keep == 4 for _, keep in backend.registered)  # twice the cache stays registered
+    finally:
+        service.close()
