@@ -145,8 +145,8 @@ def plan(cfg: AblateConfig) -> list[Cell]:
 
 
 def config_hash(cfg: AblateConfig) -> str:
-    """Hash of everything that changes a cell's result (not the seed list or the output folder)."""
-    payload = cfg.model_dump(mode="json", exclude={"seeds", "out", "threads", "gpu_memory_utilization"})
+    """Hash of everything that changes a cell's result (not the seeds, the folder, or what only the report reads)."""
+    payload = cfg.model_dump(mode="json", exclude={"seeds", "out", "threads", "gpu_memory_utilization", "interactions"})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -252,10 +252,19 @@ def _results(cfg: AblateConfig, cells: Sequence[Cell]) -> list[tuple[Cell, int, 
 
 
 def _effect_or_reason(cells: dict, factor: str) -> dict[str, Any]:
+    """The factor's effect as a dict, with the seeds its deltas belong to; not estimable: ``missing`` says why.
+
+    A degenerate test (every delta identical and non-zero) has t = +-inf; it is written as None
+    (with p = 0.0) so the report stays strict JSON.
+    """
     try:
-        return factor_effects(cells, [factor])[factor].as_dict()
+        out = factor_effects(cells, [factor])[factor].as_dict()
     except ValueError as e:
-        return {"n": 0, "mean": None, "se": None, "t": None, "p": None, "deltas": [], "missing": str(e)}
+        return {"n": 0, "mean": None, "se": None, "t": None, "p": None, "deltas": [], "seeds": [], "missing": str(e)}
+    out["seeds"] = sorted(set.intersection(*(set(v) for v in cells.values())))
+    if out["t"] is not None and not math.isfinite(out["t"]):
+        out["t"] = None
+    return out
 
 
 def _sub(cells: dict, factor: str, on: bool) -> dict:
@@ -269,6 +278,17 @@ def report(cfg: AblateConfig) -> dict[str, Any]:
     :func:`trainer.ablation_stats.factor_effects`); cells or seeds without a result are listed
     under ``missing`` with the reason (failed, with its error, or not run).
     """
+    run_file = cfg.out / RUN_FILE
+    if run_file.exists():
+        try:
+            have = json.loads(run_file.read_text()).get("config_hash")
+        except (OSError, ValueError) as e:
+            raise AblationError(f"{run_file}: unreadable ({e})") from None
+        if have != config_hash(cfg):
+            raise AblationError(
+                f"{cfg.out} holds an ablation of another config (hash {have}, this one {config_hash(cfg)}); "
+                "report it with the config it was run with"
+            )
     cells = plan(cfg)
     found = _results(cfg, cells)
     if not found:
@@ -306,9 +326,16 @@ def report(cfg: AblateConfig) -> dict[str, Any]:
             at[level] = _effect_or_reason(_sub(present, b, on), a)
         entry["effect_at"] = at
         off_e, on_e = at[ABLATION_FACTORS[b][0]], at[ABLATION_FACTORS[b][1]]
-        if off_e["n"] and on_e["n"] and len(off_e["deltas"]) == len(on_e["deltas"]):
+        common = sorted(set(off_e["seeds"]) & set(on_e["seeds"]))
+        if common:
             # interaction = A's effect where B is on minus where B is off, paired by seed
-            entry["difference"] = paired_effect(on_e["deltas"], off_e["deltas"]).as_dict()
+            on_d = dict(zip(on_e["seeds"], on_e["deltas"]))
+            off_d = dict(zip(off_e["seeds"], off_e["deltas"]))
+            diff = paired_effect([on_d[x] for x in common], [off_d[x] for x in common]).as_dict()
+            diff["seeds"] = common
+            if diff["t"] is not None and not math.isfinite(diff["t"]):
+                diff["t"] = None
+            entry["difference"] = diff
         interactions.append(entry)
 
     table = []

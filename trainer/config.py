@@ -449,7 +449,9 @@ class AblateConfig(_Config):
         2, ge=1, description="Evolve generations per cell: the fixed step budget with evolve.train_steps."
     )
     evolve: dict[str, Any] = Field(
-        default_factory=dict,
+        default_factory=lambda: {
+            "lifecycle": {"death_fitness": 0.42, "max_deaths": 1, "inherit_alpha": 0.5, "svd_mutation": 0.02}
+        },
         description="EvolveConfig settings shared by every cell (not population/out/generations/seed/fitness_scope).",
     )
     router: dict[str, Any] = Field(
