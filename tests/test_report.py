@@ -323,3 +323,12 @@ def test_summary_table() -> None:
     assert summary_table(parse_records(history())) == text
     with pytest.raises(ReportError, match="generation 0"):
         summary_table([{"generation": 0, "diversity": {"embedding": "x"}}])
+
+
+def test_specialisation_plot_is_a_png_and_empty_tables_give_none():
+    from trainer.report import plot_specialisation
+
+    png = plot_specialisation({"add": {"m00": 0.9, "m01": 0.1}, "sub": {"m00": 0.2, "m01": 0.7}})
+    assert png is not None and png.startswith(b"\x89PNG")
+    assert plot_specialisation({}) is None
+    assert plot_specialisation({"add": {}}) is None

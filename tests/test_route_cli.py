@@ -344,5 +344,7 @@ def test_router_command_trains_evaluates_and_installs(
     assert (fresh / "population.json").read_bytes() == fresh_manifest
     dry_result = json.loads((tmp_path / "d").read_text())
     assert dry_result["installed"] is False
+    # the gate heat map is written beside the JSON results
+    assert (tmp_path / "d-specialisation.png").read_bytes().startswith(b"\x89PNG")
     # same answers, same seed: the dry run trains the same router and gets the same held-out figures
     assert dry_result["manifest_router"]["heldout"] == entry["heldout"]

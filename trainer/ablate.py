@@ -709,7 +709,7 @@ class CellRunner:
         pop = load_population(population_dir)
         if pop.base_model_path is None:
             raise AblationError(f"{population_dir}: the base model must be a local folder (router features)")
-        if self.features is None or self.features.model_dir != pop.base_model_path:
+        if self.features is None or self.features.model_dir.resolve() != pop.base_model_path.resolve():
             self.features = RouterFeatures(pop.base_model_path)
         weights = [load_lora(pop.member_dir(n)) for n in pop.names]
         lm = MixtureLM(pop.base_model_path, weights, pop.names)

@@ -143,7 +143,10 @@ class EvalConfig(_Config):
     data: Path | None = Field(None, description="A labelled JSONL dataset to evaluate on instead of the sandbox.")
     include_base: bool = Field(True, description="Also evaluate the base model without an adapter.")
     max_tokens: int = Field(128, gt=0, description="Generation limit per chain.")
-    out: Path | None = Field(None, description="Write the results as JSON here.")
+    out: Path | None = Field(
+        None,
+        description="Write the results as JSON here, and the gate heat map as <name>-specialisation.png beside it.",
+    )
     gpu_memory_utilization: float = Field(
         0.2, gt=0, le=1, description="vLLM memory fraction (on the CPU backend: of NUMA node 0's memory)."
     )

@@ -34,7 +34,7 @@ import torch
 
 from ensemble_serve.answers import answers_equal
 from ensemble_serve.engine import EngineConfig, OfflineEngine
-from ensemble_serve.fsutil import atomic_write_text, remove_tree, tmp_dir_beside
+from ensemble_serve.fsutil import atomic_write_bytes, atomic_write_text, remove_tree, tmp_dir_beside
 from ensemble_serve.population import (
     Manifest,
     Population,
@@ -56,6 +56,7 @@ from ensemble_serve.router import (
 from ensemble_serve.voting import Candidate, vote
 from trainer.config import RouterCommandConfig
 from trainer.evaluate import greedy_candidates
+from trainer.report import plot_specialisation
 from trainer.router import RouterTrainConfig, targets_from_correctness, train_router
 from trainer.sandbox import Problem, generate_problems, verify
 
@@ -70,6 +71,7 @@ __all__ = [
     "routed_vote",
     "router_problems",
     "run_router",
+    "specialisation_plot_path",
     "split_dataset",
     "train_config",
 ]
@@ -83,6 +85,11 @@ class RouteError(ValueError):
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def specialisation_plot_path(out: Path) -> Path:
+    """Where the gate heat map goes beside the JSON results: ``results.json`` -> ``results-specialisation.png``."""
+    return out.with_name(out.stem + "-specialisation.png")
 
 
 def train_config(cfg: RouterCommandConfig) -> RouterTrainConfig:
@@ -436,6 +443,11 @@ def run_router(cfg: RouterCommandConfig, dry_run: bool = False, progress: bool =
     if cfg.out is not None:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(cfg.out), json.dumps(result, indent=2) + "\n")
+        png = plot_specialisation(
+            metrics.get("specialisation") or {}, f"Mean {cfg.variant} gate per domain (training prompts)"
+        )
+        if png is not None:
+            atomic_write_bytes(specialisation_plot_path(Path(cfg.out)), png)
     return result
 
 
