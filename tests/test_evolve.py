@@ -978,3 +978,25 @@ def test_training_without_examples_returns_the_adapter(
     )
     (result,) = LocalExecutor().map(train_member_task, [call])
     assert result == {"adapter": adapter, "losses": [], "trained": False}
+
+
+def test_evolutionary_step_selects_each_childs_parents_with_its_domain_held_out(pop_weights) -> None:
+    # truncation keeps the best half: globally m00 and m01; with "add" held out m02 and m01; with "sub" m00 and m02
+    cfg = EvolveConfig(
+        evolution=EvolutionConfig(elite=1, offspring=2, selection="truncation", selection_options={"fraction": 0.5})
+    )
+    fitness = {"m00": 0.9, "m01": 0.5, "m02": 0.1}
+    held_out = {"add": {"m00": 0.1, "m01": 0.5, "m02": 0.9}, "sub": {"m00": 0.9, "m01": 0.1, "m02": 0.5}}
+    elites, replaced, children = evolutionary_step(MEMBERS, pop_weights, fitness, cfg, 0, held_out)
+    assert elites == [0] and replaced == [2, 1]  # elites and replacement use the scalar fitness
+    assert [c.held_out for c in children] == ["add", "sub"]  # domains in turn: (g * offspring + k) % D
+    assert set(children[0].parents) <= {"m02", "m01"} and children[0].fitter in {"m02", "m01"}
+    assert set(children[1].parents) <= {"m00", "m02"} and children[1].fitter in {"m00", "m02"}
+    # globally the pool would be m00 and m01: the held-out fitness changed who could be a parent
+    assert "m02" in {*children[0].parents, *children[1].parents}
+    # the next generation starts the turn where this one stopped
+    _, _, later = evolutionary_step(MEMBERS, pop_weights, fitness, cfg, 1, {**held_out, "mod": fitness})
+    assert [c.held_out for c in later] == ["sub", "add"]
+    # without held-out fitness nothing is held out
+    _, _, plain = evolutionary_step(MEMBERS, pop_weights, fitness, cfg, 0)
+    assert [c.held_out for c in plain] == [None, None]

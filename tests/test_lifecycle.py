@@ -474,3 +474,35 @@ def test_evolve_config_lifecycle_and_scope() -> None:
         EvolveConfig(fitness_scope="per_domain")
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         EvolveConfig.model_validate({"lifecycle": {"death_rate": 0.1}})
+
+
+def test_domain_loo_gives_one_fitness_per_held_out_domain_by_hand() -> None:
+    loo = compute_fitness(big_and_small(), {"correctness": 1.0}, "domain_loo")
+    # without arith, sort, mod: x 0/4, 5/7, 5/7; y 4/4, 2/7, 2/7; z always right
+    want = {
+        "arith": {"x": 0.0, "y": 1.0, "z": 1.0},
+        "mod": {"x": 5 / 7, "y": 2 / 7, "z": 1.0},
+        "sort": {"x": 5 / 7, "y": 2 / 7, "z": 1.0},
+    }
+    assert set(loo.held_out) == set(want)
+    for d, row in want.items():
+        assert loo.held_out[d] == pytest.approx(row)
+    assert compute_fitness(big_and_small(), {"correctness": 1.0}).held_out == {}  # global scope: none
+
+
+def test_on_a_balanced_batch_the_domain_loo_scalar_is_the_global_one() -> None:
+    # each problem lies outside D - 1 of the D domains: with equal counts, the mean of the held-out
+    # means is the global mean; so only the per-domain fitness (parent selection) differs
+    rows = [("a", "1"), ("a", "2"), ("b", "3"), ("b", "4"), ("c", "5"), ("c", "6")]
+    answers = {
+        "x": ["1", "2", "9", "9", "9", "6"],
+        "y": ["9", "2", "3", "4", "9", "9"],
+        "z": ["1", "2", "3", "4", "5", "6"],
+    }
+    ev = scoped_evidence(rows, answers)
+    weights = {"correctness": 1.0, "consensus": 0.5}
+    plain, loo = compute_fitness(ev, weights), compute_fitness(ev, weights, "domain_loo")
+    assert loo.fitness == pytest.approx(plain.fitness)
+    # without a: x is right on 1 of 4 problems and agrees with the consensus (3, 4, 9, 6) on 2 of 4
+    assert loo.held_out["a"]["x"] == pytest.approx((1.0 * 1 / 4 + 0.5 * 2 / 4) / 1.5)
+    assert loo.held_out["a"] != pytest.approx(plain.fitness)

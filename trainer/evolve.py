@@ -39,7 +39,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -365,6 +365,8 @@ class Offspring:
     operators: list[str]
     fitter: str
     """The fitter parent (ties: the lower index): the child takes its rank ratio and learning rate."""
+    held_out: str | None = None
+    """domain_loo scope: the domain held out of this child's parent selection."""
 
 
 def evolutionary_step(
@@ -373,10 +375,14 @@ def evolutionary_step(
     fitness: dict[str, float],
     cfg: EvolveConfig,
     generation: int,
+    held_out: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[list[int], list[int], list[Offspring]]:
     """Elites, the indices the children replace, and the children (crossover + mutation).
 
-    Pure given its inputs and (seed, generation): the same call makes the same children.
+    With ``held_out`` ({domain: fitness with that domain held out}, the domain_loo scope), child
+    k of generation g is assigned domain ``sorted(held_out)[(g * offspring + k) % D]`` and its
+    parents are selected (and crossed, weighted) on that fitness; elites and replacement use
+    ``fitness``. Pure given its inputs and (seed, generation): the same call makes the same children.
     """
     evo = cfg.evolution
     n = len(names)
@@ -395,8 +401,11 @@ def evolutionary_step(
 
     rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "select", generation))
     children = []
+    held_domains = sorted(held_out) if held_out else []
     for k in range(len(replaced)):
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "child", generation, k))
+        domain = held_domains[(generation * len(replaced) + k) % len(held_domains)] if held_domains else None
+        fit = [fitness[m] for m in names] if domain is None else [held_out[domain][m] for m in names]
         picks = select(fit, 2, rng, **evo.selection_options)
         parents = [names[i] for i in picks]
         fitter = max(picks, key=lambda i: (fit[i], -i))
@@ -415,7 +424,7 @@ def evolutionary_step(
             child = mutate(child, evo.mutation_strength, gen)
             ops.append(evo.mutation)
         children.append(
-            Offspring(f"g{generation}c{k}", child, sorted(set(parents), key=parents.index), ops, names[fitter])
+            Offspring(f"g{generation}c{k}", child, sorted(set(parents), key=parents.index), ops, names[fitter], domain)
         )
     return elite, replaced, children
 
@@ -724,7 +733,7 @@ class Evolver:
 
         # 4. evolution
         t = time.perf_counter()
-        elite, replaced, children = evolutionary_step(names, trained, result.fitness, cfg, g)
+        elite, replaced, children = evolutionary_step(names, trained, result.fitness, cfg, g, result.held_out)
         life = self._lifecycle(pop, g, trained, result.fitness, replaced, children)
         seconds["evolve"] = _secs(t)
 
@@ -926,6 +935,7 @@ class Evolver:
                         "operators": child.operators,
                         "replaced": m.name,
                         "fitness_inherited": True,
+                        **({"selected_with_held_out": child.held_out} if child.held_out else {}),
                     },
                 )
                 adapters[child.name] = child.weights

@@ -11,10 +11,17 @@ divides by zero.
 
 Scope: by default (``"global"``) every term sees the whole batch. With ``"domain_loo"``
 the terms that are means over problems (correctness, consensus) are computed once per
-domain d on every problem *outside* d and averaged over the domains, so each domain is held
-out of the selection pressure once (a member cannot win only by being good on the domain
-that happens to fill the batch). The other terms are population-level comparisons without a
-per-problem mean to split, so they keep their global value.
+domain d on every problem *outside* d, giving one fitness per held-out domain
+(``FitnessResult.held_out``): the evolutionary step selects each child's parents on the
+fitness with that child's domain held out (domains taken in turn), so each domain is held out
+of the selection pressure for its children. The other terms are population-level comparisons
+without a per-problem mean to split, so they keep their global value.
+
+The scalar ``fitness`` in domain_loo scope uses the per-domain terms averaged over domains.
+Note that with equal problem counts per domain this average *equals* the global mean (each
+problem lies outside D - 1 of the D domains, and each complement holds (D - 1)/D of the
+problems), so on a balanced batch the scalar (elites, replacement, lifecycle deaths) is the
+global one and only parent selection differs.
 """
 
 from __future__ import annotations
@@ -211,6 +218,8 @@ class FitnessResult:
     """The scope the per-problem terms were computed in (a requested domain_loo can fall back to global)."""
     scope_note: str | None = None
     """Why the requested scope was not applied, when it was not."""
+    held_out: dict[str, dict[str, float]] = field(default_factory=dict)
+    """domain_loo: {domain d: fitness of each member with d held out}; empty in global scope."""
 
 
 def evidence_subset(ev: Evidence, keep: Sequence[int]) -> Evidence:
@@ -231,23 +240,41 @@ def evidence_subset(ev: Evidence, keep: Sequence[int]) -> Evidence:
     )
 
 
-def domain_loo_term(ev: Evidence, name: str, domains: Sequence[str]) -> dict[str, float] | None:
-    """Mean over domains d of term `name` computed on every problem outside d.
+def held_out_terms(ev: Evidence, name: str, domains: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Term `name` computed on every problem outside d, for each domain d where it is defined.
 
     A domain whose complement leaves the term undefined (e.g. no labelled problem outside it)
-    is skipped; None when the term is undefined for every domain. An empty complement gives the
-    term's own empty value (0 for the per-problem terms), never a division by zero.
+    is left out. An empty complement gives the term's own empty value (0 for the per-problem
+    terms), never a division by zero.
     """
     fn = FITNESS_TERMS[name][0]
-    per_domain = []
+    out = {}
     for d in domains:
         keep = [i for i, p in enumerate(ev.problems) if p.domain != d]
         values = fn(evidence_subset(ev, keep))
         if values is not None:
-            per_domain.append(values)
+            out[d] = values
+    return out
+
+
+def domain_loo_term(ev: Evidence, name: str, domains: Sequence[str]) -> dict[str, float] | None:
+    """Mean over domains d of term `name` computed on every problem outside d (None: undefined for every d)."""
+    per_domain = list(held_out_terms(ev, name, domains).values())
     if not per_domain:
         return None
     return {m: _mean([v[m] for v in per_domain]) for m in ev.members}
+
+
+def _combine(
+    terms: Mapping[str, Mapping[str, float]], used: Mapping[str, float], members: Sequence[str]
+) -> dict[str, float]:
+    total = sum(used.values())
+    fitness = {m: 0.0 for m in members}
+    for t, w in used.items():
+        scaled = _minmax(dict(terms[t])) if FITNESS_TERMS[t][1] else terms[t]
+        for m in members:
+            fitness[m] += w * scaled[m] / total
+    return fitness
 
 
 def compute_fitness(ev: Evidence, weights: Mapping[str, float], scope: Scope = "global") -> FitnessResult:
@@ -265,27 +292,32 @@ def compute_fitness(ev: Evidence, weights: Mapping[str, float], scope: Scope = "
         if values is not None:
             terms[name] = values
     used_scope, note = "global", None
+    per_domain_terms: dict[str, dict[str, dict[str, float]]] = {}
+    domains: list[str] = []
     if scope == "domain_loo":
         domains = sorted({p.domain for p in ev.problems})
         if len(domains) < 2:
             note = f"domain_loo needs at least two domains, the batch has {len(domains)} {domains}: global scope used"
+            domains = []
         else:
             used_scope = "domain_loo"
             for name in PER_PROBLEM_TERMS:
-                loo = domain_loo_term(ev, name, domains) if name in terms else None
-                if loo is not None:  # undefined outside every domain: the global value stands
-                    terms[name] = loo
+                if name not in terms:
+                    continue
+                per_domain_terms[name] = held_out_terms(ev, name, domains)
+                if per_domain_terms[name]:  # undefined outside every domain: the global value stands
+                    vals = list(per_domain_terms[name].values())
+                    terms[name] = {m: _mean([v[m] for v in vals]) for m in ev.members}
     for name, values in terms.items():
         if not all(math.isfinite(v) for v in values.values()):
             raise ValueError(f"fitness term {name} is not finite: {values}")
     used = {t: w for t, w in weights.items() if w > 0 and t in terms}
-    total = sum(used.values())
-    fitness = {m: 0.0 for m in ev.members}
-    for t, w in used.items():
-        scaled = _minmax(terms[t]) if FITNESS_TERMS[t][1] else terms[t]
-        for m in ev.members:
-            fitness[m] += w * scaled[m] / total
-    return FitnessResult(fitness=fitness, terms=terms, used=used, scope=used_scope, scope_note=note)
+    fitness = _combine(terms, used, ev.members)
+    held_out = {}
+    for d in domains:  # the fitness with d held out: per-problem terms on the problems outside d
+        terms_d = {t: per_domain_terms.get(t, {}).get(d, values) for t, values in terms.items()}
+        held_out[d] = _combine(terms_d, used, ev.members)
+    return FitnessResult(fitness=fitness, terms=terms, used=used, scope=used_scope, scope_note=note, held_out=held_out)
 
 
 def diversity_summary(terms: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
