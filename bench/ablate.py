@@ -5,7 +5,9 @@ Runs ``ensemble-train ablate`` (the same code, in this process) on two configs, 
 * ``configs/ablate.yaml``: full 2^3 over router variant x evaluation scope x lifecycle (evolution on,
   pre-aligned adapters), 3 seeds per cell;
 * ``configs/ablate-regime.yaml``: full 2^2 over evolution x initial adapters (pre-aligned vs PEFT's
-  random initialisation), 3 seeds per cell, with the evolution x init interaction.
+  random initialisation), 3 seeds per cell, with the evolution x init interaction;
+* ``configs/ablate-router-mixture.yaml``: the router variants trained end to end through the
+  mixture (the study's way of training its router), 3 seeds.
 
 Results: ``bench/results/ablation.json`` (effects, interactions, cell tables, timings, machine) and
 the two reports' plots as ``bench/results/ablation-*.png``. The ablation folders (evolved
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, ROOT, rel, write_json  # noqa: E402
 
-CONFIGS = ("configs/ablate.yaml", "configs/ablate-regime.yaml")
+CONFIGS = ("configs/ablate.yaml", "configs/ablate-regime.yaml", "configs/ablate-router-mixture.yaml")
 
 
 def main() -> None:
@@ -59,7 +61,15 @@ def main() -> None:
             src = cfg.out / f"{plot}.png"
             if src.exists():
                 shutil.copyfile(src, RESULTS / f"{name}-{plot}.png")
-        runs[name] = {"config": path, "out": rel(cfg.out), "seconds": seconds, "summary": summary}
+        # compute time of the cells, whether they ran now or in an earlier (resumed) invocation
+        cell_seconds = round(sum(row["seconds"]["mean"] * len(row["seeds"]) for row in summary["cells"]), 1)
+        runs[name] = {
+            "config": path,
+            "out": rel(cfg.out),
+            "seconds": seconds,
+            "cell_seconds": cell_seconds,
+            "summary": summary,
+        }
     total = round(time.perf_counter() - started, 1)
     print(f"total: {total} s")
     write_json("ablation", {"seconds": total, "runs": runs})

@@ -41,6 +41,7 @@ __all__ = [
     "encode_chains",
     "member_nll",
     "mixture_weights",
+    "sequence_nlls",
     "train_router_mixture",
 ]
 
