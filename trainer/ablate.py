@@ -474,7 +474,7 @@ def plot_effects(s: Mapping[str, Any]) -> bytes | None:
     rows = [(f, e) for f, e in s["effects"].items() if e.get("n")]
     if not rows:
         return None
-    fig = _new_figure(1.6 + 1.3 * len(rows), 3.4)
+    fig = _new_figure(max(4.4, 1.6 + 1.3 * len(rows)), 3.4)
     ax = fig.add_subplot(1, 1, 1)
     xs = range(len(rows))
     means = [e["mean"] for _, e in rows]
@@ -492,7 +492,7 @@ def plot_effects(s: Mapping[str, Any]) -> bytes | None:
         )
     ax.set_xticks(list(xs), [f"{f}\n{s['factors'][f][0]}->{s['factors'][f][1]}" for f, _ in rows], fontsize=8)
     ax.set_ylabel("delta log-PPL (positive = improves)")
-    ax.set_title("Effect of each switch on balanced log-PPL (mean +- SE over seeds)", fontsize=9)
+    ax.set_title("Effect on balanced log-PPL\n(mean +- SE over seeds)", fontsize=9)
     return _png(fig)
 
 
@@ -509,7 +509,7 @@ def plot_domain_effects(s: Mapping[str, Any]) -> bytes | None:
     if not flat:
         return None
     lim = max(flat) or 1.0
-    fig = _new_figure(1.5 + 0.9 * len(domains), 1.2 + 0.5 * len(factors))
+    fig = _new_figure(max(4.4, 1.5 + 0.9 * len(domains)), 1.6 + 0.5 * len(factors))
     ax = fig.add_subplot(1, 1, 1)
     data = [[math.nan if v is None else v for v in row] for row in grid]
     im = ax.imshow(data, cmap="RdYlGn", vmin=-lim, vmax=lim, aspect="auto")
