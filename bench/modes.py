@@ -27,7 +27,8 @@ one-off first-request costs (about 6 s each for the first batch on 2 cores) out 
 the router training time and its own offline held-out report (from `--out`), the server's start time, the
 router's status in `/v1/models`, the warm-up time and the server's `ensemble_route_fallbacks` counter.
 
-The server's mixture cache holds 32 mixed adapters (LRU) and its key includes the gates rounded to 3
+The server's mixture cache holds 32 mixed adapters by default (LRU; `ensemble-serve up --mixture-cache`) and
+its key includes the gates rounded to 3
 decimals, so nearly every prompt is its own route: with more than 32 prompts the warm pass finds most
 entries evicted (run `--per-domain 4`, 24 prompts, to see a warm pass that hits).
 
