@@ -181,7 +181,8 @@ def _prepare_out(cfg: AblateConfig) -> None:
         if have.get("config_hash") != digest:
             raise AblationError(
                 f"{out} holds an ablation of another config (hash {have.get('config_hash')}, this one {digest}); "
-                "use a new --out, or the config it was started with (only `seeds` may change)"
+                "use a new --out, or the config it was started with (only seeds, interactions, threads and "
+                "gpu_memory_utilization may change)"
             )
         return
     if out.exists() and any(out.iterdir()):
