@@ -63,6 +63,18 @@ def _cli(config: Path) -> subprocess.Popen:
     )
 
 
+def _run(config: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "ablate", "--quiet", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _results(out: Path) -> dict[str, float]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted((out / "cells").glob("*/seed-*.json"))}
 
@@ -84,14 +96,7 @@ def test_ablate_cli_interrupted_then_resumed_recomputes_nothing(tmp_path):
     assert proc.returncode == 130, log[-3000:]
     assert "run the same command to continue" in log
 
-    done = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "ablate", "--quiet", "--config", str(config)],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _run(config, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     after = _results(out)
     assert len(after) == 8  # 4 cells x 2 seeds
@@ -127,13 +132,6 @@ def test_ablate_cli_interrupted_then_resumed_recomputes_nothing(tmp_path):
     start = load_population(out / "starts" / "random-seed-0")
     assert start.manifest.generation == 0 and all(m.fitness is None for m in start.manifest.members)
 
-    again = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "ablate", "--quiet", "--config", str(config)],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = _run(config, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert _results(out) == after  # nothing recomputed
