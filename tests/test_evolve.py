@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lora_factories import same_weights
 from pydantic import ValidationError
 
 import ensemble_serve.population as population_module
@@ -131,15 +132,6 @@ def edit_adapter_config(folder: Path, **changes: object) -> None:
 
 def cfg_for(population: Path, out: Path | None = None, **kw: object) -> EvolveConfig:
     return EvolveConfig(population=population, out=out, heldout_per_domain=0, **kw)
-
-
-def same_weights(a: LoraWeights, b: LoraWeights) -> bool:
-    return (
-        a.rank == b.rank
-        and a.alpha == b.alpha
-        and a.modules() == b.modules()
-        and all(torch.equal(x, y) for m in a.modules() for x, y in zip(a.factors[m], b.factors[m]))
-    )
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_factories import same_weights
 from pydantic import ValidationError
 
 from ensemble_serve.lora import LoraWeights, check_compatible, load_lora
@@ -50,15 +51,6 @@ def six(pop_weights: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
 
 
 SIX = [f"p{k}" for k in range(6)]
-
-
-def same_weights(a: LoraWeights, b: LoraWeights) -> bool:
-    return (
-        a.rank == b.rank
-        and a.alpha == b.alpha
-        and a.modules() == b.modules()
-        and all(torch.equal(x, y) for m in a.modules() for x, y in zip(a.factors[m], b.factors[m]))
-    )
 
 
 def assert_update(w: LoraWeights, expected: dict[str, torch.Tensor]) -> None:

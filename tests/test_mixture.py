@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
+from lora_factories import BASE, TOL, make_lora
 
 import ensemble_serve.mixture as mixture
-from ensemble_serve.lora import CONFIG_FILE, LoraWeights, load_lora, lora_from_bytes, save_lora
+from ensemble_serve.lora import CONFIG_FILE, LoraWeights, load_lora, save_lora
 from ensemble_serve.mixture import (
     MixtureCache,
     MixtureError,
@@ -29,52 +29,6 @@ from ensemble_serve.mixture import (
     truncation_error,
     vllm_rank,
 )
-
-DIM = 16
-PREFIX = "base_model.model.model.layers.{layer}.self_attn.{module}"
-BASE = "tiny-substrate"
-TOL = {"atol": 2e-5, "rtol": 1e-4}
-
-
-def peft_config(rank: int, alpha: float, modules: tuple[str, ...], base: str, rslora: bool = False) -> dict:
-    """The adapter_config.json PEFT writes for a plain LoRA (the keys that matter, as PEFT spells them)."""
-    return {
-        "alpha_pattern": {},
-        "base_model_name_or_path": base,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.05,
-        "peft_type": "LORA",
-        "r": rank,
-        "rank_pattern": {},
-        "target_modules": list(modules),
-        "task_type": "CAUSAL_LM",
-        "use_dora": False,
-        "use_rslora": rslora,
-    }
-
-
-def make_lora(
-    rank: int,
-    seed: int,
-    alpha: float | None = None,
-    base: str = BASE,
-    modules: tuple[str, ...] = ("q_proj", "v_proj"),
-    dim: int = DIM,
-    rslora: bool = False,
-) -> LoraWeights:
-    """Random trained-looking factors (B non-zero) under PEFT key names, parsed like an adapter folder."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(2):
-        for m in modules:
-            p = PREFIX.format(layer=layer, module=m)
-            tensors[p + ".lora_A.weight"] = torch.randn(rank, dim, generator=g) / math.sqrt(dim)
-            tensors[p + ".lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.1
-    config = peft_config(rank, 2 * rank if alpha is None else alpha, modules, base, rslora)
-    return lora_from_bytes({"config": config, "safetensors": safetensors.torch.save(tensors)})
 
 
 def weighted_sum(members: list[LoraWeights], weights: list[float]) -> dict[str, torch.Tensor]:
