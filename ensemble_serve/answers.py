@@ -6,7 +6,8 @@ found; "malformed" when an answer marker was found but its content is unusable)
 and the answer text as found (``raw``).
 
 A *spec* names the extractor: a mode from :data:`EXTRACTORS` ("auto", "marked",
-"boxed", "number", "choice", "text") or ``{"regex": PATTERN}``.
+"boxed", "number", "choice", "text") or ``{"regex": PATTERN}``. A client's pattern runs on
+RE2 (linear time, see :func:`_regex_extractor`); the built-in modes' patterns are fixed.
 Only the last :data:`MAX_TEXT_CHARS` characters of a text are searched.
 """
 
@@ -19,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
+
+import re2  # google-re2, a maintained binding of RE2: client patterns run in linear time
 
 MAX_TEXT_CHARS = 200_000
 
@@ -290,16 +293,56 @@ EXTRACTORS: dict[str, Extractor] = {
 MODES = tuple(EXTRACTORS)
 
 
+MAX_REGEX_CHARS = 1000  # longest answer pattern a request may send
+
+
+def _re2_pattern(pattern: str) -> str:
+    """Python's spelling turned into RE2's where they differ: ``\\Z`` (end of text) is ``\\z`` in RE2."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            out.append("\\z" if nxt == "Z" else c + nxt)
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 @functools.lru_cache(maxsize=256)
 def _regex_extractor(pattern: str) -> Extractor:
+    """A user pattern, checked with Python's parser (its messages) and run by RE2 (linear time).
+
+    Python's backtracking engine can take exponential time on a pattern with nested quantifiers
+    (``(a+)+$``) and does not check for signals while it runs: one request could stop the whole
+    server. RE2 matches in time linear in the text, so a request's extraction is bounded by the
+    length of its chains; features that need backtracking (backreferences, look-around, possessive
+    quantifiers) are refused with RE2's message naming the construct.
+    """
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise ValueError(f"answer regex is {len(pattern)} characters long; at most {MAX_REGEX_CHARS} are allowed")
     try:
-        compiled = re.compile(pattern)
+        re.compile(pattern)
     except re.error as e:
         raise ValueError(f"invalid answer regex {pattern!r}: {e}") from None
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        compiled = re2.compile(_re2_pattern(pattern), options)
+    except re2.error as e:
+        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ValueError(
+            f"answer regex {pattern!r} is not supported: {why}. Answer patterns run on RE2, a linear-time "
+            "engine without backreferences, look-around or possessive quantifiers"
+        ) from None
 
     def extract_regex(text: str) -> Extraction:
         """The last match: group 1 if the pattern has groups, else the whole match."""
-        m = _last(compiled, text)
+        m = None
+        for m in compiled.finditer(text):  # noqa: B007 (the last one is wanted)
+            pass
         if m is None:
             return MISSING
         raw = m.group(1) if compiled.groups else m.group(0)

@@ -1,86 +1,267 @@
-"""The HTTP layer: `build_app(config)`, a lifespan that owns the engine, and thin routes.
+"""The HTTP layer: module-level routers, one guard for every generation route, and `build_app`.
 
-A route takes the service from `app.state`, awaits it, and returns JSON, an SSE
-stream, or (through `errors.error_response`) an error in OpenAI's shape.
+A route takes the service from `app.state`, awaits it, and returns JSON or an SSE stream. What
+every generation route needs lives in one decorator, :func:`guarded`: the request's deadline,
+its abort when the client goes away or the drain's grace runs out, and the mapping of errors to
+OpenAI's shape (`errors.error_response`). `build_app(config)` only assembles: the lifespan owns
+the engine, the middleware (`middleware.py`) gives requests their id, the body bound and the drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ensemble_serve.config import API_KEY_ENV, ServeConfig
-from ensemble_serve.errors import AuthenticationError, ServiceUnavailableError, error_response, install_error_handlers
+from ensemble_serve.errors import (
+    AuthenticationError,
+    BadRequestError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+    error_response,
+    install_error_handlers,
+    request_id_of,
+)
 from ensemble_serve.metrics import Metrics
+from ensemble_serve.middleware import RequestGuard
+from ensemble_serve.openapi import describe_api
 from ensemble_serve.population import Population, load_population
 from ensemble_serve.protocol import ChatCompletionRequest, CompletionRequest
 from ensemble_serve.serving import EnsembleService, ServeSettings
+from ensemble_serve.shutdown import Drain
+from ensemble_serve.watcher import PopulationWatcher
 
 log = logging.getLogger("ensemble_serve")
 
+# --------------------------------------------------------------------------- auth
 
-class PopulationWatcher:
-    """Reloads the population when population.json changes (and on `POST /admin/reload`).
 
-    The manifest is replaced atomically by the trainer, so one read sees one whole
-    generation; it is validated completely (adapters included) before it replaces the
-    served one. A broken generation is refused and the old one keeps serving.
+async def require_key(request: Request) -> None:
+    """`Authorization: Bearer KEY` when the server has a key (/health and /metrics stay open, as in vLLM)."""
+    api_key = request.app.state.api_key
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise AuthenticationError(
+            "Incorrect API key provided." if header else "Missing API key: send `Authorization: Bearer KEY`."
+        )
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def guarded(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Response]]:
+    """Run a generation route under its deadline, the client's presence and the drain; map its errors.
+
+    The route returns a response model or an async iterator of SSE lines. Whichever comes first of
+    the client leaving (499, nothing sent), the deadline (504) and the end of the shutdown grace
+    (503) cancels the route's work, which aborts its generations inside the engine. A stream stays
+    under the same deadline and drain: one that runs past them ends with an error event.
     """
 
-    def __init__(self, app: FastAPI, root: Path, interval: float):
-        self.app, self.root, self.interval = app, Path(root), interval
-        self._stamp = self._current_stamp()
-        self._lock = asyncio.Lock()
-        self.last_error: str | None = None
-
-    def _current_stamp(self) -> tuple[int, int] | None:
-        try:
-            st = (self.root / "population.json").stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
-
-    async def reload(self) -> Population:
-        async with self._lock:
-            service: EnsembleService = self.app.state.service
-            metrics: Metrics = self.app.state.metrics
-            self._stamp = self._current_stamp()
-            try:
-                population = await asyncio.to_thread(load_population, self.root)
-                await asyncio.to_thread(service.set_population, population)  # copies and checks adapters
-                await _warm(service.backend)
-            except Exception as e:
-                self.last_error = str(e)
-                metrics.reloads.labels(result="refused").inc()
-                log.error(
-                    "population refresh refused, still serving generation %s: %s",
-                    service.population.manifest.generation,
-                    e,
+    @functools.wraps(route)
+    async def wrapper(req: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
+        state = request.app.state
+        service: EnsembleService = state.service
+        started = time.monotonic()
+        limit = min(state.config.request_timeout, req.timeout or float("inf"))
+        deadline = started + limit
+        work = asyncio.create_task(route(req, request))
+        stop = await _first_stop(work, request, state.drain, deadline)
+        if stop is not None:
+            await _cancel(work)
+            if stop == "gone":
+                log.info(
+                    "client disconnected after %.2fs; request for %s aborted", time.monotonic() - started, req.model
                 )
-                raise
-            self.last_error = None
-            metrics.reloads.labels(result="ok").inc()
-            metrics.generation.set(population.manifest.generation)
-            log.info("serving generation %s: %s", population.manifest.generation, ", ".join(population.names))
-            return population
+                return Response(status_code=499)
+            return _error(_stop_error(stop, limit), request, service, req.model)
+        try:
+            result = work.result()
+        except Exception as e:
+            return _error(e, request, service, req.model)
+        if hasattr(result, "__aiter__"):
+            events = _bounded_stream(result, state.drain, deadline, limit, request, service, req.model)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return JSONResponse(result.model_dump(exclude_none=True))
 
-    async def run(self) -> None:
+    return wrapper
+
+
+async def _first_stop(work: asyncio.Task, request: Request, drain: Drain, deadline: float) -> str | None:
+    """None when `work` finished first; else "gone" (client), "deadline" or "drain"."""
+    gone = asyncio.create_task(_client_gone(request))
+    drained = asyncio.create_task(drain.expired.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {work, gone, drained}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        gone.cancel()
+        drained.cancel()
+    if work in done:
+        return None
+    if gone in done:
+        return "gone"
+    return "drain" if drained in done else "deadline"
+
+
+def _stop_error(stop: str, limit: float) -> Exception:
+    if stop == "drain":
+        return ServiceUnavailableError("the server is shutting down; the request was aborted")
+    return RequestTimeoutError(f"the request did not finish within its deadline of {limit:g} s and was aborted")
+
+
+async def _bounded_stream(
+    events: AsyncIterator[str],
+    drain: Drain,
+    deadline: float,
+    limit: float,
+    request: Request,
+    service: EnsembleService,
+    model: str,
+) -> AsyncIterator[str]:
+    """The stream's events until its deadline or the drain's end; an error after the start becomes a final
+    `data: {"error": ...}` event, as vLLM does."""
+    drained = asyncio.create_task(drain.expired.wait())
+    it = aiter(events)
+    step: asyncio.Future | None = None
+    try:
         while True:
-            await asyncio.sleep(self.interval)
-            stamp = self._current_stamp()
-            if stamp is not None and stamp != self._stamp:
-                with contextlib.suppress(Exception):  # logged and counted by reload()
-                    await self.reload()
+            step = asyncio.ensure_future(anext(it))
+            done, _ = await asyncio.wait(
+                {step, drained}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if step not in done:
+                await _cancel(step)  # closes the generator: its generations are aborted
+                raise _stop_error("drain" if drained in done else "deadline", limit)
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        response = _error(e, request, service, model)
+        yield f"data: {response.body.decode()}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        drained.cancel()
+        if step is not None and not step.done():  # the client left (or the deadline) while an event was awaited
+            await _cancel(step)
+        with contextlib.suppress(Exception):
+            await it.aclose()
+
+
+def _error(e: Exception, request: Request, service: EnsembleService, model: str) -> Response:
+    response = error_response(e, request_id_of(request))
+    service.metrics.observe_error(_kind(service, model), response.status_code)
+    return response
+
+
+def _kind(service: EnsembleService, model: str) -> str:
+    try:
+        return service.kind_of(model)
+    except Exception:
+        return "unknown"
+
+
+async def _client_gone(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _cancel(task: asyncio.Future) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+# --------------------------------------------------------------------------- routes
+
+open_routes = APIRouter()
+api_routes = APIRouter(dependencies=[Depends(require_key)])
+
+
+@open_routes.get("/health")
+async def health(request: Request) -> Response:
+    """200 `ok`; 200 `degraded` (with the unreachable members) while some members cannot be asked;
+    503 when the engine died, no member can be asked, or the server is shutting down."""
+    state = request.app.state
+    backend, service = state.backend, state.service
+    if state.drain.draining:
+        return error_response(ServiceUnavailableError("the server is shutting down"))
+    if backend.errored:
+        return error_response(ServiceUnavailableError("the engine is not running"))
+    names = service.population.names
+    unavailable = backend.unavailable_members()
+    details = backend.health()
+    service.metrics.observe_availability(names, unavailable, details.get("servers"))
+    if unavailable and len(unavailable) == len(names):
+        return error_response(ServiceUnavailableError(f"no member can be reached now: {', '.join(unavailable)}"))
+    status = "degraded" if unavailable else "ok"
+    return JSONResponse({"status": status, "unavailable_members": unavailable, **details})
+
+
+@open_routes.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = request.app.state
+    backend, service = state.backend, state.service
+    service.metrics.observe_availability(
+        service.population.names, backend.unavailable_members(), backend.health().get("servers")
+    )
+    return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@api_routes.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.service.list_models().model_dump(exclude_none=True))
+
+
+@api_routes.post("/v1/chat/completions")
+@guarded
+async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+    return await request.app.state.service.chat(req)
+
+
+@api_routes.post("/v1/completions")
+@guarded
+async def completions(req: CompletionRequest, request: Request) -> Any:
+    return await request.app.state.service.completion(req)
+
+
+@api_routes.post("/admin/reload")
+async def reload(request: Request) -> JSONResponse:
+    """Re-read the population directory now; 400 (and the old population keeps serving) if it is broken."""
+    try:
+        population = await request.app.state.watcher.reload()
+    except (ValueError, OSError) as e:  # a broken generation: the population's fault, reported as such
+        raise BadRequestError(f"population refused, still serving the previous one: {e}") from None
+    return JSONResponse({"generation": population.manifest.generation, "members": population.names})
+
+
+@api_routes.get("/admin/population")
+async def population(request: Request) -> JSONResponse:
+    service: EnsembleService = request.app.state.service
+    return JSONResponse(service.population.manifest.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------- the app
 
 
 def _build_backend(config: ServeConfig, population: Population) -> Any:
@@ -98,9 +279,15 @@ def _build_backend(config: ServeConfig, population: Population) -> Any:
 
 
 def build_app(
-    config: ServeConfig, backend_factory: Callable[[ServeConfig, Population], Any] = _build_backend
+    config: ServeConfig,
+    backend_factory: Callable[[ServeConfig, Population], Any] = _build_backend,
+    drain: Drain | None = None,
 ) -> FastAPI:
-    """The FastAPI app; the engine starts in the lifespan (so tests build the app with a real engine)."""
+    """The FastAPI app; the engine starts in the lifespan (so tests build the app with a real engine).
+
+    `drain` is the shutdown state the server's signal handler shares (see `shutdown.py`).
+    """
+    drain = drain if drain is not None else Drain(config.shutdown_grace)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,15 +301,12 @@ def build_app(
             route=config.route,
             mixture_cache=config.mixture_cache,
         )
-        app.state.metrics = metrics
         metrics.generation.set(population.manifest.generation)
-        gate = getattr(backend, "gate", None)
-        if gate is not None:
-            metrics.track_inflight(lambda: gate.state[0])
+        metrics.track_inflight(lambda: backend.gate.state[0])
         app.state.backend = backend
         app.state.service = EnsembleService(backend, population, settings, metrics)
         app.state.watcher = PopulationWatcher(app, config.population_dir, config.watch_interval)
-        await _warm(backend)
+        await backend.warm()
         task = asyncio.create_task(app.state.watcher.run()) if config.watch else None
         _announce(config, population, backend)
         try:
@@ -130,70 +314,19 @@ def build_app(
         finally:
             if task is not None:
                 task.cancel()
-            shutdown = getattr(backend, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            backend.shutdown()
             app.state.service.close()
 
     app = FastAPI(title="ensemble-serve", lifespan=lifespan)
+    app.state.config = config
+    app.state.drain = drain
+    app.state.api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
     install_error_handlers(app)
-    api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
-
-    async def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise AuthenticationError(
-                "Incorrect API key provided." if header else "Missing API key: send `Authorization: Bearer KEY`."
-            )
-
-    auth = [Depends(require_key)]
-
-    @app.get("/health")
-    async def health(request: Request) -> Response:
-        backend = request.app.state.backend
-        if getattr(backend, "errored", False):
-            return error_response(ServiceUnavailableError("the engine is not running"))
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models", dependencies=auth)
-    async def models(request: Request) -> JSONResponse:
-        return JSONResponse(request.app.state.service.list_models().model_dump(exclude_none=True))
-
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        service: EnsembleService = request.app.state.service
-        return await _respond(request, lambda: service.chat(req), req.model)
-
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        service: EnsembleService = request.app.state.service
-        return await _respond(request, lambda: service.completion(req), req.model)
-
-    @app.post("/admin/reload", dependencies=auth)
-    async def reload(request: Request) -> JSONResponse:
-        """Re-read the population directory now; 400 (and the old population keeps serving) if it is broken."""
-        population = await request.app.state.watcher.reload()
-        return JSONResponse({"generation": population.manifest.generation, "members": population.names})
-
-    @app.get("/admin/population", dependencies=auth)
-    async def population(request: Request) -> JSONResponse:
-        service: EnsembleService = request.app.state.service
-        return JSONResponse(service.population.manifest.model_dump(mode="json"))
-
+    app.include_router(open_routes)
+    app.include_router(api_routes)
+    app.add_middleware(RequestGuard, max_bytes=config.max_request_bytes, drain=drain)
+    describe_api(app, config)
     return app
-
-
-async def _warm(backend: Any) -> None:
-    warm = getattr(backend, "warm", None)
-    if warm is not None:
-        await warm()
 
 
 def _announce(config: ServeConfig, population: Population, backend: Any) -> None:
@@ -209,58 +342,3 @@ def _announce(config: ServeConfig, population: Population, backend: Any) -> None
     if config.api_key or os.environ.get(API_KEY_ENV):
         lines.append("  API key required on /v1 and /admin routes")
     print("\n".join(lines), flush=True)
-
-
-async def _respond(request: Request, handler: Callable[[], Awaitable[Any]], model: str) -> Response:
-    """Run `handler`, cancelling it (and every generation it started) if the client goes away."""
-    service: EnsembleService = request.app.state.service
-    started = time.perf_counter()
-    work = asyncio.create_task(handler())
-    disconnect = asyncio.create_task(_client_gone(request))
-    try:
-        done, _ = await asyncio.wait({work, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnect.cancel()
-    if work not in done:
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await work
-        log.info("client disconnected after %.2fs; request for %s aborted", time.perf_counter() - started, model)
-        return Response(status_code=499)
-    try:
-        result = work.result()
-    except Exception as e:
-        response = error_response(e)
-        service.metrics.observe_error(_kind(service, model), response.status_code)
-        return response
-    if hasattr(result, "__aiter__"):
-        return StreamingResponse(_guard_stream(result, service, model), media_type="text/event-stream")
-    return JSONResponse(result.model_dump(exclude_none=True))
-
-
-async def _guard_stream(events: AsyncIterator[str], service: EnsembleService, model: str) -> AsyncIterator[str]:
-    """An error after the stream began becomes a final `data: {"error": ...}` event, as vLLM does."""
-    try:
-        async for event in events:
-            yield event
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        response = error_response(e)
-        service.metrics.observe_error(_kind(service, model), response.status_code)
-        yield f"data: {response.body.decode()}\n\n"
-        yield "data: [DONE]\n\n"
-
-
-def _kind(service: EnsembleService, model: str) -> str:
-    try:
-        return service.kind_of(model)
-    except Exception:
-        return "unknown"
-
-
-async def _client_gone(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -32,6 +32,7 @@ def up(config_file: Path | None, **overrides: Any) -> None:
 
     from ensemble_serve.api import build_app
     from ensemble_serve.population import PopulationError, load_population
+    from ensemble_serve.shutdown import Drain, GracefulServer
 
     try:
         cfg = load_config(ServeConfig, config_file, overrides)
@@ -42,7 +43,13 @@ def up(config_file: Path | None, **overrides: Any) -> None:
         load_population(cfg.population_dir)  # fail fast, before the engine starts
     except PopulationError as e:
         raise click.ClickException(str(e)) from None
-    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    drain = Drain(cfg.shutdown_grace)
+    app = build_app(cfg, drain=drain)
+    # uvicorn's own bound is a backstop: the drain ends every request at the grace (see shutdown.py)
+    server_config = uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.shutdown_grace + 5
+    )
+    GracefulServer(server_config, drain).run()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,6 +52,21 @@ class ServeConfig(BaseModel):
         description="Mixed adapters (ensemble.mode mixture) kept per server: a route repeated within this many "
         "distinct routes costs nothing extra.",
     )
+    request_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a request may take at most (a request's own `timeout` may ask for less); past it "
+        "the request's engine work is aborted and it gets a 504.",
+    )
+    shutdown_grace: float = Field(
+        20.0,
+        ge=0,
+        description="On SIGTERM or Ctrl-C: seconds the requests in flight may still finish before they are "
+        "aborted (503); a second signal exits at once.",
+    )
+    max_request_bytes: int = Field(
+        4 * 2**20, ge=1024, description="Largest request body accepted; a larger one gets a 413 before it is parsed."
+    )
     max_loras: int | None = Field(
         None, ge=1, description="vLLM: adapters in one batch (default: all members, at most 16)."
     )

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ensemble_serve.errors import ServiceUnavailableError
 from ensemble_serve.population import Population
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,6 +248,16 @@ class Generation:
     finish_reason: str | None
 
 
+def _no_vllm(e: ModuleNotFoundError) -> Exception:
+    """vLLM itself missing: name the extra that brings it (any other missing module: the error as it is)."""
+    if e.name != "vllm":
+        return e
+    return RuntimeError(
+        "vLLM is not installed: install the `cpu` extra (pip install 'ensemble-serve[cpu]'), "
+        "or the `cuda` extra on a CUDA machine"
+    )
+
+
 class OfflineEngine:
     """A synchronous vLLM engine over one population, for batch work (evaluation, self-play).
 
@@ -256,7 +267,10 @@ class OfflineEngine:
 
     def __init__(self, population: Population, cfg: EngineConfig | None = None, snapshot_root: Path | None = None):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-        from vllm import LLM
+        try:
+            from vllm import LLM
+        except ModuleNotFoundError as e:
+            raise _no_vllm(e) from None
 
         self.population = population
         self.cfg = cfg or EngineConfig()
@@ -355,8 +369,11 @@ class AsyncEngine:
     """
 
     def __init__(self, population: Population, cfg: EngineConfig | None = None):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ModuleNotFoundError as e:
+            raise _no_vllm(e) from None
 
         self.cfg = cfg or EngineConfig()
         self.population = population
@@ -393,11 +410,15 @@ class AsyncEngine:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, member: str | None, request_id: str):
         """Stream `RequestOutput`s (cumulative) for one request."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         lora = None if member is None else self.registry.get(member)
         await self.gate.acquire_shared()
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora):
                 yield out
+        except EngineDeadError:
+            raise ServiceUnavailableError("the engine is not running (it died; see the server log)") from None
         finally:
             await self.gate.release_shared()
 
@@ -459,6 +480,14 @@ class AsyncEngine:
     @property
     def errored(self) -> bool:
         return self.llm.errored
+
+    def unavailable_members(self) -> list[str]:
+        """Members that cannot answer now: all of them once the engine has died, else none."""
+        return list(self.population.names) if self.errored else []
+
+    def health(self) -> dict[str, Any]:
+        """Details for `/health`: the in-process engine has no servers to report."""
+        return {"engine": "dead" if self.errored else "running"}
 
     async def warm(self) -> None:
         """Load every registered adapter into vLLM now rather than at its first request."""

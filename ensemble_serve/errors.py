@@ -4,9 +4,12 @@ Every failure goes out as OpenAI's error body::
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
-Raise an :class:`APIError` subclass where the status is known; :func:`error_response` maps
-everything else (validation errors, malformed JSON, ``ValueError``, ``NotImplementedError``,
-unexpected exceptions) and :func:`install_error_handlers` wires it into a FastAPI app.
+Errors say whose fault they are. The client's are explicit types: :class:`BadRequestError` and
+the other :class:`APIError` subclasses with a 4xx status, :class:`ParameterError` (raised by request
+validators), request validation errors and malformed JSON; :func:`error_response` answers them
+with their status and message. Anything else, a plain ``ValueError`` included, is the server's
+fault: a 500 whose body says only that, with the request's id, while the log keeps the traceback
+under the same id. :func:`install_error_handlers` wires this into a FastAPI app.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _MAX_INPUT_CHARS = 40  # a rejected scalar is echoed ("(got ...)") only up to th
 
 _TYPE_BY_STATUS = {
     401: "authentication_error",
+    504: "timeout_error",
     403: "permission_error",
     429: "rate_limit_error",
     501: "not_implemented",
@@ -139,6 +143,20 @@ class ServiceUnavailableError(APIError):
 
     status_code = 503
     error_type = "service_unavailable"
+
+
+class RequestTimeoutError(APIError):
+    """504: the request ran past its deadline (its own `timeout`, or the server's --request-timeout)."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "request_timeout"
+
+
+class MemberUnavailableError(ServiceUnavailableError):
+    """503: the member(s) asked for cannot be reached now (their remote server is down); retried with backoff."""
+
+    default_code = "member_unavailable"
 
 
 class ParameterError(ValueError):
@@ -295,12 +313,13 @@ def _type_for_status(status: int) -> str:
     return _TYPE_BY_STATUS.get(status, "invalid_request_error" if status < 500 else "internal_error")
 
 
-def error_response(exc: Exception) -> JSONResponse:
+def error_response(exc: Exception, request_id: str | None = None) -> JSONResponse:
     """The JSON error response for any exception: its status and OpenAI's error shape.
 
-    APIError -> its own status; request validation errors, unreadable JSON and ValueError -> 400;
-    HTTPException -> its status; NotImplementedError -> 501; anything else -> 500, logged with
-    its traceback and answered with a generic message.
+    APIError -> its own status; request validation errors, unreadable JSON and ParameterError -> 400;
+    HTTPException -> its status; NotImplementedError -> 501; anything else (a plain ValueError too:
+    the client's errors are raised as their own types) -> 500, logged with its traceback and
+    `request_id`, and answered with a generic message that carries the id.
     """
     if isinstance(exc, APIError):
         return _render(exc.status_code, exc.info(), exc.headers)
@@ -314,25 +333,31 @@ def error_response(exc: Exception) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
         info = ErrorInfo(message=detail, type=_type_for_status(exc.status_code))
         return _render(exc.status_code, info, exc.headers)
-    if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):
-        param = exc.param if isinstance(exc, ParameterError) else None
+    if isinstance(exc, ParameterError):
         message = str(exc)[:_MAX_MESSAGE_CHARS] or "invalid request"
-        return _render(400, ErrorInfo(message=message, type="invalid_request_error", param=param))
+        return _render(400, ErrorInfo(message=message, type="invalid_request_error", param=exc.param))
     if isinstance(exc, NotImplementedError):
         message = str(exc)[:_MAX_MESSAGE_CHARS] or "not implemented"
         return _render(501, ErrorInfo(message=message, type="not_implemented"))
-    logger.error("unhandled %s while serving a request", type(exc).__name__, exc_info=exc)
-    return _render(500, ErrorInfo(message=INTERNAL_ERROR_MESSAGE, type="internal_error"))
+    where = f" (request {request_id})" if request_id else ""
+    logger.error("unhandled %s while serving a request%s", type(exc).__name__, where, exc_info=exc)
+    message = f"{INTERNAL_ERROR_MESSAGE} Request id: {request_id}." if request_id else INTERNAL_ERROR_MESSAGE
+    return _render(500, ErrorInfo(message=message, type="internal_error"))
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id the request-id middleware gave this request (None outside the app)."""
+    return getattr(request.state, "request_id", None)
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(exc)
+    return error_response(exc, request_id_of(request))
 
 
 async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
     """Routing errors (no such route, wrong method) get OpenAI's wording; others go to error_response."""
     if not isinstance(exc, StarletteHTTPException):
-        return error_response(exc)
+        return error_response(exc, request_id_of(request))
     route = f"{request.method} {request.url.path}"
     if exc.status_code == 404 and exc.detail == HTTPStatus.NOT_FOUND.phrase:
         return _render(404, ErrorInfo(message=f"Invalid URL ({route})", type="invalid_request_error"), exc.headers)
@@ -341,11 +366,11 @@ async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
             message=f"Method not allowed ({route})", type="invalid_request_error", code="method_not_allowed"
         )
         return _render(405, info, exc.headers)
-    return error_response(exc)
+    return error_response(exc, request_id_of(request))
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error of `app` (bad JSON, bad fields, unknown routes, wrong methods, crashes) in one shape."""
     app.add_exception_handler(StarletteHTTPException, _handle_http)
-    for kind in (RequestValidationError, ValidationError, APIError, ValueError, NotImplementedError, Exception):
+    for kind in (RequestValidationError, ValidationError, APIError, NotImplementedError, Exception):
         app.add_exception_handler(kind, _handle)

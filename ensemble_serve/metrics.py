@@ -61,6 +61,18 @@ class Metrics:
             "Ensemble requests voted unrouted because the router's gates were unusable.",
             registry=r,
         )
+        self.member_available = Gauge(
+            "ensemble_member_available",
+            "1 if the member can be asked now, 0 if it cannot (every remote server that serves it is down).",
+            ["member"],
+            registry=r,
+        )
+        self.server_up = Gauge(
+            "ensemble_remote_server_up",
+            "1 if the remote vLLM server is up, 0 if it is down (remote mode only).",
+            ["server"],
+            registry=r,
+        )
 
     def track_inflight(self, fn: Callable[[], float]) -> None:
         self.inflight.set_function(fn)
@@ -84,6 +96,20 @@ class Metrics:
             self.member_votes.labels(member=c.member, outcome=outcome).inc()
         if result.agreement is not None:
             self.agreement.observe(result.agreement)
+
+    def observe_availability(
+        self, members: Sequence[str], unavailable: Sequence[str], servers: Sequence[dict] | None
+    ) -> None:
+        """Set the availability gauges: every member of `members` (1, or 0 if in `unavailable`) and, in remote
+        mode, every server of `servers` (`RemoteBackend.health()["servers"]`: 1 if up). Members and servers
+        no longer listed lose their series."""
+        down = set(unavailable)
+        self.member_available.clear()
+        for m in members:
+            self.member_available.labels(member=m).set(0 if m in down else 1)
+        self.server_up.clear()
+        for s in servers or ():
+            self.server_up.labels(server=s["url"]).set(1 if s["up"] else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,8 +17,10 @@ Responses dump to OpenAI's layout with ``model_dump(exclude_none=True)``.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import time
+import typing
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -46,9 +48,10 @@ MAX_SAMPLES_PER_MEMBER = 32
 MAX_STOP_SEQUENCES = 8
 MAX_LOGPROBS = 20
 MAX_PROMPTS = 1024  # prompts in one text completion request (each fans out to n choices)
+MAX_TIMEOUT_S = 86_400.0  # the largest per-request `timeout` accepted (the server's own cap is lower)
 GREEDY_TEMPERATURE = 1e-5  # below this vLLM samples greedily, which allows only n == 1
 OWNED_BY = "ensemble-serve"
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _LOGPROB_FLOOR = -9999.0  # stands in for -inf, which JSON cannot carry
 
 # Known OpenAI fields that would change the output but are not implemented: field -> "is it in use?".
@@ -92,7 +95,29 @@ class _Strict(BaseModel):
             for k, v in data.items()
             if v is None and k in fields and fields[k].default is not None and not fields[k].is_required()
         ]
-        return {k: v for k, v in data.items() if k not in defaulted} if defaulted else data
+        ints = _int_fields(cls)
+        integral = [k for k, v in data.items() if k in ints and _is_integral_float(v)]
+        if not defaulted and not integral:
+            return data
+        out = {k: v for k, v in data.items() if k not in defaulted}
+        for k in integral:  # JSON has one number type: 2.0 is the integer 2 (as JSON Schema says)
+            out[k] = int(out[k])
+        return out
+
+
+def _is_integral_float(v: Any) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v.is_integer()
+
+
+@functools.cache
+def _int_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """The fields whose only number type is int (`int` or `int | None`)."""
+    out = set()
+    for name, f in cls.model_fields.items():
+        args = set(typing.get_args(f.annotation)) or {f.annotation}
+        if int in args and not args - {int, type(None)}:
+            out.add(name)
+    return frozenset(out)
 
 
 class EnsembleOptions(_Strict):
@@ -135,6 +160,8 @@ class EnsembleOptions(_Strict):
     def _check_members(cls, v: Any) -> Any:
         if v is None:
             return v
+        if _is_integral_float(v):
+            v = int(v)
         if isinstance(v, int) and not isinstance(v, bool):
             if v < 1:
                 raise ValueError(f"must be at least 1, got {v}")
@@ -220,7 +247,7 @@ class _GenerationRequest(_Strict):
     n: int = Field(1, ge=1, le=MAX_N)
     stop: list[str] | None = None
     """A string or up to :data:`MAX_STOP_SEQUENCES` non-empty strings (a string becomes a list of one)."""
-    seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -230,6 +257,9 @@ class _GenerationRequest(_Strict):
     user: str | None = None
     ignore_eos: bool = False
     """vLLM extension."""
+    timeout: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT_S)
+    """Seconds this request may take at most (an extension); the server's --request-timeout caps it.
+    Past it, the request's engine work is aborted and it is answered with a 504."""
     ensemble: EnsembleOptions | None = None
 
     @model_validator(mode="before")
@@ -287,12 +317,18 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ParameterError("requires logprobs to be true", param="top_logprobs")
         return self
 
+    @model_validator(mode="after")
+    def _some_text(self) -> ChatCompletionRequest:
+        if not any(m.content and m.content.strip() for m in self.messages):
+            raise ParameterError("the messages have no text: at least one needs non-empty content", param="messages")
+        return self
+
 
 class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
-    """One prompt, or several (each gets its own choices); token-id prompts are not supported."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """One prompt or several, as text or as token ids (as vLLM's server takes them); each gets its own choices."""
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -302,17 +338,40 @@ class CompletionRequest(_GenerationRequest):
     @classmethod
     def _check_prompt(cls, v: Any) -> Any:
         if isinstance(v, str):
+            _check_text_prompt(v, "")
             return v
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("must not be an empty list")
-            if len(v) > MAX_PROMPTS:
-                raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request, got {len(v)}")
-            if all(isinstance(p, str) for p in v):
-                return v
-            if all(isinstance(p, (int, list)) and not isinstance(p, bool) for p in v):
-                raise ValueError("token-id prompts are not supported")
-        raise ValueError("must be a string or a list of strings")
+        if not isinstance(v, list):
+            raise ValueError(_PROMPT_SHAPES)  # noqa: TRY004 (pydantic reports ValueError)
+        if not v:
+            raise ValueError("must not be an empty list")
+        v = [_token_or_as_is(t) for t in v]
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            if not all(_is_token_id(t) for t in v):
+                raise ValueError("token ids must be integers >= 0")
+            return v  # one prompt as token ids
+        if len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request, got {len(v)}")
+        if all(isinstance(p, str) for p in v):
+            for i, p in enumerate(v):
+                _check_text_prompt(p, f"prompt {i}")
+            return v
+        if all(isinstance(p, list) for p in v):
+            v = [[_token_or_as_is(t) for t in p] for p in v]
+            for i, p in enumerate(v):
+                if not p:
+                    raise ValueError(f"prompt {i} is an empty list of token ids")
+                if not all(_is_token_id(t) for t in p):
+                    raise ValueError(f"prompt {i}: token ids must be integers >= 0")
+            return v
+        raise ValueError(_PROMPT_SHAPES)
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: a string or a list of token ids each."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
     @field_validator("echo")
     @classmethod
@@ -321,10 +380,23 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError("echo is not supported")
         return v
 
-    @property
-    def prompts(self) -> list[str]:
-        """The prompt(s) as a list."""
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+_PROMPT_SHAPES = "must be a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+def _token_or_as_is(t: Any) -> Any:
+    """2.0 -> 2 (JSON has one number type); anything else unchanged."""
+    return int(t) if _is_integral_float(t) else t
+
+
+def _is_token_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def _check_text_prompt(p: str, which: str) -> None:
+    """Refuse an empty or whitespace-only text prompt (`which`: "" for the only prompt, else "prompt i")."""
+    if not p.strip():
+        raise ValueError(f"{which + ' ' if which else ''}must not be empty or only whitespace")
 
 
 def chat_text(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -523,12 +595,17 @@ class CompletionLogprobs(_Response):
 
 
 class CompletionChoice(_Response):
-    """A text completion choice (also the choice of a stream chunk, with finish_reason None until its end)."""
+    """A text completion choice (also the choice of a stream chunk, with finish_reason None until its end).
+
+    `ensemble` is set only on an ensemble request with several prompts: each prompt is voted on
+    separately, and its choice carries its own vote (one prompt: the response's top-level `ensemble`).
+    """
 
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = "stop"
+    ensemble: EnsembleInfo | None = None
 
 
 class EnsembleChain(_Response):
@@ -565,6 +642,8 @@ class EnsembleInfo(_Response):
     chains: list[EnsembleChain] | None = None
     """Only when the request asked for return_chains."""
     failed: list[FailedChain] = Field(default_factory=list)
+    unavailable: list[str] = Field(default_factory=list)
+    """Members that would have been asked but cannot be reached now (their remote server is down)."""
     tokens_saved: int | None = None
     early_stopped: bool = False
     routing: dict[str, Any] | None = None

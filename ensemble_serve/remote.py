@@ -15,10 +15,34 @@ lifespan builds the backend and reads `max_model_len` right away, and a server t
 down or a member that no server has should stop `ensemble-serve up` at once with a
 message that names it. `set_population` (a population refresh) discovers again, also
 synchronously (one short request per server), and refuses a generation with members no
-server serves; `await start()` re-discovers without blocking the event loop. Only names
+server serves; `await start()` re-discovers without blocking the event loop. A refresh
+asks only the servers that are up: a server that is down (or found down by the refresh:
+unreachable, or answering 5xx) keeps the members it served when it was last seen, and
+the monitor re-discovers it when it comes back. Only names
 are matched: a remote server must load a new generation's adapters itself (start it
 with them, or `POST /v1/load_lora_adapter` with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`),
 and a member name must keep meaning the same weights, as the trainer's do.
+
+Settings. vLLM's CPU sampler kills the engine ("CPU Generator does not use offset", then
+`EngineDeadError`) when a seeded request's prefill is split over engine steps, so CPU
+servers must run with `--no-enable-chunked-prefill`. The first discovery of a server (and
+its re-discovery after it was down) reads its configuration from
+`GET /server_info?config_format=json`, which vLLM serves only with
+`VLLM_SERVER_DEV_MODE=1`: a CPU server with chunked prefill on is named in a warning;
+a server without that route gets one warning that it could not be checked. Neither
+refuses the server.
+
+Liveness. Each server is up, or down with a reason and a time for the next retry. A
+server goes down when a request to it cannot connect or times out, when it answers 5xx
+(501 aside: that is about the request), or when a stream carries an error of 500 or
+more (vLLM's `EngineDeadError` arrives that way). The monitor (`start_monitor`, started
+on the running loop; `shutdown` cancels it) probes every up server's `GET /health` every
+`probe_interval` seconds (vLLM answers 503 once its engine is dead) and retries a down
+server with exponential backoff (`backoff_initial` doubling to `backoff_max`, less up to
+`backoff_jitter` of it at random). A down server that answers /health 200 is discovered
+again (its /v1/models: which members it serves now; its /tokenize) before it is up.
+`servers_of` offers only up servers and raises `MemberUnavailableError` (503) when none
+serves the member; `unavailable_members()` and `health()` report the state.
 
 Generation streams `POST /v1/completions` with the prompt as token ids and `logprobs`
 (at least 0) plus vLLM's `return_tokens_as_token_ids`, so every generated token comes
@@ -47,18 +71,28 @@ The backend and its HTTP clients belong to the event loop that first uses them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
+import math
+import random
 import secrets
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from ensemble_serve.engine import ScoringGate
-from ensemble_serve.errors import APIError, BadRequestError, NotImplementedAPIError, ServiceUnavailableError
+from ensemble_serve.errors import (
+    APIError,
+    BadRequestError,
+    MemberUnavailableError,
+    NotImplementedAPIError,
+    ServiceUnavailableError,
+)
 from ensemble_serve.population import Population
 
 log = logging.getLogger("ensemble_serve")
@@ -69,6 +103,13 @@ DISCOVERY_TIMEOUT = 30.0
 TOKEN_ID_PREFIX = "token_id:"
 # Encoded here and by each server's /tokenize: a server whose tokenizer differs is refused.
 TOKENIZER_PROBE = "ensemble-serve probe: add 478+365 = 843\n#### The quick brown fox, 0.5 * (2 - 3)!"
+PROBE_INTERVAL = 5.0  # seconds between two /health probes of a server that is up
+PROBE_TIMEOUT = 10.0  # a /health probe that takes longer marks the server down
+BACKOFF_INITIAL = 1.0  # seconds from a server going down to its first retry; doubles with each failed retry
+BACKOFF_MAX = 30.0
+BACKOFF_JITTER = 0.2  # each wait is shortened by up to this fraction, at random (servers do not retry in step)
+CHUNKED_PREFILL_FLAG = "--no-enable-chunked-prefill"
+ENGINE_DEAD_MARKERS = ("EngineCore encountered an issue", "EngineDeadError", "engine is dead")
 
 
 class RemoteError(APIError):
@@ -80,6 +121,10 @@ class RemoteError(APIError):
 
 class RemoteDiscoveryError(ValueError):
     """The remote servers cannot serve this population: one is unreachable, differs, or lacks members."""
+
+
+class _ServerDown(RemoteDiscoveryError):
+    """Discovery could not reach a server, or it answered 5xx: the server is down, not misconfigured."""
 
 
 # --------------------------------------------------------------------------- outputs shaped like vLLM's
@@ -133,6 +178,14 @@ class RemoteServer:
     max_model_len: int | None = None
     members: frozenset[str] = frozenset()
     inflight: int = 0
+    # liveness (see the module docstring); times are on the backend's clock
+    up: bool = True
+    reason: str | None = None  # why it is down
+    retry_at: float | None = None  # when a down server is tried next
+    failures: int = 0  # failed retries since it went down: the backoff's exponent
+    epoch: int = 0  # +1 each time it comes back up: a request sent before then cannot mark it down
+    next_probe: float = 0.0  # when an up server's /health is probed next
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # wakes its monitor when it goes down
 
 
 @dataclass(frozen=True)
@@ -195,7 +248,48 @@ def _mapped_error(status: int, message: str, param: str | None, model: str) -> E
 
 
 def _unreachable(url: str, e: Exception) -> RemoteDiscoveryError:
-    return RemoteDiscoveryError(f"{url}: cannot reach the vLLM server ({type(e).__name__}: {e})")
+    return _ServerDown(f"{url}: cannot reach the vLLM server ({type(e).__name__}: {e})")
+
+
+def _marks_down(status: int) -> bool:
+    """Whether an answer with this status says the server (not the request) is broken: 5xx but 501."""
+    return status >= 500 and status != 501
+
+
+def _settings_problem(url: str, info: httpx.Response | httpx.HTTPError) -> tuple[str | None, bool]:
+    """(a warning about a server's settings or None, whether they could be checked at all), from its
+    `GET /server_info?config_format=json` answer or how that request failed."""
+    advice = (
+        f"if it runs on the CPU, start it with {CHUNKED_PREFILL_FLAG}, or a request with a `seed` can kill its engine"
+    )
+    if isinstance(info, httpx.HTTPError):
+        why = f"GET /server_info failed ({type(info).__name__})"
+    elif info.status_code == 404:
+        why = "GET /server_info needs VLLM_SERVER_DEV_MODE=1 on the server"
+    elif info.status_code != 200:
+        why = f"GET /server_info answered {info.status_code}"
+    else:
+        try:
+            cfg = info.json()["vllm_config"]
+            device = cfg.get("device_config") or {}
+            device = str(device.get("device_type") or device.get("device") or "")
+            chunked = (cfg.get("scheduler_config") or {}).get("enable_chunked_prefill")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"GET /server_info is not vLLM's ({type(e).__name__})"
+        else:
+            if device.startswith("cpu") and chunked:
+                return (
+                    f"remote vLLM server {url} runs on the CPU with chunked prefill enabled: a request with a "
+                    f'`seed` can kill its engine ("CPU Generator does not use offset"); restart it with '
+                    f"{CHUNKED_PREFILL_FLAG}",
+                    True,
+                )
+            return None, True
+    return f"remote vLLM server {url}: cannot check its settings ({why}); {advice}", False
+
+
+def _engine_dead(message: str) -> bool:
+    return any(m in message for m in ENGINE_DEAD_MARKERS)
 
 
 def _token_id(token: str) -> int:
@@ -244,10 +338,12 @@ def request_body(prompt_ids: Sequence[int], params: Any, model: str, max_model_l
         "skip_special_tokens": params.skip_special_tokens,
         "spaces_between_special_tokens": params.spaces_between_special_tokens,
         "include_stop_str_in_output": params.include_stop_str_in_output,
-        # the least that gives every token's id and log-probability
-        "logprobs": want if want is not None else 0,
-        "return_tokens_as_token_ids": True,
     }
+    if want is not None:  # every token's log-probability, with its exact id ("token_id:123")
+        body["logprobs"] = want
+        body["return_tokens_as_token_ids"] = True
+    else:  # the ids alone (each chunk's new token ids): no log-probabilities to compute
+        body["return_token_ids"] = True
     if params.seed is not None:
         body["seed"] = params.seed
     stop = params.stop
@@ -277,6 +373,11 @@ class RemoteBackend:
     as `Authorization: Bearer` to every server (vLLM's `--api-key`). `timeout`: seconds a
     server may stay silent during a request before it fails. Construction discovers the
     servers synchronously and raises `RemoteDiscoveryError` if one cannot be used.
+
+    Liveness settings (keyword-only, short in tests): `probe_interval`, `probe_timeout`,
+    `backoff_initial`, `backoff_max`, `backoff_jitter` (seconds, fraction), `clock` (a
+    monotonic clock in seconds), `rng` (a `random.Random` for the jitter). `transport`
+    replaces the HTTP transport of every client (an `httpx.MockTransport` in tests).
     """
 
     abort_grace: float = 0.5  # seconds a stream closed early keeps its server's gate (see the module docstring)
@@ -289,6 +390,14 @@ class RemoteBackend:
         timeout: float = DEFAULT_TIMEOUT,
         *,
         tokenizer: Any = None,
+        probe_interval: float = PROBE_INTERVAL,
+        probe_timeout: float = PROBE_TIMEOUT,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
+        backoff_jitter: float = BACKOFF_JITTER,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        transport: Any = None,
     ):
         normalized = [normalize_url(u) for u in urls]
         if not normalized:
@@ -296,7 +405,17 @@ class RemoteBackend:
         dup = sorted({u for u in normalized if normalized.count(u) > 1})
         if dup:
             raise ValueError(f"remote server URL(s) given twice: {dup}")
+        if not 0 <= backoff_jitter < 1:
+            raise ValueError(f"backoff_jitter must be in [0, 1), got {backoff_jitter}")
         self.population = population
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.backoff_jitter = backoff_jitter
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._transport = transport
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout))
         self._discovery_timeout = httpx.Timeout(min(DISCOVERY_TIMEOUT, timeout), connect=min(CONNECT_TIMEOUT, timeout))
@@ -309,6 +428,7 @@ class RemoteBackend:
                     timeout=self._timeout,
                     # an ensemble request holds one stream per member: no pool limit to queue them behind
                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                    transport=transport,
                 ),
             )
             for u in normalized
@@ -323,8 +443,10 @@ class RemoteBackend:
         self._tag = secrets.token_hex(4)  # request ids stay unique on servers shared by several processes
         self._closing: list[asyncio.Task] = []
         self._late_releases: set[asyncio.Task] = set()
+        self._monitors: list[asyncio.Task] = []
+        self._unchecked_warned: set[str] = set()  # servers already named as not checkable
         try:
-            self._apply(population, self._discover_sync())
+            self._apply(population, self._discover_sync(first=True))
         except BaseException:
             self._close_now()
             raise
@@ -335,7 +457,8 @@ class RemoteBackend:
         if resp.status_code != 200:
             message, _ = _error_message(resp)
             hint = " (set remote_api_key to the server's --api-key)" if resp.status_code in (401, 403) else ""
-            raise RemoteDiscoveryError(f"{url}: GET /v1/models answered {resp.status_code}{hint}: {message}")
+            error = _ServerDown if _marks_down(resp.status_code) else RemoteDiscoveryError
+            raise error(f"{url}: GET /v1/models answered {resp.status_code}{hint}: {message}")
         try:
             cards = resp.json()["data"]
             bases = [c for c in cards if not c.get("parent")]
@@ -353,7 +476,8 @@ class RemoteBackend:
             return
         if resp.status_code != 200:
             message, _ = _error_message(resp)
-            raise RemoteDiscoveryError(f"{url}: POST /tokenize answered {resp.status_code}: {message}")
+            error = _ServerDown if _marks_down(resp.status_code) else RemoteDiscoveryError
+            raise error(f"{url}: POST /tokenize answered {resp.status_code}: {message}")
         tokens = resp.json().get("tokens")
         if tokens != self._probe_ids:
             raise RemoteDiscoveryError(
@@ -365,16 +489,55 @@ class RemoteBackend:
     def _tokenize_body(self, base: str) -> dict[str, Any]:
         return {"model": base, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
 
-    def _discover_sync(self) -> dict[str, _Found]:
+    def _warn_settings(self, url: str, info: httpx.Response | httpx.HTTPError) -> None:
+        """Log what `GET /server_info` (its answer, or how it failed) says is wrong with a server's settings.
+
+        Never refuses the server: the check is advice. That a server could not be checked is
+        said once per server; a CPU server with chunked prefill on is named each time it is
+        (re-)discovered.
+        """
+        problem, checked = _settings_problem(url, info)
+        if problem and (checked or url not in self._unchecked_warned):
+            log.warning("%s", problem)
+        if not checked:
+            self._unchecked_warned.add(url)
+
+    def _last_seen(self, s: RemoteServer) -> _Found:
+        """What discovery found on `s` when it was last reached (a refresh does not ask a down server)."""
+        return _Found(s.base_model or "", s.max_model_len or 0, s.members)
+
+    def _discover_sync(self, *, first: bool = False) -> dict[str, _Found]:
+        """Ask the servers what they serve. `first`: every server must answer (the constructor); otherwise a
+        server that is down, or found down, keeps what it served when last seen."""
         found: dict[str, _Found] = {}
         try:
-            with httpx.Client(headers=self._headers, timeout=self._discovery_timeout) as client:
+            with httpx.Client(headers=self._headers, timeout=self._discovery_timeout, transport=self._transport) as c:
                 for s in self.servers:
+                    if not first and not s.up:
+                        found[s.url] = self._last_seen(s)
+                        continue
                     try:
-                        base, max_len, loras = self._parse_models(s.url, client.get(s.url + "/v1/models"))
-                        self._check_tokens(s.url, client.post(s.url + "/tokenize", json=self._tokenize_body(base)))
-                    except httpx.HTTPError as e:
-                        raise _unreachable(s.url, e) from None
+                        try:
+                            base, max_len, loras = self._parse_models(s.url, c.get(s.url + "/v1/models"))
+                            self._check_tokens(s.url, c.post(s.url + "/tokenize", json=self._tokenize_body(base)))
+                        except httpx.HTTPError as e:
+                            raise _unreachable(s.url, e) from None
+                    except _ServerDown as e:
+                        if first:
+                            raise
+                        self._mark_down(s, f"discovery: {e}")
+                        found[s.url] = self._last_seen(s)
+                        continue
+                    except RemoteDiscoveryError as e:
+                        if not first:
+                            self._mark_down(s, f"discovery: {e}")
+                        raise
+                    if first:
+                        try:
+                            info = c.get(s.url + "/server_info", params={"config_format": "json"})
+                        except httpx.HTTPError as e:
+                            info = e
+                        self._warn_settings(s.url, info)
                     found[s.url] = _Found(base, max_len, loras)
         except RemoteDiscoveryError:
             self._errored = True
@@ -382,19 +545,40 @@ class RemoteBackend:
         self._errored = False
         return found
 
-    async def _discover(self) -> dict[str, _Found]:
-        async def one(s: RemoteServer) -> _Found:
+    async def _discover_one(self, s: RemoteServer, *, check_settings: bool = False) -> _Found:
+        try:
+            base, max_len, loras = self._parse_models(
+                s.url, await s.client.get("/v1/models", timeout=self._discovery_timeout)
+            )
+            self._check_tokens(
+                s.url,
+                await s.client.post("/tokenize", json=self._tokenize_body(base), timeout=self._discovery_timeout),
+            )
+        except httpx.HTTPError as e:
+            raise _unreachable(s.url, e) from None
+        if check_settings:
             try:
-                base, max_len, loras = self._parse_models(
-                    s.url, await s.client.get("/v1/models", timeout=self._discovery_timeout)
-                )
-                self._check_tokens(
-                    s.url,
-                    await s.client.post("/tokenize", json=self._tokenize_body(base), timeout=self._discovery_timeout),
+                info = await s.client.get(
+                    "/server_info", params={"config_format": "json"}, timeout=self._discovery_timeout
                 )
             except httpx.HTTPError as e:
-                raise _unreachable(s.url, e) from None
-            return _Found(base, max_len, loras)
+                info = e
+            self._warn_settings(s.url, info)
+        return _Found(base, max_len, loras)
+
+    async def _discover(self) -> dict[str, _Found]:
+        async def one(s: RemoteServer) -> _Found:
+            if not s.up:
+                return self._last_seen(s)
+            epoch = s.epoch
+            try:
+                return await self._discover_one(s)
+            except _ServerDown as e:
+                self._mark_down(s, f"discovery: {e}", epoch=epoch)
+                return self._last_seen(s)
+            except RemoteDiscoveryError as e:
+                self._mark_down(s, f"discovery: {e}", epoch=epoch)
+                raise
 
         try:
             results = await asyncio.gather(*(one(s) for s in self.servers))
@@ -422,6 +606,13 @@ class RemoteBackend:
         self._by_member = by_member
         self.population = population
 
+    def _route(self) -> None:
+        """Re-route the current population after a server's members changed (it came back up)."""
+        self._by_member = {name: [s for s in self.servers if name in s.members] for name in self.population.names}
+        lens = [s.max_model_len for s in self.servers if s.max_model_len]
+        if lens:
+            self.max_model_len = min(lens)
+
     async def start(self) -> None:
         """Discover the servers again (without blocking the event loop) for the current population."""
         self._apply(self.population, await self._discover())
@@ -439,16 +630,186 @@ class RemoteBackend:
         self._apply(population, self._discover_sync())
 
     def servers_of(self, member: str | None) -> list[RemoteServer]:
-        """The servers that can answer for `member` (every server for the base model)."""
+        """The servers that are up and serve `member` (every up server for the base model).
+
+        Raises `MemberUnavailableError` (503) when every server that serves it is down, and
+        `RemoteError` for a name that is not a member of the population.
+        """
         if member is None:
-            return list(self.servers)
-        try:
-            return self._by_member[member]
-        except KeyError:
-            raise RemoteError(f"no remote vLLM server serves member {member!r}") from None
+            candidates = self.servers
+        else:
+            try:
+                candidates = self._by_member[member]
+            except KeyError:
+                raise RemoteError(f"no remote vLLM server serves member {member!r}") from None
+        up = [s for s in candidates if s.up]
+        if up:
+            return up
+        raise self._unavailable(member, candidates)
+
+    def _unavailable(self, member: str | None, down: list[RemoteServer]) -> MemberUnavailableError:
+        what = "the base model" if member is None else f"member {member!r}"
+        if not down:
+            served = {s.url: sorted(s.members) for s in self.servers}
+            return MemberUnavailableError(
+                f"{what} is unavailable: no remote vLLM server serves it now (they serve {served})"
+            )
+        now = self._clock()
+        waits = [max(0.0, s.retry_at - now) for s in down if s.retry_at is not None]
+        servers = "; ".join(f"{s.url} ({s.reason})" for s in down)
+        retry = f"; next retry in {min(waits):.1f} s" if waits else ""
+        headers = {"Retry-After": str(max(1, math.ceil(min(waits))))} if waits else None
+        return MemberUnavailableError(
+            f"{what} is unavailable: its remote vLLM server{'s are' if len(down) > 1 else ' is'} down: {servers}{retry}",
+            headers=headers,
+        )
+
+    def unavailable_members(self) -> list[str]:
+        """The population's members that no up server serves now, in manifest order."""
+        return [m for m in self.population.names if not any(s.up for s in self._by_member.get(m, ()))]
+
+    def health(self) -> dict[str, Any]:
+        """Each server's state: `{"servers": [{"url", "up", "reason", "retry_in_s", "members"}]}`."""
+        now = self._clock()
+        return {
+            "servers": [
+                {
+                    "url": s.url,
+                    "up": s.up,
+                    "reason": s.reason,
+                    "retry_in_s": None if s.up or s.retry_at is None else round(max(0.0, s.retry_at - now), 2),
+                    "members": sorted(s.members),
+                }
+                for s in self.servers
+            ]
+        }
 
     def _pick(self, member: str | None) -> RemoteServer:
         return min(self.servers_of(member), key=lambda s: s.inflight)  # first of the least busy
+
+    # ------------------------------------------------------------------ liveness
+
+    def _backoff(self, failures: int) -> float:
+        """Seconds before retry number `failures + 1` of a down server (capped, with jitter)."""
+        delay = min(self.backoff_max, self.backoff_initial * 2.0**failures)
+        return delay * (1.0 - self.backoff_jitter * self._rng.random())
+
+    def _mark_down(self, s: RemoteServer, reason: str, *, epoch: int | None = None) -> None:
+        """Take `s` out of routing (no-op if it is already down, or if it came back up since `epoch`)."""
+        if not s.up or (epoch is not None and epoch != s.epoch):
+            return
+        s.up, s.reason, s.failures = False, reason, 0
+        s.retry_at = self._clock() + self._backoff(0)
+        lost = [m for m in self.unavailable_members() if s in self._by_member.get(m, ())]
+        log.warning(
+            "remote vLLM server %s is down (%s); unavailable now: %s; retrying in %.1f s",
+            s.url,
+            reason,
+            ", ".join(lost) or "no member",
+            s.retry_at - self._clock(),
+        )
+        s.wake.set()
+
+    def _mark_up(self, s: RemoteServer, found: _Found) -> None:
+        s.base_model, s.max_model_len, s.members = found.base_model, found.max_model_len, found.models
+        s.up, s.reason, s.retry_at, s.failures = True, None, None, 0
+        s.epoch += 1
+        s.next_probe = self._clock() + self.probe_interval
+        self._route()
+        if all(x.up for x in self.servers):
+            self._errored = False  # every server has been discovered since the discovery that failed
+        log.warning(
+            "remote vLLM server %s is up again; it serves %s", s.url, ", ".join(sorted(s.members)) or "no member"
+        )
+
+    async def _probe(self, s: RemoteServer) -> str | None:
+        """None if `s` answers `GET /health` with 200, else what went wrong."""
+        try:
+            resp = await s.client.get("/health", timeout=self.probe_timeout)
+        except httpx.HTTPError as e:
+            return f"GET /health failed: {type(e).__name__}: {e}".rstrip(": ")
+        if resp.status_code != 200:
+            return f"GET /health answered {resp.status_code}" + (
+                " (its engine is dead)" if resp.status_code == 503 else ""
+            )
+        return None
+
+    async def check_server(self, s: RemoteServer) -> bool:
+        """One liveness check of `s` now (what the monitor runs when it is due); returns whether it is up.
+
+        An up server's /health is probed. A down server is retried: /health, then discovery
+        (its members now, its tokenizer, its settings); on success it is up and routed again,
+        otherwise its next retry waits twice as long as the last (up to `backoff_max`).
+        """
+        epoch = s.epoch
+        if s.up:
+            problem = await self._probe(s)
+            if problem is None:
+                s.next_probe = self._clock() + self.probe_interval
+            else:
+                self._mark_down(s, problem, epoch=epoch)
+            return s.up
+        problem = await self._probe(s)
+        found = None
+        if problem is None:
+            try:
+                found = await self._discover_one(s, check_settings=True)
+            except RemoteDiscoveryError as e:
+                problem = f"discovery: {e}"
+        if s.up:  # brought up meanwhile by another check
+            return True
+        if found is None:
+            s.failures += 1
+            s.reason = problem
+            s.retry_at = self._clock() + self._backoff(s.failures)
+            log.info(
+                "remote vLLM server %s is still down (%s); retrying in %.1f s",
+                s.url,
+                problem,
+                s.retry_at - self._clock(),
+            )
+            return False
+        self._mark_up(s, found)
+        return True
+
+    async def start_monitor(self) -> None:
+        """Start watching every server (from the running event loop; `shutdown` stops it). Idempotent."""
+        if any(not t.done() for t in self._monitors):
+            return
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        for s in self.servers:
+            if s.up:
+                s.next_probe = now + self.probe_interval
+        self._monitors = [
+            loop.create_task(self._watch(s), name=f"ensemble-serve monitor {s.url}") for s in self.servers
+        ]
+
+    async def warm(self) -> None:
+        """Called by the app once the backend serves (and after each refresh): start the monitor."""
+        await self.start_monitor()
+
+    async def _watch(self, s: RemoteServer) -> None:
+        while True:
+            due = s.next_probe if s.up else (s.retry_at if s.retry_at is not None else 0.0)
+            delay = due - self._clock()
+            if delay > 0:
+                s.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(s.wake.wait(), delay)
+                continue  # woken (it went down) or due: look again
+            try:
+                await self.check_server(s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the monitor must outlive any surprise
+                log.exception("checking remote vLLM server %s failed", s.url)
+                await asyncio.sleep(self.probe_interval)
+
+    def _stop_monitor(self) -> None:
+        for t in self._monitors:
+            t.cancel()
+        self._monitors = []
 
     # ------------------------------------------------------------------ requests
 
@@ -468,13 +829,14 @@ class RemoteBackend:
         state: dict[int, RemoteCompletion] = {}
         await server.gate.acquire_shared()
         server.inflight += 1
+        epoch = server.epoch
         over = False  # True once the server is done with the request (finished, or refused it)
         try:
             async with server.client.stream("POST", "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
                     over = True
                     await resp.aread()
-                    raise self._http_error(server, resp, model)
+                    raise self._http_error(server, resp, model, epoch)
                 done = False
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
@@ -486,7 +848,7 @@ class RemoteBackend:
                     chunk = self._decode(server, data)
                     if "error" in chunk:
                         over = True
-                        raise self._stream_error(server, chunk["error"], model)
+                        raise self._stream_error(server, chunk["error"], model, epoch)
                     choices = chunk.get("choices") or []
                     for ch in choices:
                         _fold(state, ch, keep_logprobs)
@@ -497,6 +859,8 @@ class RemoteBackend:
                     raise RemoteError("a remote vLLM server ended the stream before the request finished")
         except httpx.HTTPError as e:
             log.warning("remote vLLM server %s failed during %s: %s: %s", server.url, request_id, type(e).__name__, e)
+            if isinstance(e, httpx.TransportError):  # cannot connect, timed out, connection lost
+                self._mark_down(server, f"{type(e).__name__} during a request", epoch=epoch)
             raise RemoteError(f"a remote vLLM server failed during the request ({type(e).__name__})") from None
         finally:
             server.inflight -= 1
@@ -530,6 +894,7 @@ class RemoteBackend:
         n = len(prompt_ids)
         limit = (server.max_model_len or self.max_model_len) - 1  # the request still asks for one token
         running = False  # a scoring request was sent and its answer has not come back
+        epoch = server.epoch
 
         async def one(cont: list[int]) -> float:
             nonlocal running
@@ -549,10 +914,12 @@ class RemoteBackend:
                 resp = await server.client.post("/v1/completions", json=body)
             except httpx.HTTPError as e:
                 log.warning("remote vLLM server %s failed while scoring: %s: %s", server.url, type(e).__name__, e)
+                if isinstance(e, httpx.TransportError):
+                    self._mark_down(server, f"{type(e).__name__} while scoring", epoch=epoch)
                 raise RemoteError(f"a remote vLLM server failed while scoring ({type(e).__name__})") from None
             running = False
             if resp.status_code != 200:
-                raise self._http_error(server, resp, model)
+                raise self._http_error(server, resp, model, epoch)
             try:
                 lps = resp.json()["choices"][0]["prompt_logprobs"]
             except (ValueError, KeyError, IndexError, TypeError):
@@ -589,13 +956,15 @@ class RemoteBackend:
             raise RemoteError("a remote vLLM server sent an event that is not a JSON object")
         return chunk
 
-    def _http_error(self, server: RemoteServer, resp: httpx.Response, model: str) -> Exception:
+    def _http_error(self, server: RemoteServer, resp: httpx.Response, model: str, epoch: int) -> Exception:
         message, param = _error_message(resp)
         if resp.status_code >= 500 or resp.status_code in (401, 403, 404):
             log.warning("remote vLLM server %s answered %s for %s: %s", server.url, resp.status_code, model, message)
+        if _marks_down(resp.status_code) or _engine_dead(message):
+            self._mark_down(server, f"answered {resp.status_code}: {message[:200]}", epoch=epoch)
         return _mapped_error(resp.status_code, message, param, model)
 
-    def _stream_error(self, server: RemoteServer, err: Any, model: str) -> Exception:
+    def _stream_error(self, server: RemoteServer, err: Any, model: str, epoch: int) -> Exception:
         """An error event inside the stream (vLLM sends `data: {"error": {...}}` after a 200)."""
         if isinstance(err, dict):
             message = str(err.get("message") or err)
@@ -605,6 +974,8 @@ class RemoteBackend:
         else:
             message, status, param = str(err), 500, None
         log.warning("remote vLLM server %s sent an error for %s: %s", server.url, model, message)
+        if _marks_down(status) or _engine_dead(message):  # vLLM's EngineDeadError comes as a 500 in the stream
+            self._mark_down(server, f"error {status} in a stream: {message[:200]}", epoch=epoch)
         return _mapped_error(status, message, param, model)
 
     # ------------------------------------------------------------------ lifecycle
@@ -625,10 +996,12 @@ class RemoteBackend:
         return self._errored
 
     async def aclose(self) -> None:
+        self._stop_monitor()
         await asyncio.gather(*(s.client.aclose() for s in self.servers), return_exceptions=True)
 
     def shutdown(self) -> None:
-        """Close the HTTP clients (scheduled on the running loop when there is one)."""
+        """Stop the monitor and close the HTTP clients (scheduled on the running loop when there is one)."""
+        self._stop_monitor()
         self._close_now()
 
     def _close_now(self) -> None:

@@ -23,7 +23,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ensemble_serve.errors import BadRequestError, InternalServerError, NotFoundError, ServiceUnavailableError
+from ensemble_serve.errors import (
+    BadRequestError,
+    InternalServerError,
+    MemberUnavailableError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from ensemble_serve.metrics import Metrics
 from ensemble_serve.population import Population
 from ensemble_serve.protocol import (
@@ -54,6 +60,7 @@ from ensemble_serve.protocol import (
     sampling_kwargs,
 )
 from ensemble_serve.voting import (
+    VOTE_RULES,
     Candidate,
     ExactGrouper,
     SemanticGrouper,
@@ -161,6 +168,7 @@ class Chain:
     finish_reason: str | None = None
     cumulative_logprob: float | None = None
     error: str | None = None
+    exception: Exception | None = None  # what made the chain fail (client errors are re-raised as such)
     stopped: bool = False  # aborted by early stop
 
     @property
@@ -225,7 +233,7 @@ class EnsembleService:
                 ensemble={
                     "members": self.population.names,
                     "generation": manifest.generation,
-                    "vote_rules": ["majority", "weighted", "cross"],
+                    "vote_rules": list(VOTE_RULES),
                     "router": self.routing.status,
                 },
             ),
@@ -236,6 +244,10 @@ class EnsembleService:
             for m in manifest.members
         ]
         return ModelList(data=cards)
+
+    def can_mix(self) -> bool:
+        """Whether `ensemble.mode: mixture` can be served: a router, and an engine that loads mixed adapters."""
+        return self.routing.router is not None and hasattr(self.backend, "register_extra")
 
     def close(self) -> None:
         """Remove the mixed adapters this server wrote."""
@@ -259,8 +271,25 @@ class EnsembleService:
             raise BadRequestError(f"the chat template refused these messages: {e}", param="messages") from None
         return tok.encode(text, add_special_tokens=False)
 
-    def _completion_prompt_ids(self, prompt: str) -> list[int]:
-        return self.backend.tokenizer.encode(prompt, add_special_tokens=True)
+    def _completion_prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A text prompt tokenized, or a token-id prompt checked against the vocabulary."""
+        tok = self.backend.tokenizer
+        if isinstance(prompt, str):
+            return tok.encode(prompt, add_special_tokens=True)
+        vocab = len(tok)
+        bad = next((t for t in prompt if t >= vocab), None)
+        if bad is not None:
+            raise BadRequestError(
+                f"token id {bad} is out of range: the model's vocabulary has {vocab} tokens", param="prompt"
+            )
+        return list(prompt)
+
+    def _completion_prompts(self, prompts: list[str | list[int]]) -> tuple[list[list[int]], list[str]]:
+        """Token ids of every prompt, and the text of each (what the router reads)."""
+        ids = [self._completion_prompt_ids(p) for p in prompts]
+        tok = self.backend.tokenizer
+        texts = [p if isinstance(p, str) else tok.decode(i, skip_special_tokens=True) for p, i in zip(prompts, ids)]
+        return ids, texts
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], **overrides: Any) -> Any:
         from vllm import SamplingParams
@@ -276,9 +305,9 @@ class EnsembleService:
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         kind = self.kind_of(req.model)
-        prompt_ids = self._chat_prompt_ids(req)
+        prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, req)  # templates and tokenizers cost CPU
         if kind == "ensemble":
-            return await self._ensemble(req, prompt_ids, chat=True)
+            return await self._ensemble(req, [prompt_ids], [_routing_prompt(req)], chat=True)
         if req.ensemble is not None:
             raise BadRequestError(
                 f"`ensemble` options need the ensemble model ({self.settings.ensemble_name})", param="ensemble"
@@ -304,11 +333,9 @@ class EnsembleService:
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         kind = self.kind_of(req.model)
-        prompts = [self._completion_prompt_ids(p) for p in req.prompts]
+        prompts, texts = await asyncio.to_thread(self._completion_prompts, req.prompts)
         if kind == "ensemble":
-            if len(prompts) != 1:
-                raise BadRequestError("the ensemble answers one prompt per request", param="prompt")
-            return await self._ensemble(req, prompts[0], chat=False)
+            return await self._ensemble(req, prompts, texts, chat=False)
         if req.ensemble is not None:
             raise BadRequestError(
                 f"`ensemble` options need the ensemble model ({self.settings.ensemble_name})", param="ensemble"
@@ -526,7 +553,11 @@ class EnsembleService:
 
     # ------------------------------------------------------------------ ensemble
 
-    def _select_members(self, opts: EnsembleOptions) -> list[str]:
+    def _select_members(self, opts: EnsembleOptions, down: set[str]) -> list[str]:
+        """The members to ask when the router does not choose: a list by name, the top-k by fitness, or all.
+
+        Members in `down` (unreachable now) are left out; ServiceUnavailable when none is left.
+        """
         members = self.population.manifest.members
         if isinstance(opts.members, list):
             unknown = [m for m in opts.members if m not in self.population.names]
@@ -536,17 +567,23 @@ class EnsembleService:
                     param="ensemble.members",
                     code="model_not_found",
                 )
-            return list(opts.members)
+            chosen = [m for m in opts.members if m not in down]
+            if not chosen:
+                raise MemberUnavailableError(f"none of the members {opts.members} can be reached now")
+            return chosen
         k = opts.members if opts.members is not None else self.settings.default_members
-        if k is None:
-            return [m.name for m in members]
-        if k > len(members):
+        if k is not None and k > len(members):
             raise BadRequestError(
                 f"ensemble.members={k} but the ensemble has {len(members)} members", param="ensemble.members"
             )
-        ranked = sorted(members, key=lambda m: -(m.fitness if m.fitness is not None else float("-inf")))
+        reachable = [m for m in members if m.name not in down]
+        if not reachable:
+            raise MemberUnavailableError("no member of the ensemble can be reached now")
+        if k is None:
+            return [m.name for m in reachable]
+        ranked = sorted(reachable, key=lambda m: -(m.fitness if m.fitness is not None else float("-inf")))
         chosen = {m.name for m in ranked[:k]}
-        return [m.name for m in members if m.name in chosen]  # manifest order
+        return [m.name for m in reachable if m.name in chosen]  # manifest order
 
     def _member_weights(self) -> dict[str, float]:
         manifest = self.population.manifest
@@ -563,44 +600,72 @@ class EnsembleService:
             return SemanticGrouper(self._embedder, threshold=self.settings.semantic_threshold)
         return ExactGrouper()
 
-    async def _ensemble(self, req: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], chat: bool):
-        opts = req.ensemble or EnsembleOptions()
+    def _check_ensemble_request(self, req: ChatCompletionRequest | CompletionRequest, opts: EnsembleOptions) -> None:
         if req.n != 1:
             raise BadRequestError(
                 "n must be 1 for the ensemble model (it returns one consensus answer); "
                 "use ensemble.samples_per_member for more chains per member",
                 param="n",
             )
-        if chat and req.logprobs:
+        asked_logprobs = req.logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs is not None
+        if asked_logprobs:
             raise BadRequestError("logprobs are not available for the ensemble model; ask a member", param="logprobs")
-        if not chat and req.logprobs is not None:
-            raise BadRequestError("logprobs are not available for the ensemble model; ask a member", param="logprobs")
-        routing, weights, members = await self._route(req, opts, chat)
-        if opts.mode == "mixture":
-            members, routing = await self._mixture(opts, routing, weights, members)
-            weights = None
-        if members is None:
-            members = self._select_members(opts)
         if opts.samples_per_member > 1 and req.temperature is not None and req.temperature < 1e-5:
             raise BadRequestError(
                 "samples_per_member > 1 needs sampling (temperature > 0): greedy samples of one member are identical",
                 param="ensemble.samples_per_member",
             )
-        params = self._params(req, prompt_ids, n=opts.samples_per_member, logprobs=0)
         get_vote_rule(opts.vote)  # validated by the protocol too; keeps a registry miss loud
+
+    async def _ensemble(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        prompts: list[list[int]],
+        texts: list[str],
+        chat: bool,
+    ) -> ChatCompletionResponse | CompletionResponse | AsyncIterator[str]:
+        """Fan each prompt out to the chosen members and vote; several prompts are voted on separately."""
+        opts = req.ensemble or EnsembleOptions()
+        self._check_ensemble_request(req, opts)
+        plans = [await self._plan(req, ids, text, opts) for ids, text in zip(prompts, texts)]
         if req.stream:
-            return self._stream_ensemble(req, prompt_ids, params, members, opts, chat, weights, routing)
+            return self._stream_ensemble(req, plans, opts, chat)
         started = time.perf_counter()
-        outcome = await self._fan_out_and_vote(prompt_ids, params, members, opts, weights, routing)
+        outcomes = await _all_or_none([self._fan_out_and_vote(plan, opts) for plan in plans])
         self.metrics.observe_request(
-            "ensemble", time.perf_counter() - started, len(prompt_ids), outcome.completion_tokens
+            "ensemble",
+            time.perf_counter() - started,
+            sum(len(p.prompt_ids) for p in plans),
+            sum(o.completion_tokens for o in outcomes),
         )
-        return self._ensemble_response(req, prompt_ids, outcome, chat)
+        return self._ensemble_response(req, plans, outcomes, chat)
+
+    async def _plan(
+        self, req: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], text: str, opts: EnsembleOptions
+    ) -> EnsemblePlan:
+        """Who answers one prompt (router, mixture or selection), with which weights and sampling parameters."""
+        down = set(self.backend.unavailable_members())
+        routing, weights, members = await self._route(text, opts, down)
+        if opts.mode == "mixture":
+            members, routing = await self._mixture(opts, routing, weights, members)
+            weights = None
+        if members is None:
+            members = self._select_members(opts, down)
+        if isinstance(opts.members, list):
+            unavailable = [m for m in opts.members if m in down]
+        else:
+            unavailable = [m for m in self.population.names if m in down]
+        # no logprobs: no vote rule needs the sampled tokens' log-probabilities, and asking costs ~10%
+        params = self._params(req, prompt_ids, n=opts.samples_per_member)
+        return EnsemblePlan(prompt_ids, params, members, weights, routing, unavailable)
 
     async def _route(
-        self, req: Any, opts: EnsembleOptions, chat: bool
+        self, text: str, opts: EnsembleOptions, down: set[str]
     ) -> tuple[dict[str, Any] | None, dict[str, float] | None, list[str] | None]:
-        """(routing info for the response, vote weights, members) from the router; Nones when not routed."""
+        """(routing info for the response, vote weights, members) from the router; Nones when not routed.
+
+        The top-k are taken among the members that can be reached now (`down` are skipped).
+        """
         if opts.route is False or isinstance(opts.members, list):
             return None, None, None
         routing = self.routing
@@ -610,8 +675,7 @@ class EnsembleService:
                     raise BadRequestError("this population has no router", param="ensemble.route")
                 return None, None, None
             return {"used": False, "reason": routing.status}, None, None
-        prompt = _routing_prompt(req, chat)
-        gates, problem = await asyncio.to_thread(routing.gates, prompt)
+        gates, problem = await asyncio.to_thread(routing.gates, text)
         if gates is None:
             self.metrics.route_fallbacks.inc()
             return {"used": False, "reason": f"router output unusable ({problem}); voted unrouted"}, None, None
@@ -622,8 +686,12 @@ class EnsembleService:
             raise BadRequestError(
                 f"ensemble.members={k} but the ensemble has {len(names)} members", param="ensemble.members"
             )
-        ranked = sorted(range(len(names)), key=lambda i: (-gates[names[i]], i))
+        reachable = [i for i in range(len(names)) if names[i] not in down]
+        if not reachable:
+            raise MemberUnavailableError("no member of the ensemble can be reached now")
+        ranked = sorted(reachable, key=lambda i: (-gates[names[i]], i))
         chosen = sorted(ranked[:k])
+        k = len(chosen)
         total = sum(gates[names[i]] for i in chosen)
         weights = {names[i]: (gates[names[i]] / total if total > 0 else 1.0 / k) for i in chosen}
         info = {"used": True, "top_k": k, "gates": {m: round(g, 4) for m, g in gates.items()}}
@@ -665,21 +733,17 @@ class EnsembleService:
         routing = {**routing, "mixture": {"adapter": name, "members": members, "cached": not created}}
         return [name], routing
 
-    async def _fan_out_and_vote(
-        self,
-        prompt_ids: list[int],
-        params: Any,
-        members: list[str],
-        opts: EnsembleOptions,
-        weights: dict[str, float] | None = None,
-        routing: dict[str, Any] | None = None,
-    ) -> EnsembleOutcome:
-        chains = await self._fan_out(prompt_ids, params, members, opts, weights)
-        candidates = [self._candidate(c, opts) for c in chains]
-        result, scores = await self._vote(prompt_ids, chains, candidates, opts, weights)
+    async def _fan_out_and_vote(self, plan: EnsemblePlan, opts: EnsembleOptions) -> EnsembleOutcome:
+        chains, cached = await self._fan_out(plan.prompt_ids, plan.params, plan.members, opts, plan.weights)
+        # extraction, grouping and voting run off the event loop: no request's CPU work delays another
+        candidates = await asyncio.to_thread(
+            lambda: [cached.get((c.member, c.sample)) or self._candidate(c, opts) for c in chains]
+        )
+        _raise_if_the_client_is_at_fault(chains)
+        result, scores = await self._vote(plan.prompt_ids, chains, candidates, opts, plan.weights)
         if opts.mode != "mixture":  # per-member vote metrics are for members, not for mixed adapters
             self.metrics.observe_vote(result, candidates)
-        return EnsembleOutcome(members, chains, candidates, result, scores, routing)
+        return EnsembleOutcome(plan.members, chains, candidates, result, scores, plan.routing, plan.unavailable)
 
     def _candidate(self, c: Chain, opts: EnsembleOptions) -> Candidate:
         if c.error is not None or c.stopped:
@@ -693,15 +757,27 @@ class EnsembleService:
         members: list[str],
         opts: EnsembleOptions,
         route_weights: dict[str, float] | None = None,
-    ) -> list[Chain]:
-        """All members x samples in flight at once (vLLM batches them); optional early stop."""
+    ) -> tuple[list[Chain], dict[tuple[str, int], Candidate]]:
+        """All members x samples in flight at once (vLLM batches them); optional early stop.
+
+        Returns the chains and, with early stop, the candidates already extracted from the finished ones.
+        """
         s = opts.samples_per_member
         chains = {(m, i): Chain(m, i) for m in members for i in range(s)}
-        done: set[tuple[str, int]] = set()
+        # with early stop: the candidate of every chain that finished or failed, extracted once
+        settled: dict[tuple[str, int], Candidate] = {}
         weights = (route_weights or self._member_weights()) if opts.vote == "weighted" else {}
         stop_event = asyncio.Event()
 
+        async def finished(key: tuple[str, int]) -> None:
+            settled[key] = await asyncio.to_thread(self._candidate, chains[key], opts)
+            done = [settled[k] for k in sorted(settled)]
+            pending = [k[0] for k in chains if k not in settled]
+            if await asyncio.to_thread(self._vote_is_settled, done, pending, opts, weights):
+                stop_event.set()
+
         async def run(member: str) -> None:
+            seen: set[int] = set()
             try:
                 async for out in self.backend.generate(
                     prompt_ids, params, member, self.backend.next_id(f"ens-{member}")
@@ -710,48 +786,49 @@ class EnsembleService:
                         c = chains[(member, o.index)]
                         c.text, c.token_ids = o.text, list(o.token_ids)
                         c.cumulative_logprob = o.cumulative_logprob
-                        if o.finish_reason is not None and (member, o.index) not in done:
+                        if o.finish_reason is not None and o.index not in seen:
                             c.finish_reason = o.finish_reason
-                            done.add((member, o.index))
-                            if opts.early_stop and self._vote_is_settled(chains, done, opts, weights):
-                                stop_event.set()
+                            seen.add(o.index)
+                            if opts.early_stop and opts.vote != "cross":  # the jury can overturn any count
+                                await finished((member, o.index))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # one member failing must not fail the request
                 log.warning("member %s failed: %s", member, e)
                 self.metrics.member_failures.labels(member=member).inc()
                 for i in range(s):
-                    if (member, i) not in done:
+                    if i not in seen:
                         chains[(member, i)].error = f"{type(e).__name__}: {e}"
-                        done.add((member, i))
+                        chains[(member, i)].exception = e
+                        settled.setdefault((member, i), self._candidate(chains[(member, i)], opts))
 
         tasks = [asyncio.create_task(run(m)) for m in members]
         waiter = asyncio.create_task(stop_event.wait())
         try:
             pending = set(tasks)
             while pending:
-                finished, pending = await asyncio.wait(pending | {waiter}, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(pending | {waiter}, return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(waiter)
-                if waiter in finished:
+                if waiter in done:
                     break
         finally:
             waiter.cancel()
             await _cancel(tasks)  # aborts whatever still runs inside vLLM
-        for key, c in chains.items():
-            if key not in done:
+        for c in chains.values():
+            if c.finish_reason is None and c.error is None:
                 c.stopped = True
-        return [chains[(m, i)] for m in members for i in range(s)]
+                settled.pop((c.member, c.sample), None)
+        return [chains[(m, i)] for m in members for i in range(s)], settled
 
-    def _vote_is_settled(self, chains: dict, done: set, opts: EnsembleOptions, weights: dict[str, float]) -> bool:
-        if opts.vote == "cross":
-            return False  # the jury can overturn any count
-        finished = [self._candidate(chains[k], opts) for k in sorted(done)]
+    def _vote_is_settled(
+        self, finished: list[Candidate], pending: list[str], opts: EnsembleOptions, weights: dict[str, float]
+    ) -> bool:
+        """Whether the chains still running (one entry per chain: its member) can no longer change the winner."""
         grouper = ExactGrouper() if opts.answer != "text" else self._grouper(opts)
         groups, reps = outcome_groups(finished, grouper)
         tally: dict[str, float] = {}
         for g, rep in zip(groups, reps):
             tally[rep] = sum(weights.get(finished[i].member, 1.0) if opts.vote == "weighted" else 1.0 for i in g)
-        pending = [k[0] for k in chains if k not in done]
         return decided(tally, remaining_weight(pending, opts.vote, weights))
 
     async def _vote(
@@ -767,7 +844,7 @@ class EnsembleService:
         cross_scores = None
         group_scores = None
         if opts.vote == "cross":
-            groups, _ = outcome_groups(candidates, grouper)
+            groups, _ = await asyncio.to_thread(outcome_groups, candidates, grouper)
             if len(groups) > 1:
                 key = winner_key(candidates)
                 continuations = [chains[min(g, key=key)].token_ids for g in groups]
@@ -785,7 +862,7 @@ class EnsembleService:
             else:
                 cross_scores = {m: [0.0] * len(groups) for m in {c.member for c in candidates}}
         ctx = VoteContext(member_weights=weights, grouper=grouper, cross_scores=cross_scores)
-        result = get_vote_rule(opts.vote)(candidates, ctx)
+        result = await asyncio.to_thread(get_vote_rule(opts.vote), candidates, ctx)
         if result.votes:
             weight_of = {}
             for g, rep in zip(result.groups, result.votes):
@@ -823,6 +900,7 @@ class EnsembleService:
             rule=r.rule,
             chains=chains_out,
             failed=failed,
+            unavailable=outcome.unavailable,
             tokens_saved=outcome.tokens_saved,
             early_stopped=outcome.early_stopped,
             routing=outcome.routing,
@@ -837,36 +915,41 @@ class EnsembleService:
             raise ServiceUnavailableError(f"every member failed to answer: {reasons}")
         return answered[0]
 
-    def _ensemble_response(self, req: Any, prompt_ids: list[int], outcome: EnsembleOutcome, chat: bool) -> Any:
+    def _ensemble_response(
+        self, req: Any, plans: list[EnsemblePlan], outcomes: list[EnsembleOutcome], chat: bool
+    ) -> ChatCompletionResponse | CompletionResponse:
+        """One choice per prompt; the vote goes top-level for one prompt, into each choice for several."""
         opts = req.ensemble or EnsembleOptions()
-        best = self._winner_chain(outcome)
-        usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=outcome.completion_tokens)
-        info = self._ensemble_info(outcome, opts)
-        finish = best.finish_reason or "stop"
+        usage = UsageInfo(
+            prompt_tokens=sum(len(p.prompt_ids) for p in plans),
+            completion_tokens=sum(o.completion_tokens for o in outcomes),
+        )
+        bests = [self._winner_chain(o) for o in outcomes]
+        infos = [self._ensemble_info(o, opts) for o in outcomes]
         if chat:
-            choice = ChatCompletionChoice(index=0, message=ResponseMessage(content=best.text), finish_reason=finish)
-            return ChatCompletionResponse(model=req.model, choices=[choice], usage=usage, ensemble=info)
-        choice = CompletionChoice(index=0, text=best.text, finish_reason=finish)
-        return CompletionResponse(model=req.model, choices=[choice], usage=usage, ensemble=info)
+            best = bests[0]
+            choice = ChatCompletionChoice(
+                index=0, message=ResponseMessage(content=best.text), finish_reason=best.finish_reason or "stop"
+            )
+            return ChatCompletionResponse(model=req.model, choices=[choice], usage=usage, ensemble=infos[0])
+        several = len(outcomes) > 1
+        choices = [
+            CompletionChoice(
+                index=i, text=b.text, finish_reason=b.finish_reason or "stop", ensemble=info if several else None
+            )
+            for i, (b, info) in enumerate(zip(bests, infos))
+        ]
+        return CompletionResponse(model=req.model, choices=choices, usage=usage, ensemble=None if several else infos[0])
 
-    def _stream_ensemble(
-        self,
-        req: Any,
-        prompt_ids: list[int],
-        params: Any,
-        members: list[str],
-        opts: EnsembleOptions,
-        chat: bool,
-        weights: dict[str, float] | None = None,
-        routing: dict[str, Any] | None = None,
-    ):
-        """Streams once the vote is in: the role first, then the winning chain in pieces, then `ensemble` and usage."""
+    def _stream_ensemble(self, req: Any, plans: list[EnsemblePlan], opts: EnsembleOptions, chat: bool):
+        """Streams once each vote is in: the role first, then each prompt's winning chain in pieces, then its
+        `ensemble` object (in the chunk that ends its choice) and the usage."""
 
         async def events() -> AsyncIterator[str]:
             rid, created = random_id("chatcmpl" if chat else "cmpl"), int(time.time())
             started = time.perf_counter()
 
-            def chunk(text: str | None, finish: str | None = None, role: bool = False, **extra: Any) -> str:
+            def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False, **extra: Any) -> str:
                 if chat:
                     delta = DeltaMessage(role="assistant" if role else None, content=text)
                     return _sse(
@@ -874,7 +957,7 @@ class EnsembleService:
                             id=rid,
                             created=created,
                             model=req.model,
-                            choices=[ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)],
+                            choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish)],
                             **extra,
                         )
                     )
@@ -883,34 +966,60 @@ class EnsembleService:
                         id=rid,
                         created=created,
                         model=req.model,
-                        choices=[CompletionChoice(index=0, text=text or "", finish_reason=finish)],
+                        choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)],
                         **extra,
                     )
                 )
 
             if chat:
-                yield chunk("", role=True)
-            outcome = await self._fan_out_and_vote(prompt_ids, params, members, opts, weights, routing)
-            best = self._winner_chain(outcome)
-            for i in range(0, len(best.text), STREAM_PIECE_CHARS):
-                yield chunk(best.text[i : i + STREAM_PIECE_CHARS])
-            yield chunk(
-                "" if not chat else None,
-                finish=best.finish_reason or "stop",
-                ensemble=self._ensemble_info(outcome, opts),
-            )
+                yield chunk(0, "", role=True)
+
+            async def indexed(i: int, plan: EnsemblePlan) -> tuple[int, EnsembleOutcome]:
+                return i, await self._fan_out_and_vote(plan, opts)
+
+            tasks = [asyncio.create_task(indexed(i, plan)) for i, plan in enumerate(plans)]
+            completion_tokens = 0
+            try:
+                for next_done in asyncio.as_completed(tasks):  # each prompt's choice as soon as its vote is in
+                    i, outcome = await next_done
+                    completion_tokens += outcome.completion_tokens
+                    best = self._winner_chain(outcome)
+                    for k in range(0, len(best.text), STREAM_PIECE_CHARS):
+                        yield chunk(i, best.text[k : k + STREAM_PIECE_CHARS])
+                    yield chunk(
+                        i,
+                        "" if not chat else None,
+                        finish=best.finish_reason or "stop",
+                        ensemble=self._ensemble_info(outcome, opts),
+                    )
+            finally:
+                await _cancel(tasks)
             if req.stream_options and req.stream_options.include_usage:
-                usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=outcome.completion_tokens)
+                usage = UsageInfo(
+                    prompt_tokens=sum(len(p.prompt_ids) for p in plans), completion_tokens=completion_tokens
+                )
                 if chat:
                     yield _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
                 else:
                     yield _sse(CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
             self.metrics.observe_request(
-                "ensemble", time.perf_counter() - started, len(prompt_ids), outcome.completion_tokens
+                "ensemble", time.perf_counter() - started, sum(len(p.prompt_ids) for p in plans), completion_tokens
             )
             yield SSE_DONE
 
         return events()
+
+
+@dataclass
+class EnsemblePlan:
+    """Who answers one prompt of an ensemble request, and how."""
+
+    prompt_ids: list[int]
+    params: Any  # vllm.SamplingParams
+    members: list[str]  # member names (or one mixed adapter's name in mixture mode)
+    weights: dict[str, float] | None  # router gates of the chosen members, normalized; None: not routed
+    routing: dict[str, Any] | None  # what `ensemble.routing` reports
+    unavailable: list[str]  # members left out because they cannot be reached now
 
 
 @dataclass
@@ -921,6 +1030,7 @@ class EnsembleOutcome:
     result: VoteResult
     scores: list[float | None] | None
     routing: dict[str, Any] | None = None
+    unavailable: list[str] = field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
@@ -943,14 +1053,32 @@ class EnsembleOutcome:
         return int(round(sum(max(0.0, mean - c.tokens) for c in stopped)))
 
 
-def _routing_prompt(req: Any, chat: bool) -> str:
-    """The text the router sees: the last user message (the task), or the completion prompt."""
-    if not chat:
-        return req.prompt if isinstance(req.prompt, str) else str(req.prompt)
+def _raise_if_the_client_is_at_fault(chains: list[Chain]) -> None:
+    """When every chain failed because the engine refused the request itself (a 400), that is the answer."""
+    errors = [c.exception for c in chains]
+    if errors and all(isinstance(e, BadRequestError) for e in errors):
+        raise errors[0]
+
+
+def _routing_prompt(req: ChatCompletionRequest) -> str:
+    """The text the router sees for a chat: the last user message (the task)."""
     for m in reversed(chat_text(req.messages)):
         if m["role"] == "user":
             return m["content"]
     return chat_text(req.messages)[-1]["content"] if req.messages else ""
+
+
+async def _all_or_none(coros: Sequence[Any]) -> list[Any]:
+    """Run coroutines concurrently; on the first failure cancel the others and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        await _cancel(tasks)
 
 
 async def _cancel(tasks: Sequence[asyncio.Task]) -> None:

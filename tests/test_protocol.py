@@ -450,12 +450,18 @@ def test_invalid_chat_requests_are_400s_naming_the_parameter(
     assert error == {"message": message, "type": "invalid_request_error", "param": param, "code": None}
 
 
+PROMPT_SHAPES = "must be a string, a list of strings, a list of token ids or a list of token-id lists"
 COMPLETION_CASES = [
-    ({"prompt": [1, 2, 3]}, "prompt", "prompt: token-id prompts are not supported"),
-    ({"prompt": [[1, 2], [3]]}, "prompt", "prompt: token-id prompts are not supported"),
     ({"prompt": []}, "prompt", "prompt: must not be an empty list"),
-    ({"prompt": ["a", 1]}, "prompt", "prompt: must be a string or a list of strings"),
-    ({"prompt": None}, "prompt", "prompt: must be a string or a list of strings"),
+    ({"prompt": ""}, "prompt", "prompt: must not be empty or only whitespace"),
+    ({"prompt": " \n\t"}, "prompt", "prompt: must not be empty or only whitespace"),
+    ({"prompt": ["a", " "]}, "prompt", "prompt: prompt 1 must not be empty or only whitespace"),
+    ({"prompt": [[1], []]}, "prompt", "prompt: prompt 1 is an empty list of token ids"),
+    ({"prompt": [1, -2]}, "prompt", "prompt: token ids must be integers >= 0"),
+    ({"prompt": [[1], [True]]}, "prompt", "prompt: prompt 1: token ids must be integers >= 0"),
+    ({"prompt": ["a", 1]}, "prompt", f"prompt: {PROMPT_SHAPES}"),
+    ({"prompt": [[1], "a"]}, "prompt", f"prompt: {PROMPT_SHAPES}"),
+    ({"prompt": None}, "prompt", f"prompt: {PROMPT_SHAPES}"),
     ({"echo": True}, "echo", "echo: echo is not supported"),
     ({"logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20 (got 21)"),
     ({"logprobs": True}, "logprobs", "logprobs: Input should be a valid integer (got true)"),
@@ -630,7 +636,8 @@ def test_raised_errors_get_their_status(client: TestClient) -> None:
         "param": None,
         "code": None,
     }
-    assert api_error(client.get("/raise/value"), 400)["message"] == "bad value"
+    # a plain ValueError inside the server is the server's fault: client errors have their own types
+    assert api_error(client.get("/raise/value"), 500)["message"] == INTERNAL_ERROR_MESSAGE
     resp = client.get("/raise/busy")
     assert api_error(resp, 503)["type"] == "service_unavailable"
     assert resp.headers["retry-after"] == "5"
@@ -695,7 +702,8 @@ def test_a_response_model_that_fails_validation_is_a_500_not_a_400(client: TestC
         (NotImplementedAPIError("x"), 501, "not_implemented", None),
         (ServiceUnavailableError("x"), 503, "service_unavailable", None),
         (json.JSONDecodeError("Expecting value", "{", 1), 400, "invalid_request_error", None),
-        (ValueError("x"), 400, "invalid_request_error", None),
+        (ValueError("x"), 500, "internal_error", None),
+        (ParameterError("x", param="n"), 400, "invalid_request_error", None),
         (NotImplementedError("x"), 501, "not_implemented", None),
         (KeyError("x"), 500, "internal_error", None),
     ],

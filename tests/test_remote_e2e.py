@@ -8,133 +8,22 @@ Slow: each vLLM server takes 30-60 s to start on 2 cores (both start at once).
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from server_harness import ROOT, Server, copy_embedded, free_port, start_server
+from server_harness import VLLM_KEY, Server, VLLMServer, copy_embedded, free_port, start_server
+from server_harness import start_vllm as _start_vllm
+from server_harness import wait_healthy as _wait_healthy
 
 pytestmark = pytest.mark.slow
 
 PROBLEM = "add 478+365"  # answer 843
-VLLM_KEY = "remote-key-456"  # the vLLM servers' --api-key: ensemble-serve must send it (--remote-api-key)
 MEMBERS = [f"m0{i}" for i in range(8)]
 SERVED_BY = {"a": MEMBERS[:4], "b": MEMBERS[4:]}
 START_TIMEOUT = 300.0
-VLLM_START_TIMEOUT = 420.0  # both vLLM servers start at once on 2 shared cores: about 60 s idle, 4 min under load
-
-
-@dataclass
-class VLLMServer:
-    """`python -m vllm.entrypoints.openai.api_server` in its own process group."""
-
-    name: str
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {VLLM_KEY}"}
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=VLLM_KEY, max_retries=0)
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a Prometheus metric's samples (optionally only those with these labels)."""
-        text = httpx.get(self.url + "/metrics", headers=self.headers, timeout=10).text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                    total += float(line.rsplit(" ", 1)[-1])
-        return total
-
-    def failure(self, what: str) -> str:
-        """`what`, the log's error lines (the root cause sits above the final traceback) and its tail."""
-        text = self.log.read_text(errors="replace")
-        errors = [line for line in text.splitlines() if "Error" in line and "ulimit" not in line][:20]
-        return f"vLLM server {self.name} {what}:\n" + "\n".join(errors) + "\n...\n" + text[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # the API server stops its engine-core and worker processes itself
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:  # whatever of its process group is left
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _start_vllm(name: str, substrate: Path, population: Path, members: list[str], log: Path) -> VLLMServer:
-    port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(substrate),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--api-key",
-        VLLM_KEY,
-        "--enable-lora",
-        "--lora-modules",
-        *[f"{m}={population / 'members' / m}" for m in members],
-        "--max-lora-rank",
-        "16",
-        "--max-loras",
-        "4",
-        "--max-cpu-loras",
-        "4",
-        # Memory on the CPU backend is a fraction of NUMA node 0's: the worker alone holds about
-        # 0.7 GiB before its KV cache, more than --gpu-memory-utilization 0.08 grants, so the KV
-        # cache is sized explicitly (this also skips the warm-up that sizes it: a faster start).
-        "--kv-cache-memory-bytes",
-        str(64 * 2**20),
-        "--enforce-eager",
-        "--dtype",
-        "float32",
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(
-        args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-    )
-    return VLLMServer(name, f"http://127.0.0.1:{port}", proc, log)
-
-
-def _wait_healthy(servers: list[VLLMServer], timeout: float = VLLM_START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    waiting = list(servers)
-    while waiting and time.monotonic() < deadline:
-        for s in list(waiting):
-            if s.proc.poll() is not None:
-                raise RuntimeError(s.failure(f"exited with {s.proc.returncode}"))
-            if s.healthy():
-                waiting.remove(s)
-        time.sleep(1)
-    if waiting:
-        s = waiting[0]
-        raise RuntimeError(s.failure(f"did not start in {timeout}s"))
 
 
 @dataclass

@@ -58,6 +58,9 @@ class ScriptedBackend:
     def set_population(self, population) -> None:
         pass
 
+    def unavailable_members(self) -> list[str]:
+        return []
+
     async def generate(self, prompt_ids, params, member, request_id):
         if member in self.fail:
             raise RuntimeError(f"adapter {member} could not be loaded")

@@ -507,7 +507,9 @@ class _TensorBoard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise EvolveError(f"tensorboard logging needs the tensorboard package ({e})") from None
+                raise EvolveError(
+                    f"tensorboard logging needs TensorBoard; install the `train` extra (pip install 'ensemble-serve[train]') ({e})"
+                ) from None
             self.writer = SummaryWriter(str(logdir))
 
     def log(self, record: dict[str, Any]) -> None:

@@ -1,0 +1,292 @@
+"""End to end, hostile input and shutdown: the real server (real vLLM CPU engine, embedded ensemble),
+the real `openai` client and raw HTTP over loopback.
+
+- a catastrophic answer pattern neither stalls the server nor keeps `/health` waiting;
+- empty prompts, token-id prompts and lists of prompts for members, the base and the ensemble;
+- a deadline aborts the request's generations (the engine's in-flight count returns to 0);
+- SIGTERM drains within --shutdown-grace and exits 0; a second SIGTERM exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_harness import copy_embedded, metric, start_server
+
+pytestmark = pytest.mark.slow
+
+ENSEMBLE = "sandbox-ensemble"
+PROBLEM = "add 478+365"  # answer 843
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("robust")
+    population = copy_embedded(root)
+    srv = start_server(population, root / "server.log", "--served-model-name", ENSEMBLE, api_key=None)
+    yield srv
+    srv.stop()
+
+
+def _chat(content: str = PROBLEM, **fields) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 64, "temperature": 0, **fields}
+
+
+# ---------------------------------------------------------------- hostile patterns
+
+
+def test_a_catastrophic_answer_pattern_neither_stalls_the_server_nor_health(server):
+    """`(.*.*)*ZZZ` backtracks exponentially in Python's engine on any text without ZZZ (16 characters take
+    about 30 s there, and the process ignores SIGTERM meanwhile); RE2 runs it in linear time.
+
+    While 64 chains of 200 tokens are extracted with it, `/health` keeps answering within 100 ms (at most
+    2 polls over, for the scheduler of a busy 2-core machine; none over 1 s)."""
+    body = _chat(
+        "sort 52 17 83 4",
+        model=ENSEMBLE,
+        temperature=1.0,
+        max_tokens=200,
+        ignore_eos=True,
+        ensemble={"samples_per_member": 8, "answer": {"regex": r"(.*.*)*ZZZ"}, "return_chains": True},
+    )
+
+    async def run() -> tuple[httpx.Response, list[float]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            warm = await c.post("/v1/chat/completions", json=_chat(model=ENSEMBLE))  # first-request costs aside
+            assert warm.status_code == 200
+            task = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+            latencies = []
+            while not task.done():
+                t = time.perf_counter()
+                assert (await c.get("/health")).status_code == 200
+                latencies.append(time.perf_counter() - t)
+                await asyncio.sleep(0.02)
+            return task.result(), latencies
+
+    resp, latencies = asyncio.run(run())
+    assert resp.status_code == 200, resp.text
+    ens = resp.json()["ensemble"]
+    assert resp.json()["usage"]["completion_tokens"] == 64 * 200
+    assert ens["answer"] is None and {c["status"] for c in ens["chains"]} == {"missing"}
+    slow = sorted(t for t in latencies if t >= 0.1)
+    assert len(latencies) >= 10 and len(slow) <= 2 and max(latencies) < 1.0, (slow, statistics.median(latencies))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "named"),
+    [(r"(\d)\1", r"\1"), (r"(?<=#### )\d+", "(?<="), (r"\d++", "++"), ("(unclosed", "missing )")],
+)
+def test_a_pattern_the_linear_engine_cannot_run_is_a_400_naming_it(server, pattern: str, named: str):
+    resp = httpx.post(
+        server.url + "/v1/chat/completions",
+        json=_chat(model=ENSEMBLE, ensemble={"answer": {"regex": pattern}}),
+        timeout=60,
+    )
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "ensemble.answer" and named in error["message"]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@pytest.mark.parametrize("model", [ENSEMBLE, "m00", "sandbox-substrate"])
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/completions", {"prompt": ""}),
+        ("/v1/completions", {"prompt": "  \n\t "}),
+        ("/v1/completions", {"prompt": ["add 1+2", ""]}),
+        ("/v1/completions", {"prompt": []}),
+        ("/v1/completions", {"prompt": [[]]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": " "}, {"role": "user", "content": "\n"}]}),
+    ],
+    ids=["empty", "whitespace", "one-of-two-empty", "no-prompts", "empty-token-ids", "empty-message", "blank-messages"],
+)
+def test_empty_prompts_are_400s_for_every_kind_of_model(server, model: str, route: str, body: dict):
+    resp = httpx.post(server.url + route, json={"model": model, "max_tokens": 8, **body}, timeout=60)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] in ("prompt", "messages")
+
+
+def test_token_id_prompts_and_lists_of_prompts_work_as_in_vllm(server):
+    client = server.client()
+    tok_ids = httpx.post(
+        server.url + "/v1/completions", json={"model": "m00", "prompt": "add 1+2", "max_tokens": 1}, timeout=60
+    ).json()["usage"]["prompt_tokens"]
+    assert tok_ids > 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(server.population.parent / "substrate"))
+    ids = tokenizer.encode(PROBLEM, add_special_tokens=True)
+    for model in ("m00", "sandbox-substrate"):
+        as_text = client.completions.create(model=model, prompt=PROBLEM, max_tokens=24, temperature=0)
+        as_ids = client.completions.create(model=model, prompt=ids, max_tokens=24, temperature=0)
+        assert as_ids.choices[0].text == as_text.choices[0].text
+        assert as_ids.usage.prompt_tokens == as_text.usage.prompt_tokens == len(ids)
+        both = client.completions.create(
+            model=model, prompt=[PROBLEM, "sub 603-278"], max_tokens=24, temperature=0.7, n=2, seed=3
+        )
+        assert [c.index for c in sorted(both.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+        lists = client.completions.create(model=model, prompt=[ids, ids], max_tokens=24, temperature=0)
+        assert [c.text for c in lists.choices] == [as_text.choices[0].text] * 2
+    too_big = httpx.post(server.url + "/v1/completions", json={"model": "m00", "prompt": [1, 10**6]}, timeout=60)
+    assert too_big.status_code == 400 and "out of range" in too_big.json()["error"]["message"]
+
+
+def test_the_ensemble_votes_each_prompt_of_a_list_separately(server):
+    client = server.client()
+    prompts = [PROBLEM, "sub 603-278", "mod 347%7"]
+    resp = client.completions.create(model=ENSEMBLE, prompt=prompts, max_tokens=64, temperature=0)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert resp.model_extra.get("ensemble") is None  # several prompts: each choice carries its own vote
+    singles = [client.completions.create(model=ENSEMBLE, prompt=p, max_tokens=64, temperature=0) for p in prompts]
+    for choice, single in zip(resp.choices, singles):
+        vote = choice.model_extra["ensemble"]
+        assert vote["answer"] == single.model_extra["ensemble"]["answer"]
+        assert vote["votes"] == single.model_extra["ensemble"]["votes"]
+        assert choice.text == single.choices[0].text
+    assert resp.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    # streamed: every prompt's choice ends with its own `ensemble` object
+    stream = client.completions.create(model=ENSEMBLE, prompt=prompts, max_tokens=64, temperature=0, stream=True)
+    texts: dict[int, str] = {}
+    votes: dict[int, dict] = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason is not None:
+                votes[c.index] = chunk.model_extra["ensemble"]
+    assert [texts[i] for i in range(3)] == [s.choices[0].text for s in singles]
+    assert [votes[i]["answer"] for i in range(3)] == [s.model_extra["ensemble"]["answer"] for s in singles]
+    ids_prompt = client.completions.create(model=ENSEMBLE, prompt=[[5, 6, 7]], max_tokens=16, temperature=0)
+    assert ids_prompt.model_extra["ensemble"]["members"]
+
+
+# ---------------------------------------------------------------- bodies and deadlines
+
+
+def test_an_oversized_body_is_a_413(server):
+    body = b'{"model": "m00", "prompt": "' + b"1" * (5 * 2**20) + b'"}'
+    resp = httpx.post(
+        server.url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+    assert server.alive()
+
+
+def test_a_deadline_aborts_the_request_and_its_engine_work(server):
+    client = server.client(timeout=120)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(
+            model=ENSEMBLE,
+            messages=[{"role": "user", "content": PROBLEM}],
+            temperature=1.0,
+            max_tokens=200,
+            extra_body={"ignore_eos": True, "timeout": 1.0, "ensemble": {"samples_per_member": 32}},
+        )
+    assert info.value.status_code == 504
+    assert time.monotonic() - started < 10  # the whole fan-out takes about 25 s on 2 cores
+    deadline = time.monotonic() + 10
+    while metric(server.url, "ensemble_engine_requests_inflight") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(server.url, "ensemble_engine_requests_inflight") == 0
+    ok = client.chat.completions.create(model="m00", messages=[{"role": "user", "content": PROBLEM}], max_tokens=32)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------- shutdown
+
+SHORT = {"model": "m00", "messages": [{"role": "user", "content": PROBLEM}], "temperature": 0, "max_tokens": 32}
+LONG = {
+    "model": ENSEMBLE,
+    "messages": [{"role": "user", "content": PROBLEM}],
+    "temperature": 1.0,
+    "max_tokens": 200,
+    "ignore_eos": True,
+    "ensemble": {"samples_per_member": 32},  # 256 chains: about 25 s on 2 cores
+}
+
+
+async def _in_flight_then_signal(url: str, pid: int, signals: int) -> tuple[list, float]:
+    """19 short requests and one long one in flight, then `signals` SIGTERMs; (responses, seconds after the first)."""
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        tasks = [asyncio.create_task(c.post("/v1/chat/completions", json=SHORT)) for _ in range(19)]
+        await asyncio.sleep(0.3)  # the short ones reach the engine first
+        tasks.append(asyncio.create_task(c.post("/v1/chat/completions", json=LONG)))
+        await asyncio.sleep(0.7)
+        os.kill(pid, signal.SIGTERM)
+        sent = time.monotonic()
+        for _ in range(signals - 1):
+            await asyncio.sleep(0.3)
+            os.kill(pid, signal.SIGTERM)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return results, time.monotonic() - sent
+
+
+def _drain_server(tmp_path: Path, grace: str):
+    population = copy_embedded(tmp_path)
+    return start_server(
+        population,
+        tmp_path / "server.log",
+        "--shutdown-grace",
+        grace,
+        "--no-watch",
+        "--served-model-name",
+        ENSEMBLE,
+        api_key=None,
+    )
+
+
+def test_sigterm_drains_in_flight_requests_within_the_grace_then_exits_0(tmp_path: Path):
+    srv = _drain_server(tmp_path, "4")
+    try:
+        results, _ = asyncio.run(_in_flight_then_signal(srv.url, srv.proc.pid, signals=1))
+        statuses = [getattr(r, "status_code", repr(r)) for r in results]
+        assert statuses[:19] == [200] * 19, statuses  # finished within the grace
+        assert statuses[19] == 503, statuses  # the long one is aborted when the grace is over
+        assert "shutting down" in results[19].json()["error"]["message"]
+        code = srv.proc.wait(timeout=60)
+        assert code == 0, srv.log.read_text()[-3000:]
+        log = srv.log.read_text()
+        assert "shutdown grace of 4.0 s is over: aborting 1 request(s)" in log
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(srv.url + "/health", timeout=2)
+    finally:
+        srv.stop()
+
+
+def test_a_second_sigterm_exits_at_once_even_with_a_request_stuck(tmp_path: Path):
+    srv = _drain_server(tmp_path, "60")
+    try:
+        asyncio.run(_second_signal(srv))
+        assert srv.proc.returncode == 128 + signal.SIGTERM
+        assert "second SIGTERM: exiting now" in srv.log.read_text()
+    finally:
+        srv.stop()
+
+
+async def _second_signal(srv) -> None:
+    async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+        long = asyncio.create_task(c.post("/v1/chat/completions", json=LONG))
+        await asyncio.sleep(1.0)
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert srv.proc.poll() is None  # draining: the long request has 60 s
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        while srv.proc.poll() is None and time.monotonic() - sent < 5:
+            await asyncio.sleep(0.05)
+        assert srv.proc.poll() is not None, "still running 5 s after the second SIGTERM"
+        assert time.monotonic() - sent < 3
+        with pytest.raises(httpx.HTTPError):
+            await long
