@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="Comma-separated ablation configs to run.")
     args = parser.parse_args()
 
-    from trainer.ablate import format_report, run_ablation
+    from trainer.study.ablate import format_report, run_ablation
     from trainer.config import AblateConfig, load_config
 
     runs = {}

@@ -1,7 +1,7 @@
 """Accuracy on held-out sandbox problems: single members, self-consistency, and the ensemble's vote rules.
 
 One real `ensemble-serve up` server (the embedded default: 8 LoRA members m00..m07), the real `openai`
-client, many requests in flight. Problems come from `trainer.sandbox.generate_problems(..., split="heldout")`,
+client, many requests in flight. Problems come from `trainer.tasks.sandbox.generate_problems(..., split="heldout")`,
 balanced over the 6 domains x 4 difficulties:
 
 * a VALIDATION set (its own seed) on which every member answers greedily; the member with the best
@@ -10,7 +10,7 @@ balanced over the 6 domains x 4 difficulties:
   method is reported:
   - every member, greedy (temperature 0);
   - the best member with self-consistency: n=8 samples at temperature 0.7, majority over the extracted
-    answers (`ensemble_serve.voting`); sent with `stream: true`, because the non-streaming member path
+    answers (`ensemble_serve.shared.voting.rules`); sent with `stream: true`, because the non-streaming member path
     returns fewer than n choices for n > 1 (see BENCHMARKS.md);
   - the ensemble, 8 members x 1 chain at temperature 0.7 with `vote` = majority, weighted, cross;
   - the ensemble, 8 members x 1 chain, greedy, majority.
@@ -19,7 +19,7 @@ balanced over the 6 domains x 4 difficulties:
   seeded requests are in flight, so that no seeded prefill is ever chunked: that kills vLLM's CPU engine
   (see `_common.py`).
 
-Correctness is `trainer.sandbox.verify(problem, returned text)`. Completion tokens per problem come from
+Correctness is `trainer.tasks.sandbox.verify(problem, returned text)`. Completion tokens per problem come from
 the responses' `usage` (for the ensemble: every chain of every member; cross-vote scoring prefills are not
 completion tokens and are not counted).
 
@@ -56,8 +56,8 @@ from _common import (  # noqa: E402
 )
 from tqdm import tqdm  # noqa: E402
 
-from ensemble_serve.voting import candidate_from_text, vote  # noqa: E402
-from trainer.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
+from ensemble_serve.shared.voting.rules import candidate_from_text, vote  # noqa: E402
+from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
 
 
 class Runner:

@@ -34,10 +34,10 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from ensemble_serve.lora import load_lora, lora_from_bytes, lora_to_bytes, save_lora
-    from trainer.data import greedy_answers
-    from trainer.sandbox import generate_problems, verify
-    from trainer.workers import train_member_task
+    from ensemble_serve.shared.lora import load_lora, lora_from_bytes, lora_to_bytes, save_lora
+    from trainer.tasks.data import greedy_answers
+    from trainer.tasks.sandbox import generate_problems, verify
+    from trainer.evolve.executors import train_member_task
 
     base = str(EMBEDDED_SUBSTRATE)
     member_dir = EMBEDDED_POPULATION / "members" / args.member

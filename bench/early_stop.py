@@ -11,7 +11,7 @@ kills vLLM's CPU engine (see `_common.py` and BENCHMARKS.md); the table says how
 
 Reported per samples_per_member: total completion tokens (`usage`), tokens saved measured as the
 difference in usage (off - on) and as the sum of the server's own estimate `ensemble.tokens_saved`,
-the share of requests that stopped early, accuracy (`trainer.sandbox.verify` on the returned chain) for
+the share of requests that stopped early, accuracy (`trainer.tasks.sandbox.verify` on the returned chain) for
 both, how often the answers differ, and latency (median and paired on/off ratio).
 
     .venv/bin/python bench/early_stop.py [--n 96] [--samples-per-member 2 3 4]
@@ -48,7 +48,7 @@ from _common import (  # noqa: E402
 )
 from tqdm import tqdm  # noqa: E402
 
-from trainer.sandbox import Problem, generate_problems, verify  # noqa: E402
+from trainer.tasks.sandbox import Problem, generate_problems, verify  # noqa: E402
 
 
 async def ask(

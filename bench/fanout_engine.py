@@ -1,6 +1,6 @@
 """Where the fan-out cost comes from, below HTTP: the same work straight on vLLM's AsyncLLM, in-process.
 
-A diagnostic for `bench/fanout.py`. One `ensemble_serve.engine.AsyncEngine` (the engine the server runs,
+A diagnostic for `bench/fanout.py`. One `ensemble_serve.shared.vllm.AsyncEngine` (the engine the server runs,
 with the embedded default population and the same engine settings) receives, interleaved per round in
 shuffled order (fixed seed):
 
@@ -48,8 +48,8 @@ async def bench(args: argparse.Namespace) -> dict:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import SamplingParams
 
-    from ensemble_serve.engine import AsyncEngine, EngineConfig
-    from ensemble_serve.population import load_population
+    from ensemble_serve.shared.vllm import AsyncEngine, EngineConfig
+    from ensemble_serve.shared.population import load_population
 
     population = load_population(EMBEDDED_POPULATION)
     engine = AsyncEngine(population, EngineConfig(gpu_memory_utilization=args.gpu_memory_utilization))

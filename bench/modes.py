@@ -13,9 +13,9 @@ AsyncOpenAI client sends every held-out prompt through each way the server can a
 * `mixture warm`   -- the same requests again: the server's mixture cache should hit
                       (`ensemble.routing.mixture.cached`).
 
-Prompts: `trainer.sandbox.generate_problems(per_domain * 6, seed=1234, split="heldout")` (the router CLI's
+Prompts: `trainer.tasks.sandbox.generate_problems(per_domain * 6, seed=1234, split="heldout")` (the router CLI's
 own held-out problems with configs/router.yaml, so the router never trained on them), checked with
-`trainer.sandbox.verify`. Every request is greedy (temperature 0, one chain per member), max_tokens 128,
+`trainer.tasks.sandbox.verify`. Every request is greedy (temperature 0, one chain per member), max_tokens 128,
 `--concurrency` requests in flight; the modes run one after the other on the same server.
 
 Per mode: accuracy (+- its standard error, a failed request counts as wrong), the pass's wall time, mean /
@@ -75,7 +75,7 @@ from _common import (  # noqa: E402
 )
 from tqdm import tqdm  # noqa: E402
 
-from trainer.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
+from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
 
 MODES = ("vote unrouted", "vote routed", "mixture cold", "mixture warm")
 
@@ -320,7 +320,7 @@ async def serve_and_measure(args: argparse.Namespace, population: Path, problems
 
 
 def _default_rank(ranks: dict[str, int]) -> int:
-    from ensemble_serve.engine import VLLM_LORA_RANKS
+    from ensemble_serve.shared.vllm import VLLM_LORA_RANKS
 
     return min(r for r in VLLM_LORA_RANKS if r >= max(ranks.values()))
 

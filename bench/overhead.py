@@ -15,7 +15,7 @@ Per round, interleaved in shuffled order (fixed seed):
 * `vLLM: 8 x n=1 +logprobs, client vote` - the same work by hand: 8 concurrent requests (one per
   member, n=1) to vLLM's server with `logprobs` (the ensemble asks vLLM for the sampled tokens' logprobs
   too: the chain's mean logprob breaks ties for the winner), then answer extraction and majority voting
-  in the client with `ensemble_serve.answers` + `ensemble_serve.voting` (the same code the server runs);
+  in the client with `ensemble_serve.shared.voting.answers` + `ensemble_serve.shared.voting.rules` (the same code the server runs);
 * diagnostics: `vLLM: 8 x n=1, client vote` (no logprobs: less work than the ensemble does) and
   `ensemble-serve: 8 x n=1 +logprobs, client vote` (the same hand-made fan-out against our server's member
   models).
@@ -54,7 +54,7 @@ from _common import (  # noqa: E402
 )
 from tqdm import tqdm  # noqa: E402
 
-from ensemble_serve.voting import candidate_from_text, vote  # noqa: E402
+from ensemble_serve.shared.voting.rules import candidate_from_text, vote  # noqa: E402
 
 TARGET = "ensemble-serve: ensemble 8x1"
 BASELINE = "vLLM: 8 x n=1 +logprobs, client vote"

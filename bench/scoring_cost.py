@@ -38,9 +38,9 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from ensemble_serve.engine import EngineConfig, OfflineEngine
-    from ensemble_serve.population import load_population
-    from trainer.sandbox import generate_problems
+    from ensemble_serve.shared.vllm import EngineConfig, OfflineEngine
+    from ensemble_serve.shared.population import load_population
+    from trainer.tasks.sandbox import generate_problems
 
     sizes = [int(x) for x in args.problems.split(",") if x.strip()]
     pop = load_population(EMBEDDED_POPULATION)

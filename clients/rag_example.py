@@ -18,7 +18,7 @@ import re
 import numpy as np
 import openai
 
-from ensemble_serve.embeddings import default_embedder
+from ensemble_serve.shared.embeddings import default_embedder
 
 # A small corpus of "documents"; each is a fact sheet in the sandbox's retrieval format.
 CORPUS = [

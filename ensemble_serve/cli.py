@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ensemble_serve.cliutil import ConfigError, config_options, load_config
+from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
 from ensemble_serve.config import ServeConfig
 
 
@@ -30,9 +30,9 @@ def up(config_file: Path | None, **overrides: Any) -> None:
     """
     import uvicorn
 
-    from ensemble_serve.api import build_app
-    from ensemble_serve.population import PopulationError, load_population
-    from ensemble_serve.shutdown import Drain, GracefulServer
+    from ensemble_serve.http.app import build_app
+    from ensemble_serve.shared.population import PopulationError, load_population
+    from ensemble_serve.http.shutdown import Drain, GracefulServer
 
     try:
         cfg = load_config(ServeConfig, config_file, overrides)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ensemble_serve.engine import VLLM_LORA_RANKS, EngineConfig
+from ensemble_serve.shared.vllm import VLLM_LORA_RANKS, EngineConfig
 
 EMBEDDED_POPULATION = Path(__file__).resolve().parent / "embedded" / "population"
 EMBEDDED_NAME = "sandbox-ensemble"

@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from ensemble_serve.answers import get_extractor
+from ensemble_serve.shared.voting.answers import get_extractor
 from ensemble_serve.errors import BadRequestError, ParameterError, register_server_model
 
 VOTE_RULES = ("majority", "weighted", "cross")
@@ -131,7 +131,7 @@ class EnsembleOptions(_Strict):
     vote: str = "majority"
     """One of :data:`VOTE_RULES`."""
     answer: str | dict[str, Any] = "auto"
-    """An answer mode or ``{"regex": PATTERN}`` (see ``ensemble_serve.answers``)."""
+    """An answer mode or ``{"regex": PATTERN}`` (see ``ensemble_serve.shared.voting.answers``)."""
     early_stop: bool = False
     return_chains: bool = False
     mode: Literal["vote", "mixture"] = "vote"
@@ -615,7 +615,7 @@ class EnsembleChain(_Response):
     sample: int
     answer: str | None = None
     status: str
-    """"ok", "missing" or "malformed" (see ``ensemble_serve.answers``)."""
+    """"ok", "missing" or "malformed" (see ``ensemble_serve.shared.voting.answers``)."""
     text: str | None = None
     score: Score = None
     tokens: int = 0

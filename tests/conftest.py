@@ -21,7 +21,7 @@ EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded
 def tiny_substrate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide substrate (head size 32, the smallest vLLM's CPU attention takes), trained for a few steps."""
     from trainer.config import SubstrateConfig
-    from trainer.substrate import train_substrate
+    from trainer.models.substrate import train_substrate
 
     out = tmp_path_factory.mktemp("substrate") / "tiny-substrate"
     cfg = SubstrateConfig(
@@ -45,7 +45,7 @@ def tiny_substrate(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_population(tiny_substrate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three real PEFT LoRA members on the tiny substrate, each warmed up for a few steps."""
     from trainer.config import InitConfig
-    from trainer.init_population import init_population
+    from trainer.models.init_population import init_population
 
     out = tmp_path_factory.mktemp("population") / "pop"
     cfg = InitConfig(base=tiny_substrate, out=out, members=3, warmup_steps=4, batch_size=8, ranks=(4, 8))

@@ -7,7 +7,7 @@ import math
 import safetensors.torch
 import torch
 
-from ensemble_serve.lora import LoraWeights, lora_from_bytes
+from ensemble_serve.shared.lora import LoraWeights, lora_from_bytes
 
 DIM = 16
 PREFIX = "base_model.model.model.layers.{layer}.self_attn.{module}"

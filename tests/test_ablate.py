@@ -1,6 +1,6 @@
 """Tests of the `ensemble-train ablate` harness with a fake cell runner (no vLLM, no model).
 
-The fake runner returns results shaped like :meth:`trainer.ablate.CellRunner.run`'s, with a
+The fake runner returns results shaped like :meth:`trainer.study.ablate.CellRunner.run`'s, with a
 known synthetic effect per factor (plus a per-seed offset and small seeded noise), so the
 design, the resume logic, the failure handling and the statistics of the report are checked
 against numbers we chose.
@@ -21,7 +21,7 @@ import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from trainer.ablate import (
+from trainer.study.ablate import (
     DEFAULT_LEVELS,
     AblationError,
     Cell,
@@ -694,7 +694,7 @@ def test_cli_run_with_a_fake_cell_runner(fail, code: int, message: str, tmp_path
         made.append(FakeRunner(fail=fail))
         return made[-1]
 
-    monkeypatch.setattr("trainer.ablate.CellRunner", fake_cell_runner)  # no vLLM: only the command is under test
+    monkeypatch.setattr("trainer.study.ablate.CellRunner", fake_cell_runner)  # no vLLM: only the command is under test
     cfg_file = write_yaml(tmp_path / "a.yaml", {**BASE_YAML, "out": str(tmp_path / "runs")})
     result = CliRunner().invoke(main, ["ablate", "--config", str(cfg_file), "--quiet"])
     assert result.exit_code == code, result.output

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ensemble_serve.population import load_population
+from ensemble_serve.shared.population import load_population
 
 pytestmark = pytest.mark.slow
 

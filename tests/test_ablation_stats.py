@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from trainer.ablation_stats import balanced_log_ppl, factor_effects, paired_effect
+from trainer.study.stats import balanced_log_ppl, factor_effects, paired_effect
 
 
 def test_balanced_log_ppl_is_the_mean_of_domain_log_ppls():

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from ensemble_serve.config import EMBEDDED_POPULATION
-from ensemble_serve.engine import AdapterRegistry, AsyncEngine
-from ensemble_serve.population import load_population
+from ensemble_serve.shared.vllm import AdapterRegistry, AsyncEngine
+from ensemble_serve.shared.population import load_population
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ensemble_serve.answers import (
+from ensemble_serve.shared.voting.answers import (
     MAX_TEXT_CHARS,
     MODES,
     Extraction,

@@ -17,11 +17,11 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
-from ensemble_serve.api import build_app
+from ensemble_serve.http.app import build_app
 from ensemble_serve.config import ServeConfig
-from ensemble_serve.engine import ScoringGate
+from ensemble_serve.shared.vllm import ScoringGate
 from ensemble_serve.errors import INTERNAL_ERROR_MESSAGE
-from ensemble_serve.shutdown import Drain
+from ensemble_serve.http.shutdown import Drain
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded"
 

@@ -29,7 +29,7 @@ def test_flags_override_the_config_file(tmp_path: Path, monkeypatch):
         seen["cfg"] = cfg
         return {"parameters": 1, "steps": cfg.steps, "train_seconds": 0.0, "final_loss": 0.0, "heldout_accuracy": {}}
 
-    monkeypatch.setattr("trainer.substrate.train_substrate", fake_train)
+    monkeypatch.setattr("trainer.models.substrate.train_substrate", fake_train)
     cfg_file = tmp_path / "s.yaml"
     cfg_file.write_text("steps: 11\nlr: 0.01\ndomains: [add, sub]\n")
     result = CliRunner().invoke(main, ["substrate", "--config", str(cfg_file), "--steps", "3", "--difficulties", "1,2"])

@@ -8,14 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from ensemble_serve.embeddings import (
+from ensemble_serve.shared.embeddings import (
     CacheInfo,
     Embedder,
     MiniLMEmbedder,
     cosine_matrix,
     default_embedder,
 )
-from ensemble_serve.voting import Candidate, SemanticGrouper, VoteContext, outcome_groups, vote
+from ensemble_serve.shared.voting.rules import Candidate, SemanticGrouper, VoteContext, outcome_groups, vote
 
 PARIS = "The capital of France is Paris."
 PARIS_2 = "Paris is France's capital"

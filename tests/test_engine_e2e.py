@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from ensemble_serve.population import load_population
+from ensemble_serve.shared.population import load_population
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def engine(embedded_population: Path):
-    from ensemble_serve.engine import EngineConfig, OfflineEngine
+    from ensemble_serve.shared.vllm import EngineConfig, OfflineEngine
 
     eng = OfflineEngine(load_population(embedded_population), EngineConfig(gpu_memory_utilization=0.1))
     yield eng
@@ -29,7 +29,7 @@ def engine(embedded_population: Path):
 def test_vllm_generates_for_base_and_every_member_in_one_batch(engine):
     from vllm import SamplingParams
 
-    from trainer.sandbox import generate_problems, verify
+    from trainer.tasks.sandbox import generate_problems, verify
 
     problems = generate_problems(12, seed=99, split="heldout")
     names = engine.population.names

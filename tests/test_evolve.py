@@ -21,18 +21,19 @@ import torch
 from lora_factories import same_weights
 from pydantic import ValidationError
 
-import ensemble_serve.population as population_module
-from ensemble_serve.lora import LoraWeights, check_compatible, load_lora, lora_from_bytes, lora_to_bytes
-from ensemble_serve.population import (
+import ensemble_serve.shared.population as population_module
+from ensemble_serve.shared.lora import LoraWeights, check_compatible, load_lora, lora_from_bytes, lora_to_bytes
+from ensemble_serve.shared.population import (
     PopulationError,
     load_population,
     read_manifest,
     write_manifest,
 )
-from ensemble_serve.voting import candidate_from_text
-from trainer import evolve, operators
+from ensemble_serve.shared.voting.rules import candidate_from_text
+from trainer.evolve import loop as evolve
+from trainer.evolve import operators
 from trainer.config import EvolutionConfig, EvolveConfig
-from trainer.evolve import (
+from trainer.evolve.loop import (
     PENDING_FILE,
     RUN_FILE,
     EvolveError,
@@ -45,7 +46,7 @@ from trainer.evolve import (
     run_evolve,
     training_examples,
 )
-from trainer.fitness import (
+from trainer.evolve.fitness import (
     FITNESS_TERMS,
     Evidence,
     compute_fitness,
@@ -56,8 +57,8 @@ from trainer.fitness import (
     term_diversity_hidden,
     term_diversity_output,
 )
-from trainer.sandbox import Problem, generate_problems
-from trainer.workers import LocalExecutor, RayExecutor, score_member_task, train_member_task
+from trainer.tasks.sandbox import Problem, generate_problems
+from trainer.evolve.executors import LocalExecutor, RayExecutor, score_member_task, train_member_task
 
 MEMBERS = ["m00", "m01", "m02"]
 RANKS = {"m00": 4, "m01": 8, "m02": 4}

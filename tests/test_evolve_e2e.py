@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ensemble_serve.population import load_population, read_history
+from ensemble_serve.shared.population import load_population, read_history
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def _snapshot(root: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from trainer.sandbox import generate_problems, save_jsonl
+    from trainer.tasks.sandbox import generate_problems, save_jsonl
 
     folder = tmp_path_factory.mktemp("data")
     train, heldout = folder / "train.jsonl", folder / "heldout.jsonl"
@@ -172,7 +172,7 @@ def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, dat
 
 def test_sandbox_run_with_hidden_labels(tiny_population: Path, tmp_path: Path):
     from trainer.config import EvolveConfig
-    from trainer.evolve import run_evolve
+    from trainer.evolve.loop import run_evolve
 
     settings = {**SMALL, "labels": "hidden", "fitness": {**SMALL["fitness"], "correctness": 0.0, "consensus": 1.0}}
     settings["evolution"] = {**SMALL["evolution"], "crossover": "weighted_average", "mutation": "gaussian"}

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ensemble_serve.population import PopulationError, load_population
+from ensemble_serve.shared.population import PopulationError, load_population
 from trainer.config import InitConfig
-from trainer.init_population import init_population, member_plan
-from trainer.sandbox import DOMAINS, generate_problems, save_jsonl
+from trainer.models.init_population import init_population, member_plan
+from trainer.tasks.sandbox import DOMAINS, generate_problems, save_jsonl
 
 
 def test_member_plan_is_diverse():

@@ -1,4 +1,4 @@
-"""Tests of the adapter lifecycle (`trainer.lifecycle`) and the per-domain leave-one-out fitness scope.
+"""Tests of the adapter lifecycle (`trainer.evolve.lifecycle`) and the per-domain leave-one-out fitness scope.
 
 The lifecycle runs on the real tiny PEFT population from conftest (and copies of its members
 made distinct by the project's own mutation operators); the weights of the inheritance test are
@@ -19,15 +19,15 @@ import torch
 from lora_factories import same_weights
 from pydantic import ValidationError
 
-from ensemble_serve.lora import LoraWeights, check_compatible, load_lora
-from ensemble_serve.population import load_population, read_manifest, write_manifest
-from ensemble_serve.voting import candidate_from_text
-from trainer import operators
+from ensemble_serve.shared.lora import LoraWeights, check_compatible, load_lora
+from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
+from ensemble_serve.shared.voting.rules import candidate_from_text
+from trainer.evolve import operators
 from trainer.config import EvolutionConfig, EvolveConfig, LifecycleConfig
-from trainer.evolve import Evolver, config_hash, evolutionary_step, lifecycle_summary, prepare_run
-from trainer.fitness import Evidence, compute_fitness, term_consensus, term_correctness
-from trainer.lifecycle import LifecycleResult, choose_deaths, fresh_adapter, lifecycle_step, update_distance
-from trainer.sandbox import Problem
+from trainer.evolve.loop import Evolver, config_hash, evolutionary_step, lifecycle_summary, prepare_run
+from trainer.evolve.fitness import Evidence, compute_fitness, term_consensus, term_correctness
+from trainer.evolve.lifecycle import LifecycleResult, choose_deaths, fresh_adapter, lifecycle_step, update_distance
+from trainer.tasks.sandbox import Problem
 
 MEMBERS = ["m00", "m01", "m02"]
 

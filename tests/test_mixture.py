@@ -1,4 +1,4 @@
-"""Unit tests of `ensemble_serve.mixture` on small, realistic PEFT adapters (no model, no engine).
+"""Unit tests of `ensemble_serve.shared.mixture` on small, realistic PEFT adapters (no model, no engine).
 
 Adapters are built as PEFT lays them out (key names, config keys) and parsed through the same
 code path as an adapter folder; the builder is a trimmed copy of the one in `test_operators`, so
@@ -17,9 +17,9 @@ import pytest
 import torch
 from lora_factories import BASE, TOL, make_lora
 
-import ensemble_serve.mixture as mixture
-from ensemble_serve.lora import CONFIG_FILE, LoraWeights, load_lora, save_lora
-from ensemble_serve.mixture import (
+import ensemble_serve.shared.mixture as mixture
+from ensemble_serve.shared.lora import CONFIG_FILE, LoraWeights, load_lora, save_lora
+from ensemble_serve.shared.mixture import (
     MixtureCache,
     MixtureError,
     mix,

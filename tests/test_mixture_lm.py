@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from ensemble_serve.config import EMBEDDED_POPULATION
-from ensemble_serve.lora import load_lora, save_lora
-from ensemble_serve.mixture import mix_exact
-from ensemble_serve.population import load_population
-from ensemble_serve.router import normalised_weights, top_k
-from trainer.data import collate
-from trainer.mixture_lm import (
+from ensemble_serve.shared.lora import load_lora, save_lora
+from ensemble_serve.shared.mixture import mix_exact
+from ensemble_serve.shared.population import load_population
+from ensemble_serve.shared.router import normalised_weights, top_k
+from trainer.tasks.data import collate
+from trainer.models.mixture_lm import (
     MixtureLM,
     MixtureLMError,
     domain_nll,
@@ -23,8 +23,8 @@ from trainer.mixture_lm import (
     sequence_nlls,
     train_router_mixture,
 )
-from trainer.router import RouterTrainConfig
-from trainer.sandbox import Problem, generate_problems
+from trainer.router.train import RouterTrainConfig
+from trainer.tasks.sandbox import Problem, generate_problems
 
 NAMES = ["m00", "m01", "m05"]  # ranks 4, 8 and 16: the concatenation mixes ranks
 
@@ -197,7 +197,7 @@ def test_members_of_another_base_are_refused(population, members):
 
 
 def test_a_router_trained_through_the_mixture_is_deterministic_and_learns(lm, population):
-    from ensemble_serve.router import RouterFeatures
+    from ensemble_serve.shared.router import RouterFeatures
 
     train = generate_problems(12, seed=5, split="train")
     enc = encode_chains(lm, train)
@@ -211,7 +211,7 @@ def test_a_router_trained_through_the_mixture_is_deterministic_and_learns(lm, po
     assert set(m1["specialisation"]) == {p.domain for p in train}
     # the gradient reached the router: its weights moved away from the seed's initialisation
     torch.manual_seed(3)
-    from ensemble_serve.router import Router
+    from ensemble_serve.shared.router import Router
 
     fresh = Router(r1.cfg.model_copy(update={"trained_steps": 0, "metrics": {}}))
     moved = [

@@ -1,4 +1,4 @@
-"""Unit tests of `ensemble_serve.lora` and `trainer.operators` on small, realistic PEFT adapters.
+"""Unit tests of `ensemble_serve.shared.lora` and `trainer.evolve.operators` on small, realistic PEFT adapters.
 
 The adapters are built in memory exactly as PEFT lays them out (key names, config keys) and
 parsed through the same code path as an adapter folder, so nothing here needs a model.
@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 from lora_factories import DIM, HEAD, PREFIX, TOL, make_lora, payload
 
-from ensemble_serve.lora import (
+from ensemble_serve.shared.lora import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoraError,
@@ -27,7 +27,7 @@ from ensemble_serve.lora import (
     refactor_low_rank,
     save_lora,
 )
-from trainer.operators import (
+from trainer.evolve.operators import (
     CROSSOVER,
     MUTATION,
     SELECTION,

@@ -127,31 +127,31 @@ class _Absent(importlib.abc.MetaPathFinder):
 
 
 def _offline_engine() -> None:
-    from ensemble_serve.engine import OfflineEngine
+    from ensemble_serve.shared.vllm import OfflineEngine
 
     OfflineEngine(None)  # the vLLM import comes first
 
 
 def _async_engine() -> None:
-    from ensemble_serve.engine import AsyncEngine
+    from ensemble_serve.shared.vllm import AsyncEngine
 
     AsyncEngine(None)
 
 
 def _ray_executor() -> None:
-    from trainer.workers import RayExecutor
+    from trainer.evolve.executors import RayExecutor
 
     RayExecutor(None, workers=1, threads=1)
 
 
 def _tensorboard() -> None:
-    from trainer.evolve import _TensorBoard
+    from trainer.evolve.loop import _TensorBoard
 
     _TensorBoard(Path("unused"))
 
 
 def _embedder() -> None:
-    from ensemble_serve.embeddings import MiniLMEmbedder
+    from ensemble_serve.shared.embeddings import MiniLMEmbedder
 
     MiniLMEmbedder()._load()
 

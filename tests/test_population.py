@@ -1,4 +1,4 @@
-"""Tests for ensemble_serve.population: the population directory contract."""
+"""Tests for ensemble_serve.shared.population: the population directory contract."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from fixtures_population import (  # noqa: E402
 )
 from pydantic import ValidationError  # noqa: E402
 
-from ensemble_serve.fsutil import atomic_write_text, tmp_dir_beside  # noqa: E402
-from ensemble_serve.population import (  # noqa: E402
+from ensemble_serve.shared.fsutil import atomic_write_text, tmp_dir_beside  # noqa: E402
+from ensemble_serve.shared.population import (  # noqa: E402
     FORMAT_VERSION,
     BaseModelRef,
     Manifest,
@@ -619,7 +619,7 @@ def test_history_append_and_read(pop_root: Path, caplog: pytest.LogCaptureFixtur
     # a crash mid-append leaves a truncated last line: skipped with a warning
     with open(pop_root / "history.jsonl", "ab") as fh:
         fh.write(b'{"generation": 3, "be')
-    with caplog.at_level(logging.WARNING, logger="ensemble_serve.population"):
+    with caplog.at_level(logging.WARNING, logger="ensemble_serve.shared.population"):
         assert read_history(pop_root) == records
     assert "truncated last line 4" in caplog.text and "history.jsonl" in caplog.text
 

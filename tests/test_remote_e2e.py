@@ -89,8 +89,8 @@ def test_models_list_the_members_of_both_servers(client):
 
 
 def test_backend_refuses_servers_that_cannot_serve_the_population(cluster: Cluster):
-    from ensemble_serve.population import load_population
-    from ensemble_serve.remote import RemoteBackend, RemoteDiscoveryError
+    from ensemble_serve.shared.population import load_population
+    from ensemble_serve.engine.remote import RemoteBackend, RemoteDiscoveryError
 
     pop = load_population(cluster.ensemble.population)
     with pytest.raises(RemoteDiscoveryError) as e:  # server A alone lacks m04..m07
@@ -229,8 +229,8 @@ def test_backend_scores_chains_alongside_generation(cluster: Cluster):
     from vllm import SamplingParams
 
     from ensemble_serve.errors import BadRequestError
-    from ensemble_serve.population import load_population
-    from ensemble_serve.remote import RemoteBackend
+    from ensemble_serve.shared.population import load_population
+    from ensemble_serve.engine.remote import RemoteBackend
 
     async def run() -> tuple[list[list[float]], int]:
         backend = RemoteBackend(
@@ -330,7 +330,7 @@ def test_client_disconnect_aborts_the_remote_generations(cluster: Cluster):
 
 
 def test_refresh_refuses_a_member_no_server_serves(cluster: Cluster, client):
-    from ensemble_serve.population import commit_generation, load_population
+    from ensemble_serve.shared.population import commit_generation, load_population
 
     srv = cluster.ensemble
     manifest = load_population(srv.population).manifest

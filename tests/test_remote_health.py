@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from ensemble_serve.errors import BadRequestError, MemberUnavailableError, error_response
-from ensemble_serve.metrics import Metrics
-from ensemble_serve.population import Population, load_population
-from ensemble_serve.remote import RemoteBackend, RemoteDiscoveryError, RemoteError
+from ensemble_serve.service.metrics import Metrics
+from ensemble_serve.shared.population import Population, load_population
+from ensemble_serve.engine.remote import RemoteBackend, RemoteDiscoveryError, RemoteError
 
 MEMBERS = [f"m0{i}" for i in range(8)]
 A, B = "http://node-a:8001", "http://node-b:8001"

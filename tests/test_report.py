@@ -1,4 +1,4 @@
-"""Tests for trainer.report: plots and the HTML page from a synthetic population history.
+"""Tests for trainer.study.report: plots and the HTML page from a synthetic population history.
 
 No training: history.jsonl holds hand-written records and population.json is
 written with the real manifest writer (the manifest reader checks no adapter files).
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from ensemble_serve.population import BaseModelRef, Manifest, Member, write_manifest
-from trainer.report import (
+from ensemble_serve.shared.population import BaseModelRef, Manifest, Member, write_manifest
+from trainer.study.report import (
     PLOT_NAMES,
     ReportError,
     build_lineage,
@@ -326,7 +326,7 @@ def test_summary_table() -> None:
 
 
 def test_specialisation_plot_is_a_png_and_empty_tables_give_none():
-    from trainer.report import plot_specialisation
+    from trainer.study.report import plot_specialisation
 
     png = plot_specialisation({"add": {"m00": 0.9, "m01": 0.1}, "sub": {"m00": 0.2, "m01": 0.7}})
     assert png is not None and png.startswith(b"\x89PNG")

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from ensemble_serve.population import (
+from ensemble_serve.shared.population import (
     BaseModelRef,
     Manifest,
     Member,
@@ -26,11 +26,11 @@ from ensemble_serve.population import (
     read_manifest,
     write_manifest,
 )
-from ensemble_serve.router import ROUTER_CONFIG, ROUTER_DIR, ROUTER_WEIGHTS, Router, RouterConfig, load_router
-from ensemble_serve.voting import Candidate, candidate_from_text
+from ensemble_serve.shared.router import ROUTER_CONFIG, ROUTER_DIR, ROUTER_WEIGHTS, Router, RouterConfig, load_router
+from ensemble_serve.shared.voting.rules import Candidate, candidate_from_text
 from trainer.cli import main
 from trainer.config import RouterCommandConfig, load_config
-from trainer.sandbox import Problem
+from trainer.tasks.sandbox import Problem
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMBERS = ["m00", "m01", "m02"]
@@ -116,7 +116,7 @@ def _cand(member: str, text: str) -> Candidate:
 
 
 def test_split_dataset_holds_out_at_most_half_of_each_domain_deterministically() -> None:
-    from trainer.route import split_dataset
+    from trainer.router.command import split_dataset
 
     rows = [_problem(str(i), "a", f"a{i}") for i in range(10)] + [_problem(str(i), "b", f"b{i}") for i in range(3)]
     rows.append(_problem("0", "c", "c0"))
@@ -129,7 +129,7 @@ def test_split_dataset_holds_out_at_most_half_of_each_domain_deterministically()
 
 
 def test_routed_vote_takes_the_majority_and_breaks_ties_by_summed_gate() -> None:
-    from trainer.route import routed_vote
+    from trainer.router.command import routed_vote
 
     cands = [_cand("m0", "#### 5"), _cand("m1", "#### 7"), _cand("m2", "#### 7"), _cand("m3", "#### 5")]
     assert routed_vote(cands, [0.4, 0.3, 0.2, 0.45]) == "5"  # 2 v 2: 0.85 beats 0.5
@@ -140,7 +140,7 @@ def test_routed_vote_takes_the_majority_and_breaks_ties_by_summed_gate() -> None
 
 
 def test_heldout_report_scores_every_method_per_domain() -> None:
-    from trainer.route import heldout_report
+    from trainer.router.command import heldout_report
 
     problems = [_problem("5", "add"), _problem("3", "sort"), _problem("9", "sort")]
     answers = [
@@ -187,7 +187,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 def test_install_writes_router_folder_and_manifest_entry(tmp_path: Path) -> None:
-    from trainer.route import install_router
+    from trainer.router.command import install_router
 
     root = _population_manifest(tmp_path / "pop")
     install_router(root, _router(0), ENTRY)
@@ -205,7 +205,7 @@ def test_install_writes_router_folder_and_manifest_entry(tmp_path: Path) -> None
 def test_failed_manifest_write_keeps_the_previous_router_and_manifest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.route as route
+    import trainer.router.command as route
 
     root = _population_manifest(tmp_path / "pop")
     route.install_router(root, _router(0), ENTRY)
@@ -224,7 +224,7 @@ def test_failed_manifest_write_keeps_the_previous_router_and_manifest(
 def test_failed_router_write_leaves_no_router_and_the_manifest_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.route as route
+    import trainer.router.command as route
 
     root = _population_manifest(tmp_path / "pop")
     before = _snapshot(root)
@@ -239,7 +239,7 @@ def test_failed_router_write_leaves_no_router_and_the_manifest_unchanged(
 
 
 def test_install_refuses_a_router_for_other_members(tmp_path: Path) -> None:
-    from trainer.route import RouteError, install_router
+    from trainer.router.command import RouteError, install_router
 
     root = _population_manifest(tmp_path / "pop")
     with pytest.raises(RouteError, match="population changed while the router trained"):
@@ -264,7 +264,7 @@ def _copy_population(src: Path, dst: Path) -> Path:
 def test_router_command_trains_evaluates_and_installs(
     tiny_population: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.route as route
+    import trainer.router.command as route
 
     pop = _copy_population(tiny_population, tmp_path / "pop")
     names = read_manifest(pop).names

@@ -1,4 +1,4 @@
-"""Tests for the mixture router: ensemble_serve.router (inference, files) and trainer.router (training)."""
+"""Tests for the mixture router: ensemble_serve.shared.router (inference, files) and trainer.router.train (training)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble_serve.population import read_manifest
-from ensemble_serve.router import (
+from ensemble_serve.shared.population import read_manifest
+from ensemble_serve.shared.router import (
     ROUTER_CONFIG,
     ROUTER_WEIGHTS,
     Router,
@@ -26,7 +26,7 @@ from ensemble_serve.router import (
     save_router,
     top_k,
 )
-from trainer.router import (
+from trainer.router.train import (
     RouterExample,
     RouterTrainConfig,
     quality_targets,
@@ -418,7 +418,7 @@ def test_top_k_breaks_ties_by_lower_index_and_weights_sum_to_one() -> None:
 
 
 def test_server_side_module_never_imports_the_trainer() -> None:
-    source = Path(__file__).resolve().parent.parent / "ensemble_serve" / "router.py"
+    source = Path(__file__).resolve().parent.parent / "ensemble_serve" / "shared" / "router.py"
     modules = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from server_harness import copy_embedded, start_server
 
-from ensemble_serve.population import read_manifest, write_manifest
+from ensemble_serve.shared.population import read_manifest, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 def _train_router(population, members: list[str]):
     """A small real router: features of sandbox prompts from the substrate; add/sub prefer the first members."""
-    from ensemble_serve.router import RouterFeatures
-    from trainer.router import RouterTrainConfig, train_router
-    from trainer.sandbox import generate_problems
+    from ensemble_serve.shared.router import RouterFeatures
+    from trainer.router.train import RouterTrainConfig, train_router
+    from trainer.tasks.sandbox import generate_problems
 
     problems = generate_problems(24, seed=3, split="train", domains=["add", "sub", "sort", "mod"])
     feats = RouterFeatures(population.parent / "substrate")([p.prompt for p in problems], "hidden_mean")
@@ -50,7 +50,7 @@ def _train_router(population, members: list[str]):
 
 
 def _install(population, router, top_k: int) -> None:
-    from ensemble_serve.router import save_router
+    from ensemble_serve.shared.router import save_router
 
     save_router(router, population / "router")
     manifest = read_manifest(population)

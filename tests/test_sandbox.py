@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.sandbox import (
+from trainer.tasks.sandbox import (
     DOMAINS,
     DatasetError,
     Problem,
@@ -235,7 +235,7 @@ def test_determinism_and_seed_sensitivity():
 
 
 def test_determinism_does_not_depend_on_hash_seed():
-    code = "import json; from trainer.sandbox import generate_problems as g; print(json.dumps([p.prompt for p in g(24, 7)]))"
+    code = "import json; from trainer.tasks.sandbox import generate_problems as g; print(json.dumps([p.prompt for p in g(24, 7)]))"
     expected = [p.prompt for p in generate_problems(24, 7)]
     for hash_seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)

@@ -479,7 +479,7 @@ def test_chains_without_an_answer_are_excluded_and_the_request_still_answered(cl
 
 
 def test_population_refresh_without_restart(server, client, tmp_path: Path):
-    from ensemble_serve.population import commit_generation, load_population
+    from ensemble_serve.shared.population import commit_generation, load_population
 
     pop = load_population(server.population)
     manifest = pop.manifest

@@ -14,10 +14,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from ensemble_serve.errors import BadRequestError, NotFoundError, ServiceUnavailableError
-from ensemble_serve.metrics import Metrics
-from ensemble_serve.population import load_population
+from ensemble_serve.service.metrics import Metrics
+from ensemble_serve.shared.population import load_population
 from ensemble_serve.protocol import ChatCompletionRequest
-from ensemble_serve.serving import EnsembleService, ServeSettings
+from ensemble_serve.service.service import EnsembleService, ServeSettings
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded"
 

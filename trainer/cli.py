@@ -9,7 +9,7 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
-from ensemble_serve.cliutil import config_options
+from ensemble_serve.shared.cliutil import config_options
 from trainer.config import (
     AblateConfig,
     ConfigError,
@@ -43,7 +43,7 @@ def substrate(config_file: Path | None, **overrides: Any) -> None:
     template) that transformers, PEFT and vLLM load unchanged, and prints its
     held-out accuracy per domain.
     """
-    from trainer.substrate import train_substrate
+    from trainer.models.substrate import train_substrate
 
     cfg = _load(SubstrateConfig, config_file, overrides)
     report = train_substrate(cfg)
@@ -64,7 +64,7 @@ def init(config_file: Path | None, **overrides: Any) -> None:
     Members differ in seed, rank, dropout, learning rate and warm-up data (each one
     focuses on one domain). Writes the population directory atomically.
     """
-    from trainer.init_population import init_population
+    from trainer.models.init_population import init_population
 
     cfg = _load(InitConfig, config_file, overrides)
     try:
@@ -116,8 +116,8 @@ def evolve(config_file: Path | None, resume: bool, quiet: bool, **overrides: Any
     Fitness weights and the evolution operators are set in the config file
     (see configs/evolve.yaml).
     """
-    from trainer.evolve import EvolveError, Interrupted, run_evolve
-    from trainer.report import summary_table
+    from trainer.evolve.loop import EvolveError, Interrupted, run_evolve
+    from trainer.study.report import summary_table
 
     cfg = _load(EvolveConfig, config_file, overrides)
     try:
@@ -145,7 +145,7 @@ def router(config_file: Path | None, dry_run: bool, **overrides: Any) -> None:
     is written to DIR/router with the manifest's `router` entry (atomically; a failed
     install leaves the previous router and manifest as they were).
     """
-    from trainer.route import RouteError, format_report, run_router
+    from trainer.router.command import RouteError, format_report, run_router
 
     cfg = _load(RouterCommandConfig, config_file, overrides)
     try:
@@ -164,7 +164,7 @@ def router(config_file: Path | None, dry_run: bool, **overrides: Any) -> None:
 )
 def report(population: Path, out: Path | None) -> None:
     """Plots (PNG) and one HTML page of an evolve run: fitness, accuracy, diversity, domains, lineage."""
-    from trainer.report import ReportError, load_records, summary_table, write_report
+    from trainer.study.report import ReportError, load_records, summary_table, write_report
 
     try:
         files = write_report(population, out)
@@ -190,8 +190,8 @@ def ablate(config_file: Path | None, report_only: bool, quiet: bool, **overrides
     Writes OUT/ablation.md, OUT/ablation.json, OUT/effects.png and OUT/domains.png. Exits 1 when
     cells are missing (the report lists them), 130 when interrupted.
     """
-    from trainer.ablate import AblationError, format_report, run_ablation
-    from trainer.ablate import report as write_ablation_report
+    from trainer.study.ablate import AblationError, format_report, run_ablation
+    from trainer.study.ablate import report as write_ablation_report
 
     cfg = _load(AblateConfig, config_file, overrides)
     try:

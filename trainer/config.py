@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ensemble_serve.cliutil import ConfigError, load_config  # noqa: F401 (re-exported for the trainer)
-from trainer.sandbox import DOMAINS
+from ensemble_serve.shared.cliutil import ConfigError, load_config  # noqa: F401 (re-exported for the trainer)
+from trainer.tasks.sandbox import DOMAINS
 
 ALL_DOMAINS = tuple(DOMAINS)
 
@@ -536,7 +536,7 @@ class AblateConfig(_Config):
     @field_validator("router")
     @classmethod
     def _router(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from trainer.router import RouterTrainConfig
+        from trainer.router.train import RouterTrainConfig
 
         taken = sorted(set(v) & {"variant", "seed"})
         if taken:

@@ -12,12 +12,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from ensemble_serve.engine import EngineConfig, OfflineEngine
-from ensemble_serve.fsutil import atomic_write_text
-from ensemble_serve.population import Population, load_population, write_manifest
-from ensemble_serve.voting import Candidate, candidate_from_text
+from ensemble_serve.shared.vllm import EngineConfig, OfflineEngine
+from ensemble_serve.shared.fsutil import atomic_write_text
+from ensemble_serve.shared.population import Population, load_population, write_manifest
+from ensemble_serve.shared.voting.rules import Candidate, candidate_from_text
 from trainer.config import EvalConfig
-from trainer.sandbox import Problem, generate_problems, load_jsonl, verify
+from trainer.tasks.sandbox import Problem, generate_problems, load_jsonl, verify
 
 BASE = "(base)"
 

@@ -1,0 +1,205 @@
+"""The adapter lifecycle: death, alpha-blend inheritance, SVD mutation and slot reallocation.
+
+The decomposition study of evolutionary mixture-of-LoRA systems (DESIGN.md, "The two ideas",
+point 2) found this lifecycle a net drag; it is implemented so the factorial ablation can
+measure it on other data, every part behind its own switch (:class:`LifecycleConfig`). It runs
+after the evolutionary step, on the population as it will be committed (children in the slots
+they took), and is a pure function of its inputs and (seed, generation):
+
+1. **death**: non-elite members below `death_fitness`, or older than `max_age` generations,
+   die, weakest first, at most `max_deaths` of them. A member born in this generation (age 0:
+   a child of the evolutionary step) has no fitness of its own yet and never dies, and at least
+   one member always survives, so there is a neighbour and a source for the freed slots.
+2. **inheritance** (`inherit_alpha` > 0): a dying member's update is blended into its nearest
+   living neighbour, neighbour' = (1 - alpha) * neighbour + alpha * dying, with the
+   `weighted_average` crossover at the neighbour's own rank and alpha: the neighbour keeps its
+   name, rank and alpha and changes weights, so what the dying member learned is not simply lost.
+   The neighbour may be an elite: elitism protects from death and mutation, and a small alpha
+   is the point of the switch.
+3. **SVD mutation** (`svd_mutation` > 0): the `svd` mutation operator on every surviving
+   non-elite member (neighbours after their blend), as a steady source of exploration.
+4. **reallocation**: each freed slot is re-seeded, "best" with a copy of the fittest survivor
+   that has a fitness of its own (age > 0), as it leaves this step (SVD-mutated when
+   `svd_mutation` > 0, so it is not an identical twin), "fresh" with a new
+   adapter of the dead member's rank initialised as PEFT does (A kaiming-uniform, B zero: it
+   starts as the base model).
+
+Nearest neighbour = smallest sum over modules of the Frobenius distance between the two
+members' full updates dW = scale * B @ A. Each update is formed densely (`LoraWeights.delta`),
+O(out * in * rank) time and O(out * in) memory per module and member: trivial for the sandbox
+and for a handful of deaths per generation, but for large base models (4096^2 modules, many
+layers) the dense updates are the cost to watch; the distance could then be computed from the
+factors (||dW_i - dW_j||^2 = ||dW_i||^2 + ||dW_j||^2 - 2 tr(...) on rank-sized cores).
+
+Randomness (the mutations and the fresh A factors) comes from generators seeded with
+`derive_seed(seed, "lifecycle", generation, ...)`, one per member or slot, so the same inputs
+give the same result bit for bit and one member's draw does not depend on another's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from ensemble_serve.shared.lora import LoraWeights
+from trainer.evolve import operators
+from trainer.config import LifecycleConfig
+
+
+class Newborn(NamedTuple):
+    """A member re-seeded into a dead member's slot."""
+
+    slot: int
+    """Index in `names` of the dead member it replaces."""
+    name: str
+    weights: LoraWeights
+    parents: list[str]
+    """[the copied member] for reallocation "best", [] for "fresh"."""
+
+
+@dataclass
+class LifecycleResult:
+    """What one lifecycle step did; all empty when the lifecycle is off or nothing qualified."""
+
+    deaths: list[str] = field(default_factory=list)
+    """Dead members, weakest first."""
+    inherited: dict[str, str] = field(default_factory=dict)
+    """Dying member -> the neighbour its update was blended into."""
+    mutated: list[str] = field(default_factory=list)
+    """Survivors that took the SVD mutation, in population order."""
+    changed: dict[str, LoraWeights] = field(default_factory=dict)
+    """New weights of the survivors that changed (neighbours and mutated members)."""
+    newborn: list[Newborn] = field(default_factory=list)
+    """The members re-seeded into the dead members' slots, in death order."""
+
+    @property
+    def empty(self) -> bool:
+        """True when the step did nothing, so the caller can pass the generation through untouched."""
+        return not (self.deaths or self.inherited or self.mutated or self.changed or self.newborn)
+
+
+def update_distance(a: LoraWeights, b: LoraWeights) -> float:
+    """Sum over modules of ||dW_a - dW_b||_F, the full (dense) updates compared (cost: module docstring)."""
+    return sum(float(torch.linalg.matrix_norm(a.delta(m).double() - b.delta(m).double())) for m in a.modules())
+
+
+def fresh_adapter(like: LoraWeights, rng: torch.Generator) -> LoraWeights:
+    """An adapter of `like`'s rank, alpha and config, initialised as PEFT initialises LoRA.
+
+    PEFT draws A with `kaiming_uniform_(a=sqrt(5))` (uniform in +-1/sqrt(in_features)) and sets
+    B to zero, so the update starts at exactly zero (the base model) while gradients can flow.
+    """
+    factors = {}
+    for module in like.modules():
+        a, b = like.factors[module]
+        new_a = torch.empty(a.shape, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=rng)
+        factors[module] = (new_a, torch.zeros(b.shape, dtype=torch.float32))
+    return like.with_factors(factors, like.rank, like.alpha)
+
+
+def _copy(w: LoraWeights) -> LoraWeights:
+    """An independent copy (own tensors), so the newborn and its source never share storage."""
+    return w.with_factors({m: (a.clone(), b.clone()) for m, (a, b) in w.factors.items()}, w.rank, w.alpha)
+
+
+def _generator(seed: int, generation: int, *parts: object) -> torch.Generator:
+    from trainer.evolve.loop import derive_seed  # lazily: trainer.evolve.loop imports this module
+
+    return torch.Generator().manual_seed(derive_seed(seed, "lifecycle", generation, *parts))
+
+
+def choose_deaths(
+    names: Sequence[str],
+    fitness: Mapping[str, float],
+    ages: Mapping[str, int],
+    elite: Sequence[int],
+    cfg: LifecycleConfig,
+) -> list[str]:
+    """Who dies: non-elite members with age > 0 below `death_fitness` or older than `max_age`.
+
+    Weakest first (ties: the higher index first, as the `weakest` replacement orders them), at
+    most `max_deaths`, and never the whole population.
+    """
+    keep = set(elite)
+    doomed = []
+    for i, m in enumerate(names):
+        if i in keep or ages[m] <= 0:
+            continue
+        weak = cfg.death_fitness is not None and fitness[m] < cfg.death_fitness
+        old = cfg.max_age is not None and ages[m] > cfg.max_age
+        if weak or old:
+            doomed.append(i)
+    doomed.sort(key=lambda i: (fitness[names[i]], -i))
+    return [names[i] for i in doomed[: min(cfg.max_deaths, len(names) - 1)]]
+
+
+def lifecycle_step(
+    names: Sequence[str],
+    weights: Mapping[str, LoraWeights],
+    fitness: Mapping[str, float],
+    ages: Mapping[str, int],
+    elite: Sequence[int],
+    cfg: LifecycleConfig,
+    generation: int,
+    seed: int,
+) -> LifecycleResult:
+    """One generation of the lifecycle (module docstring); the inputs are not modified.
+
+    `elite` holds indices into `names`; `ages` is generation - born_generation (0 for members
+    born in this generation). Fitness must be finite for every member.
+    """
+    if not cfg.enabled or not names:
+        return LifecycleResult()
+    bad = [m for m in names if not math.isfinite(fitness[m])]
+    if bad:
+        raise ValueError(f"lifecycle: non-finite fitness for {bad}; who dies would be arbitrary")
+    keep = set(elite)
+    deaths = choose_deaths(names, fitness, ages, elite, cfg)
+    dead = set(deaths)
+    survivors = [m for m in names if m not in dead]
+    current = {m: weights[m] for m in survivors}
+    result = LifecycleResult(deaths=deaths)
+
+    if cfg.inherit_alpha > 0 and deaths:
+        blend = operators.get_operator("crossover", "weighted_average")
+        for d in deaths:  # neighbours chosen on the updates as they entered the step: order-independent
+            neighbour = min(survivors, key=lambda m: (update_distance(weights[d], weights[m]), names.index(m)))
+            w = current[neighbour]
+            current[neighbour] = blend(
+                [w, weights[d]],
+                [1.0 - cfg.inherit_alpha, cfg.inherit_alpha],
+                w.rank,
+                w.alpha,
+                _generator(seed, generation, "inherit", d),
+            )
+            result.inherited[d] = neighbour
+            result.changed[neighbour] = current[neighbour]
+
+    mutate = operators.get_operator("mutation", "svd")
+    if cfg.svd_mutation > 0:
+        for i, m in enumerate(names):
+            if m in dead or i in keep:
+                continue
+            current[m] = mutate(current[m], cfg.svd_mutation, _generator(seed, generation, "mutate", m))
+            result.mutated.append(m)
+            result.changed[m] = current[m]
+
+    if deaths:
+        scored = [m for m in survivors if ages[m] > 0] or survivors
+        best = min(scored, key=lambda m: (-fitness[m], names.index(m)))
+        for k, d in enumerate(deaths):
+            rng = _generator(seed, generation, "newborn", k)
+            if cfg.reallocation == "best":
+                w = current[best]
+                w = mutate(w, cfg.svd_mutation, rng) if cfg.svd_mutation > 0 else _copy(w)
+                parents = [best]
+            else:
+                w = fresh_adapter(weights[d], rng)
+                parents = []
+            result.newborn.append(Newborn(names.index(d), f"g{generation}r{k}", w, parents))
+    return result
