@@ -11,8 +11,9 @@ install:
 serve: install
 	$(BIN)/ensemble-serve up
 
-# The whole suite, end-to-end tests with the real vLLM engine included.
+# The import boundaries (ARCHITECTURE.md), then the whole suite, end-to-end tests with the real vLLM engine included.
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 # Unit tests only (no engine start).
@@ -29,3 +30,4 @@ embedded: install
 
 lint: install
 	$(BIN)/ruff check ensemble_serve trainer clients tests bench
+	$(BIN)/lint-imports --no-cache

@@ -1,7 +1,9 @@
-"""Shared helpers for the benchmarks in this folder: servers in subprocesses, statistics, tables, JSON.
+"""Shared helpers for the benchmarks in this folder: the servers they start, interleaved rounds, statistics,
+tables, JSON.
 
-Every server is started in its own process group and stopped (SIGTERM, then SIGKILL of that group)
-by :class:`ServerSet` on exit, even on error or Ctrl-C.
+Servers are launched and measured with the tests' helper (tests/server_harness.py; the scripts
+put tests/ on sys.path): :class:`ServerSet` starts them with the benchmarks' settings and stops
+every one of them on exit, even on error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -9,36 +11,38 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import httpx
+from server_harness import (
+    ROOT,
+    Server,
+    ServerProcess,
+    VLLMServer,
+    ensemble_command,
+    free_port,
+    launch,
+    vllm_command,
+    wait_healthy,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
+from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
+
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 # Server logs hold machine paths, so they stay outside the repository (the temp folder); a server that
 # fails to start has the tail of its log in the error.
 LOGS = Path(tempfile.gettempdir()) / "ensemble-serve-bench-logs"
-EMBEDDED = ROOT / "ensemble_serve" / "embedded"
-EMBEDDED_POPULATION = EMBEDDED / "population"
-EMBEDDED_SUBSTRATE = EMBEDDED / "substrate"
-ENSEMBLE_NAME = "sandbox-ensemble"
+ENSEMBLE_NAME = EMBEDDED_NAME
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+S = TypeVar("S", bound=ServerProcess)
 
 
 def rel(path: Path) -> str:
@@ -54,65 +58,11 @@ def member_names(population: Path = EMBEDDED_POPULATION) -> list[str]:
     return [m["name"] for m in manifest["members"]]
 
 
-@dataclass
-class Server:
-    name: str
-    url: str
-    proc: subprocess.Popen
-    log: Path
-    args: list[str]
-    started_s: float = 0.0
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
-
-    def alive(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def cpu_seconds(self) -> float:
-        """User+system CPU time of the server's whole process group so far (from /proc)."""
-        total = 0.0
-        tick = os.sysconf("SC_CLK_TCK")
-        pgid = self.proc.pid
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:  # field 5 of stat: pgrp
-                total += (int(fields[11]) + int(fields[12])) / tick
-        return total
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                pass
-        # whatever of its group is left (vLLM's engine core and worker processes)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=10)
-
-
 class ServerSet:
     """A context manager that owns server subprocesses and stops all of them on exit."""
 
     def __init__(self) -> None:
-        self.servers: list[Server] = []
+        self.servers: list[ServerProcess] = []
 
     def __enter__(self) -> ServerSet:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -125,94 +75,59 @@ class ServerSet:
         while self.servers:
             self.servers.pop().stop()
 
-    def stop(self, server: Server) -> None:
+    def stop(self, server: ServerProcess) -> None:
         server.stop()
         if server in self.servers:
             self.servers.remove(server)
 
-    def _start(self, name: str, args: list[str], port: int, timeout: float) -> Server:
+    def _start(self, kind: type[S], name: str, args: list[str], port: int, timeout: float) -> S:
         LOGS.mkdir(parents=True, exist_ok=True)
-        log = LOGS / f"{name}.log"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_NO_USAGE_STATS="1")
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-        )
-        server = Server(name, f"http://127.0.0.1:{port}", proc, log, args)
+        server = launch(kind, name, args, port, LOGS / f"{name}.log")
         self.servers.append(server)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if server.alive():
-                server.started_s = time.perf_counter() - t0
-                return server
-            time.sleep(0.5)
-        raise RuntimeError(f"{name} did not start in {timeout}s:\n{log.read_text()[-4000:]}")
+        wait_healthy([server], timeout)
+        return server
 
     def start_ensemble(
         self, *extra: str, name: str = "ensemble-serve", gpu_memory_utilization: float = 0.1, timeout: float = 300
     ) -> Server:
         """`ensemble-serve up` on the embedded default (model `sandbox-ensemble`), population watching off."""
         port = free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "ensemble_serve.cli",
-            "up",
-            "--port",
-            str(port),
+        args = ensemble_command(
+            port,
             "--no-watch",
             "--gpu-memory-utilization",
             str(gpu_memory_utilization),
             "--log-level",
             "warning",
             *extra,
-        ]
-        return self._start(name, args, port, timeout)
+        )
+        return self._start(Server, name, args, port, timeout)
 
     def start_vllm(
         self, *extra: str, name: str = "vllm-openai", gpu_memory_utilization: float = 0.1, timeout: float = 300
-    ) -> Server:
+    ) -> VLLMServer:
         """vLLM's own OpenAI server with the embedded base model and every member as a LoRA module."""
         port = free_port()
         mods = [f"{m}={rel(EMBEDDED_POPULATION / 'members' / m)}" for m in member_names()]
-        args = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
+        args = vllm_command(
             rel(EMBEDDED_SUBSTRATE),
+            port,
+            mods,
             "--served-model-name",
             "sandbox-substrate",
-            "--enable-lora",
-            "--lora-modules",
-            *mods,
-            "--max-lora-rank",
-            "16",
-            "--max-loras",
-            str(len(mods)),
-            "--max-cpu-loras",
-            str(len(mods)),
             "--gpu-memory-utilization",
             str(gpu_memory_utilization),
-            "--enforce-eager",
-            "--dtype",
-            "float32",
             "--max-num-seqs",
             "64",
             "--seed",
             "0",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
             "--disable-uvicorn-access-log",
             "--uvicorn-log-level",
             "warning",
             *extra,
-        ]
-        return self._start(name, args, port, timeout)
+            max_loras=len(mods),
+        )
+        return self._start(VLLMServer, name, args, port, timeout)
 
 
 def system_busy_s() -> float:
@@ -235,7 +150,7 @@ class ForeignLoad:
     wall times; benchmarks record it per request so contaminated rounds can be seen.
     """
 
-    def __init__(self, servers: Sequence[Server]):
+    def __init__(self, servers: Sequence[ServerProcess]):
         self.servers = list(servers)
         self.mark()
 
@@ -252,7 +167,7 @@ class ForeignLoad:
         return max(0.0, (busy - self._busy0) - (ours - self._ours0))
 
 
-def others_running(servers: Sequence[Server] = ()) -> int:
+def others_running(servers: Sequence[ServerProcess] = ()) -> int:
     """How many vLLM / ensemble-serve / pytest / ensemble-train processes run on this machine besides ours."""
     mine = {s.proc.pid for s in servers}
     count = 0
@@ -296,6 +211,34 @@ def add_common_args(parser: Any) -> None:
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ---------------------------------------------------------------------------
+# interleaved rounds
+# ---------------------------------------------------------------------------
+
+
+def interleaved(variants: Sequence[str], rounds: int, rng: random.Random) -> Iterator[tuple[int, str]]:
+    """(round, variant): every variant once per round, in an order shuffled anew each round with `rng`.
+
+    Interleaving spreads slow drifts of the machine (other load, thermal state) over all
+    variants, so a ratio of two variants in the same round is paired.
+    """
+    for rnd in range(rounds):
+        order = list(variants)
+        rng.shuffle(order)
+        for v in order:
+            yield rnd, v
+
+
+def timed_rows(rows: dict[str, list[dict]], variants: Sequence[str]) -> dict[str, list[dict]]:
+    """Each variant's records without those of the warm-up rounds (`"warmup": True`)."""
+    return {v: [r for r in rows[v] if not r["warmup"]] for v in variants}
+
+
+def paired_ratios(records: Sequence[dict], baseline: Sequence[dict]) -> list[float]:
+    """Each record's wall time over the baseline's of the same round (both in round order)."""
+    return [r["wall_s"] / b["wall_s"] for r, b in zip(records, baseline)]
 
 
 # ---------------------------------------------------------------------------
@@ -364,6 +307,13 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
         **payload,
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """`write_json`, then say on stderr where the results went (a path relative to the repository)."""
+    path = write_json(name, payload)
+    print(f"wrote {path.relative_to(path.parents[2])}", file=sys.stderr)
     return path
 
 

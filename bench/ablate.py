@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent.parent)]
 
 from bench._common import RESULTS, ROOT, rel, write_json  # noqa: E402
 
@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="Comma-separated ablation configs to run.")
     args = parser.parse_args()
 
-    from trainer.study.ablate import format_report, run_ablation
     from trainer.config import AblateConfig, load_config
+    from trainer.study.ablate import format_report, run_ablation
 
     runs = {}
     started = time.perf_counter()

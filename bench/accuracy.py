@@ -10,7 +10,7 @@ balanced over the 6 domains x 4 difficulties:
   method is reported:
   - every member, greedy (temperature 0);
   - the best member with self-consistency: n=8 samples at temperature 0.7, majority over the extracted
-    answers (`ensemble_serve.shared.voting.rules`); sent with `stream: true`, because the non-streaming member path
+    answers (`ensemble_serve.shared.voting`); sent with `stream: true`, because the non-streaming member path
     returns fewer than n choices for n > 1 (see BENCHMARKS.md);
   - the ensemble, 8 members x 1 chain at temperature 0.7 with `vote` = majority, weighted, cross;
   - the ensemble, 8 members x 1 chain, greedy, majority.
@@ -36,7 +36,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 
 import openai  # noqa: E402
 from _common import (  # noqa: E402
@@ -52,11 +52,11 @@ from _common import (  # noqa: E402
     others_running,
     seed_is_safe,
     wait_quiet,
-    write_json,
+    write_results,
 )
 from tqdm import tqdm  # noqa: E402
 
-from ensemble_serve.shared.voting.rules import candidate_from_text, vote  # noqa: E402
+from ensemble_serve.shared.voting import candidate_from_text, vote  # noqa: E402
 from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
 
 
@@ -289,8 +289,7 @@ def main() -> None:
     )
     print("member diversity (greedy, test): " + ", ".join(f"{k}: {v:.3f}" for k, v in out["diversity"].items()))
     print("phase seconds: " + ", ".join(f"{k}: {v:.0f}" for k, v in out["phases_s"].items()))
-    path = write_json("accuracy", {"args": vars(args), "waited_for_quiet_s": waited, **out, "markdown": md})
-    print(f"wrote {path.relative_to(path.parents[2])}", file=sys.stderr)
+    write_results("accuracy", {"args": vars(args), "waited_for_quiet_s": waited, **out, "markdown": md})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 from _common import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE, rel, write_json  # noqa: E402
 
 
@@ -35,9 +35,9 @@ def main() -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from ensemble_serve.shared.lora import load_lora, lora_from_bytes, lora_to_bytes, save_lora
+    from trainer.evolve.executors import train_member_task
     from trainer.tasks.data import greedy_answers
     from trainer.tasks.sandbox import generate_problems, verify
-    from trainer.evolve.executors import train_member_task
 
     base = str(EMBEDDED_SUBSTRATE)
     member_dir = EMBEDDED_POPULATION / "members" / args.member

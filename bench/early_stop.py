@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 
 import openai  # noqa: E402
 from _common import (  # noqa: E402
@@ -44,7 +44,7 @@ from _common import (  # noqa: E402
     seed_is_safe,
     spread,
     wait_quiet,
-    write_json,
+    write_results,
 )
 from tqdm import tqdm  # noqa: E402
 
@@ -221,10 +221,9 @@ def main() -> None:
     out = asyncio.run(bench(args))
     md, summary = summarize(out)
     print(md)
-    path = write_json(
+    write_results(
         "early_stop", {"args": vars(args), "waited_for_quiet_s": waited, "summary": summary, **out, "markdown": md}
     )
-    print(f"wrote {path.relative_to(path.parents[2])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

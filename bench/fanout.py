@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 
 import openai  # noqa: E402
 from _common import (  # noqa: E402
@@ -34,12 +34,15 @@ from _common import (  # noqa: E402
     add_common_args,
     chat,
     fmt_spread,
+    interleaved,
     md_table,
     member_names,
     others_running,
+    paired_ratios,
     spread,
+    timed_rows,
     wait_quiet,
-    write_json,
+    write_results,
 )
 from tqdm import tqdm  # noqa: E402
 
@@ -97,21 +100,18 @@ async def bench(args: argparse.Namespace) -> dict:
         with tqdm(total=total, desc="fanout", unit="req") as bar:
             for mt in args.max_tokens:
                 rows: dict[str, list[dict]] = {v: [] for v in names}
-                for rnd in range(args.warmup + args.repeats):
-                    order = names[:]
-                    rng.shuffle(order)
-                    for v in order:
-                        await asyncio.sleep(args.gap)  # every request starts on an idle engine
-                        cpu0 = server.cpu_seconds()
-                        load.mark()
-                        rec = await run_variant(client, v, args.prompt, mt, args.temperature, members)
-                        rec["foreign_cpu_s"] = load.foreign_s()
-                        rec["server_cpu_s"] = server.cpu_seconds() - cpu0
-                        rec["round"] = rnd
-                        rec["warmup"] = rnd < args.warmup
-                        rows[v].append(rec)
-                        bar.set_postfix(max_tokens=mt, variant=v)
-                        bar.update()
+                for rnd, v in interleaved(names, args.warmup + args.repeats, rng):
+                    await asyncio.sleep(args.gap)  # every request starts on an idle engine
+                    cpu0 = server.cpu_seconds()
+                    load.mark()
+                    rec = await run_variant(client, v, args.prompt, mt, args.temperature, members)
+                    rec["foreign_cpu_s"] = load.foreign_s()
+                    rec["server_cpu_s"] = server.cpu_seconds() - cpu0
+                    rec["round"] = rnd
+                    rec["warmup"] = rnd < args.warmup
+                    rows[v].append(rec)
+                    bar.set_postfix(max_tokens=mt, variant=v)
+                    bar.update()
                 results["max_tokens"][str(mt)] = rows
         await client.close()
     return results
@@ -121,12 +121,12 @@ def summarize(results: dict, names: list[str], warmup: int) -> tuple[str, dict]:
     summary: dict = {}
     table_rows = []
     for mt, rows in results["max_tokens"].items():
-        timed = {v: [r for r in rows[v] if not r["warmup"]] for v in names}
+        timed = timed_rows(rows, names)
         base = timed[BASELINE]
         summary[mt] = {}
         for v in names:
             walls = [r["wall_s"] for r in timed[v]]
-            ratios = [r["wall_s"] / b["wall_s"] for r, b in zip(timed[v], base)]  # paired by round
+            ratios = paired_ratios(timed[v], base)
             s_wall, s_ratio = spread(walls), spread(ratios)
             cpu = spread([r["server_cpu_s"] for r in timed[v]])
             foreign = spread([r["foreign_cpu_s"] for r in timed[v]])
@@ -190,7 +190,7 @@ def main() -> None:
         "\nensemble 8x1 / m00 n=8 (median paired ratio): "
         + ", ".join(f"{mt} tokens: {r:.3f}" for mt, r in ratio.items())
     )
-    path = write_json(
+    write_results(
         "fanout",
         {
             "args": vars(args),
@@ -201,7 +201,6 @@ def main() -> None:
             "markdown": table,
         },
     )
-    print(f"wrote {path.relative_to(path.parents[2])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where the fan-out cost comes from, below HTTP: the same work straight on vLLM's AsyncLLM, in-process.
 
-A diagnostic for `bench/fanout.py`. One `ensemble_serve.shared.vllm.AsyncEngine` (the engine the server runs,
+A diagnostic for `bench/fanout.py`. One `ensemble_serve.engine.inprocess.AsyncEngine` (the engine the server runs,
 with the embedded default population and the same engine settings) receives, interleaved per round in
 shuffled order (fixed seed):
 
@@ -26,17 +26,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 
 from _common import (  # noqa: E402
     EMBEDDED_POPULATION,
     add_common_args,
     fmt_spread,
+    interleaved,
     md_table,
+    paired_ratios,
     spread,
     system_busy_s,
+    timed_rows,
     wait_quiet,
-    write_json,
+    write_results,
 )
 from tqdm import tqdm  # noqa: E402
 
@@ -48,7 +51,8 @@ async def bench(args: argparse.Namespace) -> dict:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import SamplingParams
 
-    from ensemble_serve.shared.vllm import AsyncEngine, EngineConfig
+    from ensemble_serve.engine.inprocess import AsyncEngine
+    from ensemble_serve.shared.engine_config import EngineConfig
     from ensemble_serve.shared.population import load_population
 
     population = load_population(EMBEDDED_POPULATION)
@@ -85,16 +89,13 @@ async def bench(args: argparse.Namespace) -> dict:
         with tqdm(total=total, desc="fanout_engine", unit="req") as bar:
             for mt in args.max_tokens:
                 rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-                for rnd in range(args.warmup + args.repeats):
-                    order = VARIANTS[:]
-                    rng.shuffle(order)
-                    for v in order:
-                        b0, c0 = system_busy_s(), time.perf_counter()
-                        rec = await run(v, mt)
-                        rec["machine_busy_cores"] = (system_busy_s() - b0) / (time.perf_counter() - c0)
-                        rec["warmup"] = rnd < args.warmup
-                        rows[v].append(rec)
-                        bar.update()
+                for rnd, v in interleaved(VARIANTS, args.warmup + args.repeats, rng):
+                    b0, c0 = system_busy_s(), time.perf_counter()
+                    rec = await run(v, mt)
+                    rec["machine_busy_cores"] = (system_busy_s() - b0) / (time.perf_counter() - c0)
+                    rec["warmup"] = rnd < args.warmup
+                    rows[v].append(rec)
+                    bar.update()
                 out["max_tokens"][str(mt)] = rows
     finally:
         engine.shutdown()
@@ -105,12 +106,12 @@ def summarize(out: dict) -> tuple[str, dict]:
     summary: dict = {}
     rows_md = []
     for mt, rows in out["max_tokens"].items():
-        timed = {v: [r for r in rows[v] if not r["warmup"]] for v in VARIANTS}
+        timed = timed_rows(rows, VARIANTS)
         summary[mt] = {}
         for v in VARIANTS:
             s = {
                 "wall_s": spread([r["wall_s"] for r in timed[v]]),
-                "ratio_to_baseline": spread([r["wall_s"] / b["wall_s"] for r, b in zip(timed[v], timed[BASELINE])]),
+                "ratio_to_baseline": spread(paired_ratios(timed[v], timed[BASELINE])),
                 "tokens": sorted({r["tokens"] for r in timed[v]}),
                 "machine_busy_cores": spread([r["machine_busy_cores"] for r in timed[v]]),
             }
@@ -150,11 +151,10 @@ def main() -> None:
     out = asyncio.run(bench(args))
     md, summary = summarize(out)
     print(md)
-    path = write_json(
+    write_results(
         "fanout_engine",
         {"args": vars(args), "waited_for_quiet_s": waited, "summary": summary, "raw": out, "markdown": md},
     )
-    print(f"wrote {path.relative_to(path.parents[2])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

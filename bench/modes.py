@@ -43,9 +43,7 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,13 +51,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
 from _common import (  # noqa: E402
-    EMBEDDED_POPULATION,
-    EMBEDDED_SUBSTRATE,
     ENSEMBLE_NAME,
     LOGS,
     ROOT,
@@ -73,6 +69,7 @@ from _common import (  # noqa: E402
     wait_quiet,
     write_json,
 )
+from server_harness import copy_embedded, server_env  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
@@ -83,20 +80,13 @@ MODES = ("vote unrouted", "vote routed", "mixture cold", "mixture warm")
 # --------------------------------------------------------------------------- setup
 
 
-def copy_population(dest: Path) -> Path:
-    """A private copy of the embedded population with its substrate beside it (the manifest says `../substrate`)."""
-    shutil.copytree(EMBEDDED_SUBSTRATE, dest / "substrate")
-    shutil.copytree(EMBEDDED_POPULATION, dest / "population")
-    return dest / "population"
-
-
 def train_router(population: Path, config: Path, out: Path) -> dict[str, Any]:
     """`ensemble-train router` on the copy (installs `router/` and the manifest entry); its results and time."""
     exe = Path(sys.executable).with_name("ensemble-train")
     cmd = [str(exe), "router", "--config", str(config), "--population", str(population), "--out", str(out)]
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / "modes-router.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_NO_USAGE_STATS="1")
+    env = server_env()
     print(f"training the router ({rel(config)}; about 90 s on 2 cores) ...", file=sys.stderr)
     t0 = time.perf_counter()
     with log.open("w") as f:
@@ -320,7 +310,7 @@ async def serve_and_measure(args: argparse.Namespace, population: Path, problems
 
 
 def _default_rank(ranks: dict[str, int]) -> int:
-    from ensemble_serve.shared.vllm import VLLM_LORA_RANKS
+    from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS
 
     return min(r for r in VLLM_LORA_RANKS if r >= max(ranks.values()))
 
@@ -390,7 +380,7 @@ def main() -> None:
     problems = generate_problems(args.per_domain * len(DOMAINS), seed=args.seed, split="heldout")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ensemble-serve-modes-") as tmp:
-        population = copy_population(Path(tmp))
+        population = copy_embedded(Path(tmp))  # the manifest finds its substrate at ../substrate
         router = train_router(population, args.router_config, Path(tmp) / "router.json")
         res = router["result"]
         print(f"router trained and installed in {router['wall_s']:.0f}s", file=sys.stderr)

@@ -15,7 +15,7 @@ Per round, interleaved in shuffled order (fixed seed):
 * `vLLM: 8 x n=1 +logprobs, client vote` - the same work by hand: 8 concurrent requests (one per
   member, n=1) to vLLM's server with `logprobs` (the ensemble asks vLLM for the sampled tokens' logprobs
   too: the chain's mean logprob breaks ties for the winner), then answer extraction and majority voting
-  in the client with `ensemble_serve.shared.voting.answers` + `ensemble_serve.shared.voting.rules` (the same code the server runs);
+  in the client with `ensemble_serve.shared.voting.answers` + `ensemble_serve.shared.voting` (the same code the server runs);
 * diagnostics: `vLLM: 8 x n=1, client vote` (no logprobs: less work than the ensemble does) and
   `ensemble-serve: 8 x n=1 +logprobs, client vote` (the same hand-made fan-out against our server's member
   models).
@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 
 import openai  # noqa: E402
 from _common import (  # noqa: E402
@@ -45,16 +45,19 @@ from _common import (  # noqa: E402
     add_common_args,
     chat,
     fmt_spread,
+    interleaved,
     md_table,
     member_names,
     others_running,
+    paired_ratios,
     spread,
+    timed_rows,
     wait_quiet,
-    write_json,
+    write_results,
 )
 from tqdm import tqdm  # noqa: E402
 
-from ensemble_serve.shared.voting.rules import candidate_from_text, vote  # noqa: E402
+from ensemble_serve.shared.voting import candidate_from_text, vote  # noqa: E402
 
 TARGET = "ensemble-serve: ensemble 8x1"
 BASELINE = "vLLM: 8 x n=1 +logprobs, client vote"
@@ -132,23 +135,20 @@ async def bench(args: argparse.Namespace) -> dict:
         with tqdm(total=total, desc="overhead", unit="req") as bar:
             for mt in args.max_tokens:
                 rows: dict[str, list[dict]] = {v: [] for v in names}
-                for rnd in range(args.warmup + args.repeats):
-                    order = names[:]
-                    rng.shuffle(order)
-                    for v in order:
-                        await asyncio.sleep(args.gap)  # let the last server's worker leave its busy loop
-                        c_ours, c_vllm = ours.cpu_seconds(), vllm_server.cpu_seconds()
-                        load.mark()
-                        rec = await run_variant(v, clients, members, args.prompt, mt, args.temperature)
-                        rec["foreign_cpu_s"] = load.foreign_s()
-                        rec["cpu_s"] = {
-                            "ensemble-serve": ours.cpu_seconds() - c_ours,
-                            "vllm": vllm_server.cpu_seconds() - c_vllm,
-                        }
-                        rec["round"], rec["warmup"] = rnd, rnd < args.warmup
-                        rows[v].append(rec)
-                        bar.set_postfix(max_tokens=mt, variant=v[:20])
-                        bar.update()
+                for rnd, v in interleaved(names, args.warmup + args.repeats, rng):
+                    await asyncio.sleep(args.gap)  # let the last server's worker leave its busy loop
+                    c_ours, c_vllm = ours.cpu_seconds(), vllm_server.cpu_seconds()
+                    load.mark()
+                    rec = await run_variant(v, clients, members, args.prompt, mt, args.temperature)
+                    rec["foreign_cpu_s"] = load.foreign_s()
+                    rec["cpu_s"] = {
+                        "ensemble-serve": ours.cpu_seconds() - c_ours,
+                        "vllm": vllm_server.cpu_seconds() - c_vllm,
+                    }
+                    rec["round"], rec["warmup"] = rnd, rnd < args.warmup
+                    rows[v].append(rec)
+                    bar.set_postfix(max_tokens=mt, variant=v[:20])
+                    bar.update()
                 out["max_tokens"][str(mt)] = rows
         for c in clients.values():
             await c.close()
@@ -159,11 +159,11 @@ def summarize(results: dict, names: list[str]) -> tuple[str, dict]:
     summary: dict = {}
     rows_md = []
     for mt, rows in results["max_tokens"].items():
-        timed = {v: [r for r in rows[v] if not r["warmup"]] for v in names}
+        timed = timed_rows(rows, names)
         summary[mt] = {}
         for v in names:
             walls = [r["wall_s"] for r in timed[v]]
-            ratios = [r["wall_s"] / b["wall_s"] for r, b in zip(timed[v], timed[BASELINE])]
+            ratios = paired_ratios(timed[v], timed[BASELINE])
             busy = "ensemble-serve" if v.startswith("ensemble-serve") else "vllm"
             other = "vllm" if busy == "ensemble-serve" else "ensemble-serve"
             s = {
@@ -235,7 +235,7 @@ def main() -> None:
         "ensemble / vLLM+client vote (median paired ratio): "
         + ", ".join(f"{mt} tokens: {s[TARGET]['ratio_to_baseline']['median']:.3f}" for mt, s in summary.items())
     )
-    path = write_json(
+    write_results(
         "overhead",
         {
             "args": vars(args),
@@ -246,7 +246,6 @@ def main() -> None:
             "markdown": table,
         },
     )
-    print(f"wrote {path.relative_to(path.parents[2])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 from _common import EMBEDDED_POPULATION, md_table, rel, write_json  # noqa: E402
 
 
@@ -38,7 +38,8 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from ensemble_serve.shared.vllm import EngineConfig, OfflineEngine
+    from ensemble_serve.shared.engine_config import EngineConfig
+    from ensemble_serve.shared.offline_engine import OfflineEngine
     from ensemble_serve.shared.population import load_population
     from trainer.tasks.sandbox import generate_problems
 

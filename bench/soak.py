@@ -13,11 +13,10 @@ import asyncio
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 
 import psutil  # noqa: E402
-from _common import ServerSet, add_common_args, member_names, wait_quiet, write_json  # noqa: E402
+from _common import ServerSet, add_common_args, member_names, wait_quiet, write_results  # noqa: E402
 from soak import run_soak  # noqa: E402
 
 
@@ -45,8 +44,7 @@ def main() -> None:
     summary = result.summary()
     for k, v in summary.items():
         print(f"{k}: {v}")
-    path = write_json("soak", {"args": vars(args), "waited_for_quiet_s": waited, "summary": summary})
-    print(f"wrote {path.relative_to(path.parents[2])}", file=sys.stderr)
+    write_results("soak", {"args": vars(args), "waited_for_quiet_s": waited, "summary": summary})
 
 
 if __name__ == "__main__":

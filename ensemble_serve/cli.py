@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import uvicorn
 
-from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
 from ensemble_serve.config import ServeConfig
+from ensemble_serve.http.app import build_app
+from ensemble_serve.http.shutdown import Drain, GracefulServer
+from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
+from ensemble_serve.shared.population import PopulationError, load_population
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -28,12 +32,6 @@ def up(config_file: Path | None, **overrides: Any) -> None:
     (`GET /v1/models`); `POST /v1/chat/completions` and `/v1/completions` with the
     ensemble's name fan out, vote and return the consensus.
     """
-    import uvicorn
-
-    from ensemble_serve.http.app import build_app
-    from ensemble_serve.shared.population import PopulationError, load_population
-    from ensemble_serve.http.shutdown import Drain, GracefulServer
-
     try:
         cfg = load_config(ServeConfig, config_file, overrides)
     except ConfigError as e:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ensemble_serve.shared.vllm import VLLM_LORA_RANKS, EngineConfig
+from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION
+from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS, EngineConfig
 
-EMBEDDED_POPULATION = Path(__file__).resolve().parent / "embedded" / "population"
-EMBEDDED_NAME = "sandbox-ensemble"
 API_KEY_ENV = "ENSEMBLE_SERVE_API_KEY"
 
 

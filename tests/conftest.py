@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded"
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +56,7 @@ def tiny_population(tiny_substrate: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def embedded_population() -> Path:
     """The shipped default: the trained substrate and its starting population."""
-    path = EMBEDDED / "population"
+    path = EMBEDDED_POPULATION
     if not (path / "population.json").is_file():
         pytest.fail(f"the embedded population is missing at {path}; run `make embedded`")
     return path

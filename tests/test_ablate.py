@@ -1,6 +1,6 @@
 """Tests of the `ensemble-train ablate` harness with a fake cell runner (no vLLM, no model).
 
-The fake runner returns results shaped like :meth:`trainer.study.ablate.CellRunner.run`'s, with a
+The fake runner returns results shaped like :meth:`trainer.study.ablate.cells.CellRunner.run`'s, with a
 known synthetic effect per factor (plus a per-seed offset and small seeded noise), so the
 design, the resume logic, the failure handling and the statistics of the report are checked
 against numbers we chose.
@@ -21,23 +21,20 @@ import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from trainer.cli import main
+from trainer.config import ABLATION_FACTORS, HARNESS_EVOLVE_KEYS, AblateConfig
 from trainer.study.ablate import (
     DEFAULT_LEVELS,
     AblationError,
-    Cell,
     cell_id,
-    config_hash,
     design_cells,
-    failed_path,
     format_report,
-    levels_of,
     plan,
     report,
-    result_path,
     run_ablation,
 )
-from trainer.cli import main
-from trainer.config import ABLATION_FACTORS, HARNESS_EVOLVE_KEYS, AblateConfig
+from trainer.study.ablate.design import Cell, config_hash, levels_of
+from trainer.study.ablate.folder import failed_path, result_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DOMAIN_BASE = {"add": 1.5, "sub": 2.0}
@@ -694,7 +691,8 @@ def test_cli_run_with_a_fake_cell_runner(fail, code: int, message: str, tmp_path
         made.append(FakeRunner(fail=fail))
         return made[-1]
 
-    monkeypatch.setattr("trainer.study.ablate.CellRunner", fake_cell_runner)  # no vLLM: only the command is under test
+    # no vLLM: only the command is under test
+    monkeypatch.setattr("trainer.study.ablate.run.CellRunner", fake_cell_runner)
     cfg_file = write_yaml(tmp_path / "a.yaml", {**BASE_YAML, "out": str(tmp_path / "runs")})
     result = CliRunner().invoke(main, ["ablate", "--config", str(cfg_file), "--quiet"])
     assert result.exit_code == code, result.output

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from ensemble_serve.config import EMBEDDED_POPULATION
-from ensemble_serve.shared.vllm import AdapterRegistry, AsyncEngine
+from ensemble_serve.engine.inprocess import AsyncEngine
+from ensemble_serve.shared.adapters import AdapterRegistry
+from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
 from ensemble_serve.shared.population import load_population
 
 

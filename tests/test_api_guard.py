@@ -10,31 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
-from ensemble_serve.http.app import build_app
 from ensemble_serve.config import ServeConfig
-from ensemble_serve.shared.vllm import ScoringGate
-from ensemble_serve.errors import INTERNAL_ERROR_MESSAGE
+from ensemble_serve.engine.base import Engine
+from ensemble_serve.engine.gate import ScoringGate
+from ensemble_serve.http.app import build_app
+from ensemble_serve.http.errors import INTERNAL_ERROR_MESSAGE
 from ensemble_serve.http.shutdown import Drain
-
-EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded"
+from ensemble_serve.shared.embedded import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
 
 
 class BrokenBackend:
-    """Generations raise (`mode="raise"`) or never finish (`"hang"`); everything else is a working engine's."""
+    """An `Engine` whose generations raise (`mode="raise"`) or never finish (`"hang"`); the rest is a working engine's."""
 
     max_model_len = 256
     errored = False
 
     def __init__(self, mode: str):
         self.mode = mode
-        self.tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED / "substrate"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_SUBSTRATE))
         self.gate = ScoringGate()
         self.cancelled = 0
         self._n = 0
@@ -65,6 +64,9 @@ class BrokenBackend:
     def unavailable_members(self) -> list[str]:
         return []
 
+    def inflight(self) -> int:
+        return self.gate.state[0]
+
     def health(self) -> dict[str, Any]:
         return {}
 
@@ -77,7 +79,8 @@ class BrokenBackend:
 
 def _client(mode: str, **config: Any) -> tuple[TestClient, BrokenBackend, Drain]:
     backend = BrokenBackend(mode)
-    cfg = ServeConfig(population=EMBEDDED / "population", served_model_name="sandbox-ensemble", watch=False, **config)
+    assert isinstance(backend, Engine)  # the whole interface the service uses
+    cfg = ServeConfig(population=EMBEDDED_POPULATION, served_model_name="sandbox-ensemble", watch=False, **config)
     drain = Drain(cfg.shutdown_grace)
     app = build_app(cfg, backend_factory=lambda _cfg, _pop: backend, drain=drain)
     return TestClient(app, raise_server_exceptions=False), backend, drain

@@ -15,7 +15,7 @@ from ensemble_serve.shared.embeddings import (
     cosine_matrix,
     default_embedder,
 )
-from ensemble_serve.shared.voting.rules import Candidate, SemanticGrouper, VoteContext, outcome_groups, vote
+from ensemble_serve.shared.voting import Candidate, SemanticGrouper, VoteContext, outcome_groups, vote
 
 PARIS = "The capital of France is Paris."
 PARIS_2 = "Paris is France's capital"

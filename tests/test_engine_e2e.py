@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine(embedded_population: Path):
-    from ensemble_serve.shared.vllm import EngineConfig, OfflineEngine
+    from ensemble_serve.shared.engine_config import EngineConfig
+    from ensemble_serve.shared.offline_engine import OfflineEngine
 
     eng = OfflineEngine(load_population(embedded_population), EngineConfig(gpu_memory_utilization=0.1))
     yield eng

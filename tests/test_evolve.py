@@ -21,7 +21,7 @@ import torch
 from lora_factories import same_weights
 from pydantic import ValidationError
 
-import ensemble_serve.shared.population as population_module
+import ensemble_serve.shared.population.commit as population_module
 from ensemble_serve.shared.lora import LoraWeights, check_compatible, load_lora, lora_from_bytes, lora_to_bytes
 from ensemble_serve.shared.population import (
     PopulationError,
@@ -29,23 +29,13 @@ from ensemble_serve.shared.population import (
     read_manifest,
     write_manifest,
 )
-from ensemble_serve.shared.voting.rules import candidate_from_text
+from ensemble_serve.shared.voting import candidate_from_text
+from trainer.config import EvolutionConfig, EvolveConfig
+from trainer.evolve import commit as commit_module
 from trainer.evolve import loop as evolve
 from trainer.evolve import operators
-from trainer.config import EvolutionConfig, EvolveConfig
-from trainer.evolve.loop import (
-    PENDING_FILE,
-    RUN_FILE,
-    EvolveError,
-    Evolver,
-    evolutionary_step,
-    generation_problems,
-    load_dataset,
-    prepare_run,
-    pseudo_labels,
-    run_evolve,
-    training_examples,
-)
+from trainer.evolve.commit import PENDING_FILE
+from trainer.evolve.executors import LocalExecutor, RayExecutor, score_member_task, train_member_task
 from trainer.evolve.fitness import (
     FITNESS_TERMS,
     Evidence,
@@ -57,8 +47,12 @@ from trainer.evolve.fitness import (
     term_diversity_hidden,
     term_diversity_output,
 )
+from trainer.evolve.loop import Evolver, run_evolve
+from trainer.evolve.problems import generation_problems, load_dataset
+from trainer.evolve.run import RUN_FILE, EvolveError, prepare_run
+from trainer.evolve.selfplay import pseudo_labels, training_examples
+from trainer.evolve.step import evolutionary_step
 from trainer.tasks.sandbox import Problem, generate_problems
-from trainer.evolve.executors import LocalExecutor, RayExecutor, score_member_task, train_member_task
 
 MEMBERS = ["m00", "m01", "m02"]
 RANKS = {"m00": 4, "m01": 8, "m02": 4}
@@ -566,7 +560,9 @@ def test_refused_start_leaves_no_run_behind(
 def test_unusable_operators_refused_before_any_work(
     pop_copy: Path, tmp_path: Path, pop_weights: dict[str, LoraWeights], no_engine: list[str], evolution: dict
 ) -> None:
-    cfg = cfg_for(pop_copy, tmp_path / "run", evolution=EvolutionConfig(**evolution))
+    # The config refuses the unknown names when it is read (tests/test_registries.py); built unchecked
+    # here, the step and the Evolver must refuse them too.
+    cfg = cfg_for(pop_copy, tmp_path / "run", evolution=EvolutionConfig.model_construct(**evolution))
     with pytest.raises(operators.OperatorError):  # what the first generation would meet after all its work
         evolutionary_step(MEMBERS, pop_weights, {"m00": 0.9, "m01": 0.5, "m02": 0.1}, cfg, 1)
     with pytest.raises(EvolveError):
@@ -901,7 +897,9 @@ def test_commit_failure_keeps_the_previous_generation(
 
 def test_commit_failure_in_the_temp_folder(evolver: Evolver, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest, weights, record = next_generation(evolver)
-    monkeypatch.setattr(evolve, "save_lora", _fail_on_call(evolve.save_lora, 1, OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(
+        commit_module, "save_lora", _fail_on_call(commit_module.save_lora, 1, OSError(errno.ENOSPC, "full"))
+    )
     with pytest.raises(EvolveError, match="generation 0 is intact"):
         evolver._commit(manifest, {"m00": weights}, record)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ensemble_serve.shared.vllm import ScoringGate
+from ensemble_serve.engine.gate import ScoringGate
 
 
 def test_scoring_waits_for_generation_to_drain_and_blocks_new_generation():

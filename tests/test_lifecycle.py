@@ -21,12 +21,15 @@ from pydantic import ValidationError
 
 from ensemble_serve.shared.lora import LoraWeights, check_compatible, load_lora
 from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
-from ensemble_serve.shared.voting.rules import candidate_from_text
-from trainer.evolve import operators
+from ensemble_serve.shared.voting import candidate_from_text
 from trainer.config import EvolutionConfig, EvolveConfig, LifecycleConfig
-from trainer.evolve.loop import Evolver, config_hash, evolutionary_step, lifecycle_summary, prepare_run
+from trainer.evolve import operators
 from trainer.evolve.fitness import Evidence, compute_fitness, term_consensus, term_correctness
 from trainer.evolve.lifecycle import LifecycleResult, choose_deaths, fresh_adapter, lifecycle_step, update_distance
+from trainer.evolve.loop import Evolver
+from trainer.evolve.records import lifecycle_summary
+from trainer.evolve.run import config_hash, prepare_run
+from trainer.evolve.step import evolutionary_step
 from trainer.tasks.sandbox import Problem
 
 MEMBERS = ["m00", "m01", "m02"]

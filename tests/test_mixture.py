@@ -17,7 +17,7 @@ import pytest
 import torch
 from lora_factories import BASE, TOL, make_lora
 
-import ensemble_serve.shared.mixture as mixture
+import ensemble_serve.shared.mixture.cache as mixture
 from ensemble_serve.shared.lora import CONFIG_FILE, LoraWeights, load_lora, save_lora
 from ensemble_serve.shared.mixture import (
     MixtureCache,

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble_serve.config import EMBEDDED_POPULATION
+from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
 from ensemble_serve.shared.lora import load_lora, save_lora
 from ensemble_serve.shared.mixture import mix_exact
 from ensemble_serve.shared.population import load_population
 from ensemble_serve.shared.router import normalised_weights, top_k
-from trainer.tasks.data import collate
 from trainer.models.mixture_lm import (
     MixtureLM,
     MixtureLMError,
@@ -24,6 +23,7 @@ from trainer.models.mixture_lm import (
     train_router_mixture,
 )
 from trainer.router.train import RouterTrainConfig
+from trainer.tasks.data import collate
 from trainer.tasks.sandbox import Problem, generate_problems
 
 NAMES = ["m00", "m01", "m05"]  # ranks 4, 8 and 16: the concatenation mixes ranks

@@ -127,13 +127,13 @@ class _Absent(importlib.abc.MetaPathFinder):
 
 
 def _offline_engine() -> None:
-    from ensemble_serve.shared.vllm import OfflineEngine
+    from ensemble_serve.shared.offline_engine import OfflineEngine
 
     OfflineEngine(None)  # the vLLM import comes first
 
 
 def _async_engine() -> None:
-    from ensemble_serve.shared.vllm import AsyncEngine
+    from ensemble_serve.engine.inprocess import AsyncEngine
 
     AsyncEngine(None)
 
@@ -145,7 +145,7 @@ def _ray_executor() -> None:
 
 
 def _tensorboard() -> None:
-    from trainer.evolve.loop import _TensorBoard
+    from trainer.evolve.records import TensorBoardLog as _TensorBoard
 
     _TensorBoard(Path("unused"))
 

@@ -16,11 +16,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
 from ensemble_serve.errors import (
-    EMPTY_BODY_MESSAGE,
-    INTERNAL_ERROR_MESSAGE,
-    INVALID_JSON_MESSAGE,
-    NOT_AN_OBJECT_MESSAGE,
-    NOT_JSON_MESSAGE,
     APIError,
     AuthenticationError,
     BadRequestError,
@@ -30,6 +25,13 @@ from ensemble_serve.errors import (
     ParameterError,
     RequestTooLargeError,
     ServiceUnavailableError,
+)
+from ensemble_serve.http.errors import (
+    EMPTY_BODY_MESSAGE,
+    INTERNAL_ERROR_MESSAGE,
+    INVALID_JSON_MESSAGE,
+    NOT_AN_OBJECT_MESSAGE,
+    NOT_JSON_MESSAGE,
     error_response,
     install_error_handlers,
 )

@@ -89,8 +89,8 @@ def test_models_list_the_members_of_both_servers(client):
 
 
 def test_backend_refuses_servers_that_cannot_serve_the_population(cluster: Cluster):
-    from ensemble_serve.shared.population import load_population
     from ensemble_serve.engine.remote import RemoteBackend, RemoteDiscoveryError
+    from ensemble_serve.shared.population import load_population
 
     pop = load_population(cluster.ensemble.population)
     with pytest.raises(RemoteDiscoveryError) as e:  # server A alone lacks m04..m07
@@ -228,9 +228,9 @@ def test_backend_scores_chains_alongside_generation(cluster: Cluster):
     answer, and scoring on both servers while both generate for several adapters leaves them alive."""
     from vllm import SamplingParams
 
+    from ensemble_serve.engine.remote import RemoteBackend
     from ensemble_serve.errors import BadRequestError
     from ensemble_serve.shared.population import load_population
-    from ensemble_serve.engine.remote import RemoteBackend
 
     async def run() -> tuple[list[list[float]], int]:
         backend = RemoteBackend(

@@ -20,10 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
-from ensemble_serve.errors import BadRequestError, MemberUnavailableError, error_response
+from ensemble_serve.engine.remote import RemoteBackend, RemoteDiscoveryError, RemoteError
+from ensemble_serve.errors import BadRequestError, MemberUnavailableError
+from ensemble_serve.http.errors import error_response
 from ensemble_serve.service.metrics import Metrics
 from ensemble_serve.shared.population import Population, load_population
-from ensemble_serve.engine.remote import RemoteBackend, RemoteDiscoveryError, RemoteError
 
 MEMBERS = [f"m0{i}" for i in range(8)]
 A, B = "http://node-a:8001", "http://node-b:8001"

@@ -1,4 +1,4 @@
-"""`ensemble-train router`: config checks, the pieces of trainer/route.py, and one real run on a tiny population.
+"""`ensemble-train router`: config checks, the pieces of trainer/router/command.py, and one real run on a tiny population.
 
 The fast tests need no engine; the one slow test starts vLLM once (about 40 s on 2 cores).
 """
@@ -27,7 +27,7 @@ from ensemble_serve.shared.population import (
     write_manifest,
 )
 from ensemble_serve.shared.router import ROUTER_CONFIG, ROUTER_DIR, ROUTER_WEIGHTS, Router, RouterConfig, load_router
-from ensemble_serve.shared.voting.rules import Candidate, candidate_from_text
+from ensemble_serve.shared.voting import Candidate, candidate_from_text
 from trainer.cli import main
 from trainer.config import RouterCommandConfig, load_config
 from trainer.tasks.sandbox import Problem
@@ -129,7 +129,7 @@ def test_split_dataset_holds_out_at_most_half_of_each_domain_deterministically()
 
 
 def test_routed_vote_takes_the_majority_and_breaks_ties_by_summed_gate() -> None:
-    from trainer.router.command import routed_vote
+    from trainer.router.evaluation import routed_vote
 
     cands = [_cand("m0", "#### 5"), _cand("m1", "#### 7"), _cand("m2", "#### 7"), _cand("m3", "#### 5")]
     assert routed_vote(cands, [0.4, 0.3, 0.2, 0.45]) == "5"  # 2 v 2: 0.85 beats 0.5
@@ -140,7 +140,7 @@ def test_routed_vote_takes_the_majority_and_breaks_ties_by_summed_gate() -> None
 
 
 def test_heldout_report_scores_every_method_per_domain() -> None:
-    from trainer.router.command import heldout_report
+    from trainer.router.evaluation import heldout_report
 
     problems = [_problem("5", "add"), _problem("3", "sort"), _problem("9", "sort")]
     answers = [

@@ -418,13 +418,16 @@ def test_top_k_breaks_ties_by_lower_index_and_weights_sum_to_one() -> None:
 
 
 def test_server_side_module_never_imports_the_trainer() -> None:
-    source = Path(__file__).resolve().parent.parent / "ensemble_serve" / "shared" / "router.py"
+    package = Path(__file__).resolve().parent.parent / "ensemble_serve" / "shared" / "router"
+    sources = sorted(package.glob("*.py"))
+    assert sources
     modules = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            modules |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            modules.add(node.module.split(".")[0])
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules.add(node.module.split(".")[0])
     assert "trainer" not in modules
     assert modules <= SERVER_SIDE_IMPORTS
 

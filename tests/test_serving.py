@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
+from ensemble_serve.engine.base import Engine
 from ensemble_serve.errors import BadRequestError, NotFoundError, ServiceUnavailableError
-from ensemble_serve.service.metrics import Metrics
-from ensemble_serve.shared.population import load_population
 from ensemble_serve.protocol import ChatCompletionRequest
+from ensemble_serve.service.metrics import Metrics
 from ensemble_serve.service.service import EnsembleService, ServeSettings
-
-EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded"
+from ensemble_serve.shared.embedded import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
+from ensemble_serve.shared.population import load_population
 
 
 @dataclass
@@ -48,7 +47,7 @@ class ScriptedBackend:
     max_model_len: int = 256
 
     def __post_init__(self):
-        self.tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED / "substrate"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_SUBSTRATE))
         self._n = 0
 
     def next_id(self, prefix: str) -> str:
@@ -60,6 +59,20 @@ class ScriptedBackend:
 
     def unavailable_members(self) -> list[str]:
         return []
+
+    errored = False
+
+    def health(self) -> dict:
+        return {}
+
+    def inflight(self) -> int:
+        return 0
+
+    async def warm(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
     async def generate(self, prompt_ids, params, member, request_id):
         if member in self.fail:
@@ -82,7 +95,8 @@ class ScriptedBackend:
 
 
 def _service(backend: ScriptedBackend) -> EnsembleService:
-    population = load_population(EMBEDDED / "population")
+    assert isinstance(backend, Engine)  # the whole interface the service uses
+    population = load_population(EMBEDDED_POPULATION)
     return EnsembleService(backend, population, ServeSettings(ensemble_name="ens"), Metrics())
 
 
@@ -220,7 +234,7 @@ class _MixingBackend(ScriptedBackend):
 
 def test_mixture_cache_size_comes_from_the_settings_and_bounds_the_registered_adapters():
     backend = _MixingBackend(dict(ANSWERS))
-    population = load_population(EMBEDDED / "population")
+    population = load_population(EMBEDDED_POPULATION)
     service = EnsembleService(backend, population, ServeSettings(ensemble_name="ens", mixture_cache=2), Metrics())
     try:
         names = []

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.config import ConfigError, SubstrateConfig, load_config
+from trainer.models.substrate import REPORT_FILE, train_substrate
 from trainer.tasks.data import IGNORE, batches, collate, encode_example, lr_at
 from trainer.tasks.sandbox import DOMAINS, Problem, iter_problems
-from trainer.models.substrate import REPORT_FILE, train_substrate
 from trainer.tasks.tokenizer import CHARACTERS, build_tokenizer, render_prompt
 
 

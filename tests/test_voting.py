@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ensemble_serve.shared.voting.rules import (
+from ensemble_serve.shared.voting import (
     VOTE_RULES,
     Candidate,
     ExactGrouper,

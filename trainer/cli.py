@@ -116,7 +116,8 @@ def evolve(config_file: Path | None, resume: bool, quiet: bool, **overrides: Any
     Fitness weights and the evolution operators are set in the config file
     (see configs/evolve.yaml).
     """
-    from trainer.evolve.loop import EvolveError, Interrupted, run_evolve
+    from trainer.evolve.loop import run_evolve
+    from trainer.evolve.run import EvolveError, Interrupted
     from trainer.study.report import summary_table
 
     cfg = _load(EvolveConfig, config_file, overrides)

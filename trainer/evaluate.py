@@ -12,10 +12,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from ensemble_serve.shared.vllm import EngineConfig, OfflineEngine
+from ensemble_serve.shared.engine_config import EngineConfig
+from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.fsutil import atomic_write_text
 from ensemble_serve.shared.population import Population, load_population, write_manifest
-from ensemble_serve.shared.voting.rules import Candidate, candidate_from_text
+from ensemble_serve.shared.voting import Candidate, candidate_from_text
 from trainer.config import EvalConfig
 from trainer.tasks.sandbox import Problem, generate_problems, load_jsonl, verify
 

@@ -19,7 +19,8 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ensemble_serve.errors import APIError, RequestTooLargeError, ServiceUnavailableError, error_response
+from ensemble_serve.errors import APIError, RequestTooLargeError, ServiceUnavailableError
+from ensemble_serve.http.errors import error_response
 from ensemble_serve.http.shutdown import Drain
 
 OPEN_PATHS = ("/health", "/metrics")  # answered while draining

@@ -23,11 +23,20 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 
-from ensemble_serve.shared.voting.answers import MODES
 from ensemble_serve.errors import ErrorResponse
-from ensemble_serve.protocol import GREEDY_TEMPERATURE, INT64_MAX, INT64_MIN, MAX_STOP_SEQUENCES
-from ensemble_serve.shared.voting.rules import VOTE_RULES
+from ensemble_serve.protocol import (
+    GREEDY_TEMPERATURE,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_STOP_SEQUENCES,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ModelList,
+)
+from ensemble_serve.shared.voting import VOTE_RULES
+from ensemble_serve.shared.voting.answers import MAX_REGEX_CHARS, MODES
 
 _ERRORS = {
     400: "Invalid request: a parameter, the context length, a member list (OpenAI's error shape).",
@@ -90,10 +99,7 @@ def corrected(doc: dict[str, Any], service: Any = None) -> dict[str, Any]:
 
 
 def _add_models(schemas: dict[str, Any]) -> None:
-    from pydantic.json_schema import models_json_schema
-
-    from ensemble_serve.protocol import ChatCompletionResponse, CompletionResponse, ModelList
-
+    """The response bodies' schemas (FastAPI documents none: the routes return `Response`s)."""
     _, top = models_json_schema(
         [(m, "serialization") for m in (ErrorResponse, ChatCompletionResponse, CompletionResponse, ModelList)],
         ref_template="#/components/schemas/{model}",
@@ -150,105 +156,111 @@ def _nullable(prop: dict[str, Any]) -> bool:
     return prop.get("type") == "null" or any(alt.get("type") == "null" for alt in prop.get("anyOf", ()))
 
 
+_TEXT = {"type": "string", "pattern": r"\S"}  # not empty, not only whitespace
+_STOP = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_SEQUENCES},
+        {"type": "null"},
+    ]
+}
+_N_NEEDS_SAMPLING = {
+    "if": {"properties": {"n": {"type": "integer", "minimum": 2}}, "required": ["n"]},
+    "then": {
+        "properties": {"temperature": {"anyOf": [{"type": "null"}, {"type": "number", "minimum": GREEDY_TEMPERATURE}]}}
+    },
+}
+
+
 def _limit_requests(schemas: dict[str, Any], service: Any) -> None:
     """The limits the server enforces that pydantic's types do not carry."""
-    text = {"type": "string", "pattern": r"\S"}  # not empty, not only whitespace
+    if "ChatMessage" in schemas:
+        _message_rules(schemas["ChatMessage"])
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        if name in schemas:
+            _generation_rules(schemas[name], service)
+    if service is not None:
+        _ensemble_rules(schemas, service)
+    if "ChatCompletionRequest" in schemas:
+        _chat_rules(schemas["ChatCompletionRequest"])
+    if "CompletionRequest" in schemas:
+        _completion_rules(schemas["CompletionRequest"], service)
+    if "EnsembleOptions" in schemas:
+        _options_rules(schemas["EnsembleOptions"], service)
+
+
+def _message_rules(message: dict[str, Any]) -> None:
+    """Content may be null only in an assistant message."""
+    message.setdefault("allOf", []).append(
+        {
+            "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+            "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        }
+    )
+
+
+def _generation_rules(req: dict[str, Any], service: Any) -> None:
+    """What chat and text completions share: the served model names, the seed's range, stop strings, n."""
+    props = req["properties"]
+    # int64, written exactly (pydantic writes the bounds as floats, and 2**63 - 1 rounds up to 2**63)
+    props["seed"] = {"anyOf": [{"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}, {"type": "null"}]}
+    props["model"] = {"type": "string", "pattern": r"\S", "description": "The ensemble, a member or the base."}
+    if service is not None:  # the served names, as /v1/models lists them (other names: 404)
+        props["model"]["enum"] = [service.settings.ensemble_name, *service.population.names, service.base_name]
+        props["max_tokens"] = {
+            "anyOf": [{"type": "integer", "minimum": 1, "maximum": service.backend.max_model_len}, {"type": "null"}],
+            "description": "At most the context length, less the prompt's tokens (else a 400, context_length_exceeded).",
+        }
+    props["stop"] = _STOP
+    req.setdefault("allOf", []).extend([_needs("stream_options", {"stream": {"const": True}}), _N_NEEDS_SAMPLING])
+
+
+def _chat_rules(chat: dict[str, Any]) -> None:
+    """One message at least carries text; top_logprobs needs logprobs."""
+    chat["properties"]["messages"]["contains"] = {
+        "type": "object",
+        "properties": {"content": {"anyOf": [_TEXT, {"type": "array", "minItems": 1}]}},
+        "required": ["content"],
+    }
+    chat["allOf"].append(_needs("top_logprobs", {"logprobs": {"const": True}}, when={"minimum": 1}))
+
+
+def _completion_rules(completion: dict[str, Any], service: Any) -> None:
+    """Prompts: text with something in it, or token ids inside the vocabulary; echo only false."""
     vocab = len(service.backend.tokenizer) if service is not None else None
     token = {"type": "integer", "minimum": 0, **({"maximum": vocab - 1} if vocab else {})}
     token_ids = {"type": "array", "items": token, "minItems": 1}
-    stop = {
+    completion["properties"]["prompt"] = {
         "anyOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_SEQUENCES},
+            _TEXT,
+            {"type": "array", "items": _TEXT, "minItems": 1},
+            token_ids,
+            {"type": "array", "items": token_ids, "minItems": 1},
+        ]
+    }
+    completion["properties"]["echo"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "Only false."}
+
+
+def _options_rules(options: dict[str, Any], service: Any) -> None:
+    """The registered vote rules and answer modes, and at most as many members as there are."""
+    props = options["properties"]
+    props["vote"] = {"anyOf": [{"enum": list(VOTE_RULES)}, {"type": "null"}]}
+    regex = {"type": "string", "format": "regex", "minLength": 1, "maxLength": MAX_REGEX_CHARS}
+    props["answer"] = {
+        "anyOf": [
+            {"enum": list(MODES)},
+            {"type": "object", "properties": {"regex": regex}, "required": ["regex"], "additionalProperties": False},
             {"type": "null"},
         ]
     }
-    message = schemas.get("ChatMessage")
-    if message is not None:  # content may be null only in an assistant message
-        message.setdefault("allOf", []).append(
-            {
-                "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
-                "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
-            }
-        )
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
-        req = schemas.get(name)
-        if req is None:
-            continue
-        props = req["properties"]
-        # int64, written exactly (pydantic writes the bounds as floats, and 2**63 - 1 rounds up to 2**63)
-        props["seed"] = {"anyOf": [{"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}, {"type": "null"}]}
-        props["model"] = {"type": "string", "pattern": r"\S", "description": "The ensemble, a member or the base."}
-        if service is not None:  # the served names, as /v1/models lists them (other names: 404)
-            props["model"]["enum"] = [service.settings.ensemble_name, *service.population.names, service.base_name]
-            props["max_tokens"] = {
-                "anyOf": [
-                    {"type": "integer", "minimum": 1, "maximum": service.backend.max_model_len},
-                    {"type": "null"},
-                ],
-                "description": "At most the context length, less the prompt's tokens (else a 400, context_length_exceeded).",
-            }
-        props["stop"] = stop
-        req.setdefault("allOf", []).extend(
-            [
-                _needs("stream_options", {"stream": {"const": True}}),
-                {
-                    "if": {"properties": {"n": {"type": "integer", "minimum": 2}}, "required": ["n"]},
-                    "then": {
-                        "properties": {
-                            "temperature": {
-                                "anyOf": [{"type": "null"}, {"type": "number", "minimum": GREEDY_TEMPERATURE}]
-                            }
-                        }
-                    },
-                },
-            ]
-        )
-    if service is not None:
-        _ensemble_rules(schemas, service)
-    chat = schemas.get("ChatCompletionRequest")
-    if chat is not None:
-        chat["properties"]["messages"]["contains"] = {
-            "type": "object",
-            "properties": {"content": {"anyOf": [text, {"type": "array", "minItems": 1}]}},
-            "required": ["content"],
-        }
-        chat["allOf"].append(_needs("top_logprobs", {"logprobs": {"const": True}}, when={"minimum": 1}))
-    completion = schemas.get("CompletionRequest")
-    if completion is not None:
-        completion["properties"]["prompt"] = {
-            "anyOf": [
-                text,
-                {"type": "array", "items": text, "minItems": 1},
-                token_ids,
-                {"type": "array", "items": token_ids, "minItems": 1},
-            ]
-        }
-        completion["properties"]["echo"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "Only false."}
-    options = schemas.get("EnsembleOptions")
-    if options is not None:
-        props = options["properties"]
-        props["vote"] = {"anyOf": [{"enum": list(VOTE_RULES)}, {"type": "null"}]}
-        props["answer"] = {
-            "anyOf": [
-                {"enum": list(MODES)},
-                {
-                    "type": "object",
-                    "properties": {"regex": {"type": "string", "format": "regex", "minLength": 1, "maxLength": 1000}},
-                    "required": ["regex"],
-                    "additionalProperties": False,
-                },
-                {"type": "null"},
-            ]
-        }
-        count = len(service.population.names) if service is not None else None
-        props["members"] = {
-            "anyOf": [
-                {"type": "integer", "minimum": 1, **({"maximum": count} if count else {})},
-                {"type": "array", "items": {"type": "string", "pattern": r"\S"}, "minItems": 1, "uniqueItems": True},
-                {"type": "null"},
-            ]
-        }
+    count = len(service.population.names) if service is not None else None
+    props["members"] = {
+        "anyOf": [
+            {"type": "integer", "minimum": 1, **({"maximum": count} if count else {})},
+            {"type": "array", "items": {"type": "string", "pattern": r"\S"}, "minItems": 1, "uniqueItems": True},
+            {"type": "null"},
+        ]
+    }
 
 
 def _ensemble_rules(schemas: dict[str, Any], service: Any) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ensemble_serve.shared.voting.rules import Candidate, VoteResult
+    from ensemble_serve.shared.voting import Candidate, VoteResult
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 

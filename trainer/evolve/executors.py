@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,14 @@ from typing import Any
 import numpy as np
 
 from ensemble_serve.shared.lora import load_lora, lora_from_bytes, lora_to_bytes, save_lora
+from trainer.tasks.data import IGNORE, collate, encode_example, lr_at
+from trainer.tasks.sandbox import Problem
 
 Example = tuple[str, str]
 """(user prompt, assistant chain) of one training or scoring sequence."""
 
 
 def _setup_torch(threads: int, seed: int) -> None:
-    import warnings
-
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -79,9 +80,6 @@ def train_member_task(
     a fresh optimizer each generation, so a resumed run needs no optimizer state.
     """
     import torch
-
-    from trainer.tasks.data import collate, encode_example, lr_at
-    from trainer.tasks.sandbox import Problem
 
     if steps <= 0 or not examples:
         return {"adapter": adapter, "losses": [], "trained": False}
@@ -139,9 +137,6 @@ def score_member_task(
     ``output``: the next-token distribution at the same positions.
     """
     import torch
-
-    from trainer.tasks.data import IGNORE, collate, encode_example
-    from trainer.tasks.sandbox import Problem
 
     _setup_torch(threads, 0)
     with tempfile.TemporaryDirectory(prefix="ensemble-score-") as work:

@@ -29,13 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
+from ensemble_serve.shared.voting import Candidate, vote
 from ensemble_serve.shared.voting.answers import answers_equal
-from ensemble_serve.shared.voting.rules import Candidate, vote
-from trainer.config import FITNESS_TERM_NAMES
 from trainer.tasks.sandbox import Problem
 
 
@@ -182,7 +181,8 @@ def term_contribution(ev: Evidence) -> dict[str, float] | None:
 Term = Callable[[Evidence], "dict[str, float] | None"]
 
 FITNESS_TERMS: dict[str, tuple[Term, bool]] = {
-    # name: (function, scaled) ; scaled terms are min-max scaled across members
+    # name: (function, scaled) ; scaled terms are min-max scaled across members.
+    # The one list of term names: the config's `fitness` weights are checked against these keys.
     "correctness": (term_correctness, False),
     "consensus": (term_consensus, False),
     "cross_eval": (term_cross_eval, True),
@@ -191,7 +191,6 @@ FITNESS_TERMS: dict[str, tuple[Term, bool]] = {
     "diversity_output": (term_diversity_output, True),
     "contribution": (term_contribution, True),
 }
-assert tuple(FITNESS_TERMS) == FITNESS_TERM_NAMES
 
 
 def _minmax(values: Mapping[str, float]) -> dict[str, float]:
@@ -202,7 +201,8 @@ def _minmax(values: Mapping[str, float]) -> dict[str, float]:
 
 
 Scope = Literal["global", "domain_loo"]
-SCOPES: tuple[str, ...] = ("global", "domain_loo")
+"""The fitness scopes (module docstring); the config's `fitness_scope` field has this type."""
+SCOPES: tuple[str, ...] = get_args(Scope)
 PER_PROBLEM_TERMS: tuple[str, ...] = ("correctness", "consensus")
 """Terms that are means over the batch's problems: the only ones a domain scope can split."""
 

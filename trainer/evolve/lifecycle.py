@@ -18,9 +18,9 @@ they took), and is a pure function of its inputs and (seed, generation):
    is the point of the switch.
 3. **SVD mutation** (`svd_mutation` > 0): the `svd` mutation operator on every surviving
    non-elite member (neighbours after their blend), as a steady source of exploration.
-4. **reallocation**: each freed slot is re-seeded, "best" with a copy of the fittest survivor
-   that has a fitness of its own (age > 0), as it leaves this step (SVD-mutated when
-   `svd_mutation` > 0, so it is not an identical twin), "fresh" with a new
+4. **reallocation** (:data:`REALLOCATION`): each freed slot is re-seeded, "best" with a copy
+   of the fittest survivor that has a fitness of its own (age > 0), as it leaves this step
+   (SVD-mutated when `svd_mutation` > 0, so it is not an identical twin), "fresh" with a new
    adapter of the dead member's rank initialised as PEFT does (A kaiming-uniform, B zero: it
    starts as the base model).
 
@@ -39,15 +39,18 @@ give the same result bit for bit and one member's draw does not depend on anothe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 
 from ensemble_serve.shared.lora import LoraWeights
 from trainer.evolve import operators
-from trainer.config import LifecycleConfig
+from trainer.evolve.seeds import derive_seed
+
+if TYPE_CHECKING:  # the config reads `Reallocation` below, so this module must not import it at run time
+    from trainer.config import LifecycleConfig
 
 
 class Newborn(NamedTuple):
@@ -108,9 +111,48 @@ def _copy(w: LoraWeights) -> LoraWeights:
 
 
 def _generator(seed: int, generation: int, *parts: object) -> torch.Generator:
-    from trainer.evolve.loop import derive_seed  # lazily: trainer.evolve.loop imports this module
-
     return torch.Generator().manual_seed(derive_seed(seed, "lifecycle", generation, *parts))
+
+
+# ----------------------------------------------------------------------------- reallocation
+
+
+Reseed = Callable[[LoraWeights, str, Mapping[str, LoraWeights], float, torch.Generator], tuple[LoraWeights, list[str]]]
+"""How a freed slot is re-seeded: ``(dead, fittest, current, svd_mutation, rng) -> (weights, parents)``.
+
+`dead` is the dead member's weights as they entered the step, `fittest` the name of the fittest
+survivor with a fitness of its own, `current` the survivors' weights as they leave the step.
+"""
+
+
+def reseed_best(
+    dead: LoraWeights, fittest: str, current: Mapping[str, LoraWeights], svd_mutation: float, rng: torch.Generator
+) -> tuple[LoraWeights, list[str]]:
+    """A copy of the fittest survivor, SVD-mutated when `svd_mutation` > 0 (so not an identical twin)."""
+    w = current[fittest]
+    if svd_mutation > 0:
+        return operators.get_operator("mutation", "svd")(w, svd_mutation, rng), [fittest]
+    return _copy(w), [fittest]
+
+
+def reseed_fresh(
+    dead: LoraWeights, fittest: str, current: Mapping[str, LoraWeights], svd_mutation: float, rng: torch.Generator
+) -> tuple[LoraWeights, list[str]]:
+    """A new adapter of the dead member's rank, initialised as PEFT does: it starts as the base model."""
+    return fresh_adapter(dead, rng), []
+
+
+REALLOCATION: dict[str, Reseed] = {
+    "best": reseed_best,
+    "fresh": reseed_fresh,
+}
+"""The `reallocation` settings, each with its code: the one list of their names."""
+
+Reallocation = Literal[tuple(REALLOCATION)]  # type: ignore[valid-type]  # the registry's names, as a pydantic type
+"""The type of the config's `reallocation` field: a name the registry does not hold is refused when it is read."""
+
+
+# ----------------------------------------------------------------------------- the step
 
 
 def choose_deaths(
@@ -180,8 +222,8 @@ def lifecycle_step(
             result.inherited[d] = neighbour
             result.changed[neighbour] = current[neighbour]
 
-    mutate = operators.get_operator("mutation", "svd")
     if cfg.svd_mutation > 0:
+        mutate = operators.get_operator("mutation", "svd")
         for i, m in enumerate(names):
             if m in dead or i in keep:
                 continue
@@ -190,16 +232,11 @@ def lifecycle_step(
             result.changed[m] = current[m]
 
     if deaths:
+        reseed = REALLOCATION[cfg.reallocation]
         scored = [m for m in survivors if ages[m] > 0] or survivors
         best = min(scored, key=lambda m: (-fitness[m], names.index(m)))
         for k, d in enumerate(deaths):
             rng = _generator(seed, generation, "newborn", k)
-            if cfg.reallocation == "best":
-                w = current[best]
-                w = mutate(w, cfg.svd_mutation, rng) if cfg.svd_mutation > 0 else _copy(w)
-                parents = [best]
-            else:
-                w = fresh_adapter(weights[d], rng)
-                parents = []
+            w, parents = reseed(weights[d], best, current, cfg.svd_mutation, rng)
             result.newborn.append(Newborn(names.index(d), f"g{generation}r{k}", w, parents))
     return result

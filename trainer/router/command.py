@@ -7,11 +7,13 @@ The pipeline, in the order that keeps a bad input from costing an engine start:
    :class:`RouteError` before anything runs or is written;
 2. **answers**: every member answers every training and held-out problem greedily in ONE multi-LoRA
    vLLM batch (the engine layer the server uses), so all members are judged on identical prompts;
-3. **quality**: ``quality[n, m] = 1`` when member ``m``'s answer to problem ``n`` verifies, else 0;
+3. **quality**: ``quality[n, m] = 1`` when member ``m``'s answer to problem ``n`` verifies, else 0
+   (:func:`trainer.router.evaluation.correctness`);
 4. **training**: :func:`trainer.router.train.train_router` on the base model's prompt features, computed by
    :class:`ensemble_serve.shared.router.RouterFeatures`, the code the server runs;
 5. **evaluation**: on the held-out problems, the routed top-1 member, the routed top-k vote, the vote
-   of all members, the best single member and the oracle (some member is right);
+   of all members, the best single member and the oracle (some member is right), by
+   :func:`trainer.router.evaluation.heldout_report`;
 6. **install** (unless a dry run): ``router/`` is written with :func:`ensemble_serve.shared.router.save_router`
    and the manifest's ``router`` entry with :func:`ensemble_serve.shared.population.write_manifest`. If either
    step fails, the previous router folder and manifest are put back, so a server never sees the new
@@ -32,9 +34,9 @@ from typing import Any
 
 import torch
 
-from ensemble_serve.shared.voting.answers import answers_equal
-from ensemble_serve.shared.vllm import EngineConfig, OfflineEngine
+from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.fsutil import atomic_write_bytes, atomic_write_text, remove_tree, tmp_dir_beside
+from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import (
     Manifest,
     Population,
@@ -51,33 +53,28 @@ from ensemble_serve.shared.router import (
     RouterFeatures,
     safe_gates,
     save_router,
-    top_k,
 )
-from ensemble_serve.shared.voting.rules import Candidate, vote
+from ensemble_serve.shared.voting import Candidate
 from trainer.config import RouterCommandConfig
 from trainer.evaluate import greedy_candidates
-from trainer.study.report import plot_specialisation
+from trainer.evolve.problems import load_dataset
+from trainer.evolve.run import EvolveError
+from trainer.router.evaluation import METHODS, correctness, heldout_report
 from trainer.router.train import RouterTrainConfig, targets_from_correctness, train_router
-from trainer.tasks.sandbox import Problem, generate_problems, verify
+from trainer.study.report import plot_specialisation
+from trainer.tasks.sandbox import Problem, generate_problems
 
 __all__ = [
-    "METHODS",
     "RouteError",
-    "correctness",
     "format_report",
     "generate_answers",
-    "heldout_report",
     "install_router",
-    "routed_vote",
     "router_problems",
     "run_router",
     "specialisation_plot_path",
     "split_dataset",
     "train_config",
 ]
-
-METHODS = ("routed_top1", "routed_top_k", "all_vote", "best_member", "oracle")
-"""Keys of the held-out accuracies, in the order the report prints them."""
 
 
 class RouteError(ValueError):
@@ -131,8 +128,6 @@ def split_dataset(problems: Sequence[Problem], per_domain: int, seed: int) -> tu
 def router_problems(cfg: RouterCommandConfig) -> tuple[list[Problem], list[Problem]]:
     """Training and held-out problems: sandbox splits, or the labelled rows of ``cfg.data`` split by domain."""
     if cfg.data is not None:
-        from trainer.evolve.loop import EvolveError, load_dataset
-
         try:
             rows = load_dataset(cfg.data, cfg.skip_invalid)
         except EvolveError as e:
@@ -160,7 +155,7 @@ def router_problems(cfg: RouterCommandConfig) -> tuple[list[Problem], list[Probl
     return train, heldout
 
 
-# --------------------------------------------------------------------------- answers and quality
+# --------------------------------------------------------------------------- answers
 
 
 def generate_answers(
@@ -180,97 +175,6 @@ def generate_answers(
         del engine
         gc.collect()
     return [[cands[m][i] for m in members] for i in range(len(problems))]
-
-
-def correctness(problems: Sequence[Problem], answers: Sequence[Sequence[Candidate]]) -> torch.Tensor:
-    """``[N, M]`` booleans: whether member ``m``'s chain verifies against problem ``n``'s answer."""
-    if len(problems) != len(answers):
-        raise ValueError(f"{len(answers)} answer rows for {len(problems)} problems")
-    rows = [[verify(p, c.text).correct for c in row] for p, row in zip(problems, answers)]
-    width = len(answers[0]) if answers else 0
-    return torch.tensor(rows, dtype=torch.bool).reshape(len(problems), width)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def routed_vote(candidates: Sequence[Candidate], gates: Sequence[float]) -> str | None:
-    """Majority answer of the routed members' chains; equal counts go to the answer with the larger summed gate.
-
-    ``gates[i]`` is the gate of ``candidates[i]``'s member. A plain majority vote would break a
-    tie by which chain came first; the router's confidence is the better tie-break.
-    """
-    if len(candidates) != len(gates):
-        raise ValueError(f"{len(gates)} gates for {len(candidates)} candidates")
-    result = vote(candidates, "majority")
-    if result.answer is None:
-        return None
-    answers = list(result.votes)
-    best = max(
-        range(len(result.groups)),
-        key=lambda g: (len(result.groups[g]), sum(gates[i] for i in result.groups[g]), -g),
-    )
-    return answers[best]
-
-
-def _accuracy(hits: Sequence[bool], problems: Sequence[Problem]) -> dict[str, float]:
-    """Accuracy per domain (sorted) and over all problems ("all")."""
-    out: dict[str, float] = {}
-    for d in sorted({p.domain for p in problems}):
-        rows = [h for h, p in zip(hits, problems) if p.domain == d]
-        out[d] = round(sum(rows) / len(rows), 4)
-    out["all"] = round(sum(hits) / len(hits), 4) if hits else 0.0
-    return out
-
-
-def heldout_report(
-    problems: Sequence[Problem],
-    answers: Sequence[Sequence[Candidate]],
-    gates: torch.Tensor,
-    members: Sequence[str],
-    k: int,
-) -> dict[str, Any]:
-    """Held-out accuracy (per domain and "all") of each way to use the population; see :data:`METHODS`.
-
-    ``best_member`` is the member with the best held-out accuracy (ties: manifest order), an
-    optimistic baseline: it is chosen on the very problems it is scored on.
-    """
-    if not problems:
-        raise ValueError("no held-out problems to evaluate on")
-    correct = correctness(problems, answers)
-    if tuple(gates.shape) != (len(problems), len(members)):
-        raise ValueError(f"gates must be [{len(problems)}, {len(members)}], got {list(gates.shape)}")
-    routed_top1: list[bool] = []
-    routed_k: list[bool] = []
-    all_vote: list[bool] = []
-    chosen = dict.fromkeys(members, 0)
-    for n, p in enumerate(problems):
-        row = gates[n]
-        first = top_k(row, 1)[0]
-        chosen[members[first]] += 1
-        routed_top1.append(bool(correct[n, first]))
-        picks = top_k(row, k)
-        answer = routed_vote([answers[n][j] for j in picks], [float(row[j]) for j in picks])
-        routed_k.append(answer is not None and answers_equal(answer, p.answer))
-        result = vote(list(answers[n]), "majority")
-        all_vote.append(result.answer is not None and answers_equal(result.answer, p.answer))
-    per_member = {m: _accuracy(correct[:, j].tolist(), problems) for j, m in enumerate(members)}
-    best = max(members, key=lambda m: (per_member[m]["all"], -members.index(m)))
-    oracle = correct.any(dim=1).tolist()
-    return {
-        "problems": len(problems),
-        "top_k": k,
-        "accuracy": {
-            "routed_top1": _accuracy(routed_top1, problems),
-            "routed_top_k": _accuracy(routed_k, problems),
-            "all_vote": _accuracy(all_vote, problems),
-            "best_member": per_member[best],
-            "oracle": _accuracy(oracle, problems),
-        },
-        "best_member": best,
-        "members": per_member,
-        "routed_top1_choice": chosen,
-    }
 
 
 # --------------------------------------------------------------------------- install
@@ -389,12 +293,7 @@ def run_router(cfg: RouterCommandConfig, dry_run: bool = False, progress: bool =
 
     t = time.perf_counter()
     quality = targets_from_correctness(correctness(train, train_answers))
-    try:
-        features = RouterFeatures(population.base_model_path)
-        x_train = features([p.prompt for p in train], feature)
-        x_heldout = features([p.prompt for p in heldout], feature)
-    except RouterError as e:
-        raise RouteError(str(e)) from None
+    x_train, x_heldout = _prompt_features(population, train, heldout, feature)
     router, metrics = train_router(
         x_train,
         quality,
@@ -411,15 +310,7 @@ def run_router(cfg: RouterCommandConfig, dry_run: bool = False, progress: bool =
     if heldout:
         gates = _vetted_gates(router, x_heldout, "held-out")
         report = heldout_report(heldout, heldout_answers, gates, members, cfg.top_k)
-    summary = None if report is None else {m: report["accuracy"][m]["all"] for m in METHODS}
-    entry = {
-        "path": ROUTER_DIR,
-        "variant": cfg.variant,
-        "feature": feature,
-        "members": list(members),
-        "top_k": cfg.top_k,
-        "heldout": None if summary is None else {"problems": len(heldout), **summary},
-    }
+    entry = _manifest_entry(cfg, feature, members, len(heldout), report)
     if not dry_run:
         install_router(population.root, router, entry)
     seconds["total"] = round(time.perf_counter() - started, 1)
@@ -441,14 +332,47 @@ def run_router(cfg: RouterCommandConfig, dry_run: bool = False, progress: bool =
         "seconds": seconds,
     }
     if cfg.out is not None:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(cfg.out), json.dumps(result, indent=2) + "\n")
-        png = plot_specialisation(
-            metrics.get("specialisation") or {}, f"Mean {cfg.variant} gate per domain (training prompts)"
-        )
-        if png is not None:
-            atomic_write_bytes(specialisation_plot_path(Path(cfg.out)), png)
+        _write_results(Path(cfg.out), result)
     return result
+
+
+def _prompt_features(
+    population: Population, train: Sequence[Problem], heldout: Sequence[Problem], feature: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router features of the training and held-out prompts, from the population's base model."""
+    try:
+        features = RouterFeatures(population.base_model_path)
+        x_train = features([p.prompt for p in train], feature)
+        x_heldout = features([p.prompt for p in heldout], feature)
+    except RouterError as e:
+        raise RouteError(str(e)) from None
+    return x_train, x_heldout
+
+
+def _manifest_entry(
+    cfg: RouterCommandConfig, feature: str, members: Sequence[str], n_heldout: int, report: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The manifest's ``router`` entry: the router's shape and, with held-out problems, each method's accuracy."""
+    summary = None if report is None else {m: report["accuracy"][m]["all"] for m in METHODS}
+    return {
+        "path": ROUTER_DIR,
+        "variant": cfg.variant,
+        "feature": feature,
+        "members": list(members),
+        "top_k": cfg.top_k,
+        "heldout": None if summary is None else {"problems": n_heldout, **summary},
+    }
+
+
+def _write_results(out: Path, result: dict[str, Any]) -> None:
+    """``out`` (the results as JSON) and, when the router has a per-domain table, its heat map beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    png = plot_specialisation(
+        result["router"].get("specialisation") or {}, f"Mean {result['variant']} gate per domain (training prompts)"
+    )
+    if png is not None:
+        atomic_write_bytes(specialisation_plot_path(out), png)
 
 
 # --------------------------------------------------------------------------- report

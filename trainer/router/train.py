@@ -22,13 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from ensemble_serve.shared.router import Router, RouterConfig
+from ensemble_serve.shared.router.model import Anneal, Feature, Variant
 
 __all__ = [
     "RouterExample",
@@ -52,17 +53,17 @@ class RouterTrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    variant: Literal["softmax", "sigmoid_floor"] = Field(
+    variant: Variant = Field(
         "sigmoid_floor", description="'softmax' (zero-sum baseline) or 'sigmoid_floor' (parallel floored gates)."
     )
-    feature: Literal["embedding_mean", "hidden_mean"] | None = Field(
+    feature: Feature | None = Field(
         None, description="Prompt feature; None = the variant's default (softmax: embedding_mean, else hidden_mean)."
     )
     hidden_dim: int = Field(0, ge=0, description="Width of one hidden layer; 0 = a linear router.")
     floor_max: float = Field(0.1, ge=0, lt=1, description="sigmoid_floor: upper bound of the learnable floors.")
     t_start: float = Field(2.0, gt=0, description="sigmoid_floor: temperature at the first step.")
     t_end: float = Field(0.5, gt=0, description="sigmoid_floor: temperature at the last step (and at inference).")
-    anneal: Literal["linear", "cosine"] = Field("cosine", description="Temperature schedule by step.")
+    anneal: Anneal = Field("cosine", description="Temperature schedule by step.")
     steps: int = Field(300, ge=1, description="Optimizer steps (by steps, so a seed gives one router).")
     lr: float = Field(1e-2, gt=0, description="AdamW learning rate (constant).")
     batch_size: int = Field(64, ge=1, description="Prompts per step (capped at the data size).")
@@ -252,16 +253,30 @@ def fit_router(
     and with ``domains``: ``specialisation`` (mean gate per domain per member) and
     ``specialisation_score``.
     """
+    _check_features(features, domains)
+    x_all = features.detach().to(torch.float32).cpu()
+    rows = torch.arange(x_all.shape[0]) if rows is None else rows
+    router = _new_router(x_all, members, base_model, cfg)
+    curve = _train_steps(router, x_all, rows, cfg, loss_fn, progress, label)
+    router.set_temperature(cfg.t_end)
+    router.eval()
+    metrics = _metrics(router, x_all, rows, members, loss_fn, curve, domains, label)
+    router.cfg = router.cfg.model_copy(update={"trained_steps": cfg.steps, "metrics": metrics})
+    return router, metrics
+
+
+def _check_features(features: torch.Tensor, domains: Sequence[str] | None) -> None:
     if features.dim() != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty [N, D] tensor, got {list(features.shape)}")
     if not torch.isfinite(features).all():
         raise ValueError("features contain NaN or inf")
     if domains is not None and len(domains) != features.shape[0]:
         raise ValueError(f"{len(domains)} domains for {features.shape[0]} feature rows")
-    x_all = features.detach().to(torch.float32).cpu()
-    n, d = x_all.shape
-    rows = torch.arange(n) if rows is None else rows
 
+
+def _new_router(x_all: torch.Tensor, members: Sequence[str], base_model: str, cfg: RouterTrainConfig) -> Router:
+    """A router initialised from ``torch.manual_seed(cfg.seed)``, its features standardised on ``x_all``."""
+    n, d = x_all.shape
     torch.manual_seed(cfg.seed)
     router = Router(
         RouterConfig(
@@ -281,7 +296,19 @@ def fit_router(
         router.feature_mean.copy_(x_all.mean(dim=0))
         std = x_all.std(dim=0, unbiased=False) if n > 1 else torch.ones(d)
         router.feature_scale.copy_(torch.where(std > _EPS, std, torch.ones_like(std)))
+    return router
 
+
+def _train_steps(
+    router: Router,
+    x_all: torch.Tensor,
+    rows: torch.Tensor,
+    cfg: RouterTrainConfig,
+    loss_fn: Callable[[Router, torch.Tensor, torch.Tensor], torch.Tensor],
+    progress: bool,
+    label: str | None,
+) -> list[list[float]]:
+    """``cfg.steps`` AdamW steps on batches of ``rows`` (weights decayed, biases not); returns the loss curve."""
     decay = [p for name, p in router.named_parameters() if name.endswith("weight")]
     no_decay = [p for name, p in router.named_parameters() if not name.endswith("weight")]
     opt = torch.optim.AdamW(
@@ -308,9 +335,20 @@ def fit_router(
         if step % LOSS_EVERY == 0 or step == cfg.steps - 1:
             curve.append([step, round(loss.item(), 6)])
             bar.set_postfix(loss=f"{loss.item():.4f}", t=f"{router.temperature:.2f}")
+    return curve
 
-    router.set_temperature(cfg.t_end)
-    router.eval()
+
+def _metrics(
+    router: Router,
+    x_all: torch.Tensor,
+    rows: torch.Tensor,
+    members: Sequence[str],
+    loss_fn: Callable[[Router, torch.Tensor, torch.Tensor], torch.Tensor],
+    curve: list[list[float]],
+    domains: Sequence[str] | None,
+    label: str | None,
+) -> dict[str, Any]:
+    """The trained router's metrics (see :func:`fit_router`), at its inference temperature."""
     with torch.no_grad():
         final_loss = loss_fn(router, x_all[rows], rows).item()
         gates = router(x_all)
@@ -319,7 +357,7 @@ def fit_router(
         "loss_curve": curve,
         "mean_gate": {name: float(v) for name, v in zip(members, gates.mean(dim=0).tolist())},
         "floors": {name: float(v) for name, v in zip(members, router.floors().tolist())},
-        "examples": n,
+        "examples": x_all.shape[0],
     }
     if label:
         metrics["objective"] = label
@@ -327,5 +365,4 @@ def fit_router(
         table = specialisation_table(gates, domains, list(members))
         metrics["specialisation"] = table
         metrics["specialisation_score"] = specialisation_score(table)
-    router.cfg = router.cfg.model_copy(update={"trained_steps": cfg.steps, "metrics": metrics})
-    return router, metrics
+    return metrics

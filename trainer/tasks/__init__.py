@@ -1,0 +1,1 @@
+"""Where problems come from: the sandbox's task families, JSONL datasets, the character tokenizer."""

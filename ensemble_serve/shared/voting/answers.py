@@ -291,6 +291,12 @@ EXTRACTORS: dict[str, Extractor] = {
     "text": _guarded(extract_text),
 }
 MODES = tuple(EXTRACTORS)
+FREE_FORM = "text"  # the mode whose answers are free-form text, grouped by meaning rather than compared exactly
+
+
+def is_free_form(spec: AnswerSpec) -> bool:
+    """Whether answers extracted with `spec` are compared by meaning (sentence embeddings), not exactly."""
+    return spec == FREE_FORM
 
 
 MAX_REGEX_CHARS = 1000  # longest answer pattern a request may send

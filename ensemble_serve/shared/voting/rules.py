@@ -24,187 +24,12 @@ winner.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
 
-import numpy as np
-
-from ensemble_serve.shared.voting.answers import AnswerSpec, extract_answer, normalize_answer
-from ensemble_serve.shared.embeddings import Embedder
-
-STATUSES = ("ok", "missing", "malformed", "failed")
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-# ---------------------------------------------------------------------------
-# Candidates
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One generated chain and the answer extracted from it.
-
-    ``answer`` is set exactly when ``status`` is "ok"; "failed" marks a generation error.
-    """
-
-    member: str
-    sample: int  # sample index within the member
-    text: str
-    answer: str | None  # extracted, normalized answer (None if none parseable)
-    status: str  # "ok" | "missing" | "malformed" | "failed"
-    tokens: int
-    mean_logprob: float | None = None  # mean token logprob of the chain, if known (tie-breaks)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.member, str) or not self.member:
-            raise ValueError(f"member must be a non-empty string, got {self.member!r}")
-        if isinstance(self.sample, bool) or not isinstance(self.sample, int) or self.sample < 0:
-            raise ValueError(f"sample must be an integer >= 0, got {self.sample!r}")
-        if not isinstance(self.text, str):
-            raise TypeError(f"text must be a string, got {type(self.text).__name__}")
-        if self.status not in STATUSES:
-            raise ValueError(f"unknown candidate status {self.status!r}; valid statuses: {', '.join(STATUSES)}")
-        if self.status == "ok":
-            if not isinstance(self.answer, str) or not self.answer:
-                raise ValueError(f"a candidate with status 'ok' needs a non-empty answer, got {self.answer!r}")
-        elif self.answer is not None:
-            raise ValueError(f"a candidate with status {self.status!r} must have answer None, got {self.answer!r}")
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
-            raise ValueError(f"tokens must be an integer >= 0, got {self.tokens!r}")
-        if self.mean_logprob is not None and (not _is_real(self.mean_logprob) or math.isnan(self.mean_logprob)):
-            raise ValueError(f"mean_logprob must be a number (not NaN) or None, got {self.mean_logprob!r}")
-
-    @property
-    def valid(self) -> bool:
-        """Whether this chain votes: it has a parseable answer and did not fail."""
-        return self.status == "ok" and self.answer is not None
-
-
-def candidate_from_text(
-    member: str,
-    sample: int,
-    text: str,
-    tokens: int,
-    spec: AnswerSpec,
-    mean_logprob: float | None = None,
-) -> Candidate:
-    """A candidate for a finished chain, its answer extracted from `text` with the extractor `spec`."""
-    ex = extract_answer(text, spec)
-    return Candidate(member, sample, text, ex.value, ex.status, tokens, mean_logprob)
-
-
-# ---------------------------------------------------------------------------
-# Grouping
-# ---------------------------------------------------------------------------
-
-
-@runtime_checkable
-class Grouper(Protocol):
-    """Assigns each answer an outcome-group id; ids are numbered 0, 1, ... by first appearance."""
-
-    def group(self, answers: Sequence[str]) -> list[int]: ...
-
-
-def _first_appearance_ids(keys: Sequence[object]) -> list[int]:
-    """Ids for hashable keys, numbered by first appearance."""
-    ids: dict[object, int] = {}
-    return [ids.setdefault(k, len(ids)) for k in keys]
-
-
-@dataclass(frozen=True)
-class ExactGrouper:
-    """Groups answers that are equal in the sense of :func:`~ensemble_serve.shared.voting.answers.answers_equal`.
-
-    Numbers compare numerically ("42" and "42.0" share a group), text after normalization.
-    """
-
-    def group(self, answers: Sequence[str]) -> list[int]:
-        # normalize_answer yields one canonical form per number, so equal keys <=> answers_equal.
-        return _first_appearance_ids([normalize_answer(a) for a in answers])
-
-
-@dataclass(frozen=True)
-class SemanticGrouper:
-    """Groups free-form answers by embedding similarity.
-
-    Answers are taken in order; each joins the first existing group whose representative (the
-    group's first answer) has cosine similarity >= `threshold` with it, else starts a new group.
-    Answers that are equal after normalization always share a group (and are embedded once).
-    """
-
-    embedder: Embedder
-    threshold: float = 0.8
-
-    def __post_init__(self) -> None:
-        if not _is_real(self.threshold) or not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
-
-    def group(self, answers: Sequence[str]) -> list[int]:
-        keys = [normalize_answer(a) for a in answers]
-        distinct = list(dict.fromkeys(keys))
-        if not distinct:
-            return []
-        vecs = np.asarray(self.embedder.encode(distinct), dtype=np.float64)
-        if vecs.ndim != 2 or vecs.shape[0] != len(distinct):
-            raise ValueError(f"the embedder returned shape {vecs.shape} for {len(distinct)} texts")
-        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-        vecs = np.divide(vecs, norms, out=np.zeros_like(vecs), where=norms > 0)
-        reps: list[np.ndarray] = []
-        group_of: dict[str, int] = {}
-        for key, vec in zip(distinct, vecs):
-            gid = next((g for g, rep in enumerate(reps) if float(rep @ vec) >= self.threshold), None)
-            if gid is None:
-                gid = len(reps)
-                reps.append(vec)
-            group_of[key] = gid
-        return [group_of[k] for k in keys]
-
-
-def _checked_ids(ids: Sequence[int], n: int) -> list[int]:
-    """A grouper's ids, checked and renumbered by first appearance."""
-    ids = list(ids)
-    if len(ids) != n:
-        raise ValueError(f"the grouper returned {len(ids)} group ids for {n} answers")
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
-    if bad:
-        raise ValueError(f"group ids must be integers, got {bad[:5]!r}")
-    return _first_appearance_ids([int(i) for i in ids])
-
-
-def _representative(answers: Sequence[str]) -> str:
-    """The most frequent answer; ties go to the first seen (Counter keeps insertion order)."""
-    counts = Counter(answers)
-    best = max(counts.values())
-    return next(a for a, c in counts.items() if c == best)
-
-
-def outcome_groups(
-    candidates: Sequence[Candidate], grouper: Grouper | None = None
-) -> tuple[list[list[int]], list[str]]:
-    """The valid candidates' outcome groups, in first-appearance order, and each group's representative.
-
-    ``groups[g]`` lists candidate indices (into `candidates`); ``representatives[g]`` is that group's
-    most frequent answer. This is the order ``VoteContext.cross_scores`` uses.
-    """
-    grouper = ExactGrouper() if grouper is None else grouper
-    valid = [i for i, c in enumerate(candidates) if c.valid]
-    if not valid:
-        return [], []
-    answers = [candidates[i].answer for i in valid]
-    ids = _checked_ids(grouper.group(answers), len(valid))
-    groups: list[list[int]] = [[] for _ in range(max(ids) + 1)]
-    for i, gid in zip(valid, ids):
-        groups[gid].append(i)
-    reps = [_representative([candidates[i].answer for i in g]) for g in groups]
-    return groups, reps
-
+from ensemble_serve.shared.voting.candidates import Candidate, is_real
+from ensemble_serve.shared.voting.grouping import ExactGrouper, Grouper, outcome_groups
 
 # ---------------------------------------------------------------------------
 # Context and result
@@ -214,7 +39,7 @@ def outcome_groups(
 def _check_weights(weights: Mapping[str, float], what: str) -> dict[str, float]:
     if not isinstance(weights, Mapping):
         raise TypeError(f"{what} must be a mapping of member name to weight, got {type(weights).__name__}")
-    bad = sorted(str(k) for k, w in weights.items() if not (_is_real(w) and math.isfinite(w) and w >= 0))
+    bad = sorted(str(k) for k, w in weights.items() if not (is_real(w) and math.isfinite(w) and w >= 0))
     if bad:
         raise ValueError(f"{what} must be finite numbers >= 0; bad: {bad}")
     return {k: float(w) for k, w in weights.items()}
@@ -245,7 +70,7 @@ class VoteContext:
                 raise TypeError(f"cross_scores must be a mapping, got {type(self.cross_scores).__name__}")
             scores: dict[str, tuple[float, ...]] = {}
             for juror, row in self.cross_scores.items():
-                if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or not all(map(_is_real, row)):
+                if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or not all(map(is_real, row)):
                     raise ValueError(f"cross_scores[{juror!r}] must be a sequence of numbers, got {row!r}")
                 scores[juror] = tuple(float(x) for x in row)
             object.__setattr__(self, "cross_scores", MappingProxyType(scores))
@@ -262,9 +87,6 @@ class VoteResult:
     winner: int | None  # index of the chain that best carries the consensus
     excluded: list[int]  # candidates with no parseable answer or status "failed"
     rule: str
-
-
-VoteRule = Callable[[Sequence[Candidate], VoteContext], VoteResult]
 
 
 def _member_order(candidates: Sequence[Candidate]) -> dict[str, int]:
@@ -388,10 +210,39 @@ def vote_cross(candidates: Sequence[Candidate], ctx: VoteContext) -> VoteResult:
     return _result(candidates, groups, reps, weights, "cross", winner_key(candidates))
 
 
+@dataclass(frozen=True)
+class VoteRule:
+    """A registered vote rule: its function and what the server needs to know about it.
+
+    `weighs_members`: candidates count their member's weight (router gates, or the manifest's weights),
+    so early stop counts the running chains with those weights. `needs_jury`: members score each
+    outcome before the rule runs (the server asks the engine), and no count can settle the vote early.
+    """
+
+    name: str
+    apply: Callable[[Sequence[Candidate], VoteContext], VoteResult]
+    weighs_members: bool = False
+    needs_jury: bool = False
+
+    def __call__(self, candidates: Sequence[Candidate], ctx: VoteContext) -> VoteResult:
+        return self.apply(candidates, ctx)
+
+    def remaining(self, pending_members: Sequence[str], member_weights: Mapping[str, float]) -> float:
+        """The most weight chains still running (one entry per chain: its member) can add to one outcome."""
+        if self.needs_jury:
+            return math.inf
+        if self.weighs_members:
+            return math.fsum(member_weights.get(m, 1.0) for m in pending_members)
+        return float(len(pending_members))
+
+
 VOTE_RULES: dict[str, VoteRule] = {
-    "majority": vote_majority,
-    "weighted": vote_weighted,
-    "cross": vote_cross,
+    rule.name: rule
+    for rule in (
+        VoteRule("majority", vote_majority),
+        VoteRule("weighted", vote_weighted, weighs_members=True),
+        VoteRule("cross", vote_cross, needs_jury=True),
+    )
 }
 
 
@@ -421,7 +272,7 @@ def decided(weights: Mapping[str, float], remaining: float) -> bool:
     a possible tie is not decided. Pass raw weights: for "weighted", the member weights of the
     finished valid chains, not the counts of an all-zero fallback.
     """
-    if not _is_real(remaining) or math.isnan(remaining) or remaining < 0:
+    if not is_real(remaining) or math.isnan(remaining) or remaining < 0:
         raise ValueError(f"remaining must be a number >= 0, got {remaining!r}")
     values = sorted(_check_weights(weights, "weights").values(), reverse=True)
     leading = values[0] if values else 0.0
@@ -437,12 +288,8 @@ def remaining_weight(
     "majority": one per chain; "weighted": the sum of their members' weights (missing -> 1.0);
     "cross": infinity, since jurors re-weigh every outcome (so :func:`decided` never stops early).
     """
-    get_vote_rule(rule)
+    registered = get_vote_rule(rule)
     weights = _check_weights({} if member_weights is None else member_weights, "member_weights")
     if isinstance(pending_members, str):
         raise TypeError("pending_members must be a sequence of member names, not a single string")
-    if rule == "majority":
-        return float(len(pending_members))
-    if rule == "weighted":
-        return math.fsum(weights.get(m, 1.0) for m in pending_members)
-    return math.inf
+    return registered.remaining(pending_members, weights)

@@ -1,12 +1,8 @@
-"""Mix members' LoRA updates into one prompt-specific adapter.
-
-Fanning a request out to k members costs k passes of the base model. When the router's gates are
-meant as a *mixture* instead of a vote, the same prompt can be answered by one pass through one
-adapter whose update is the gate-weighted sum of the members' updates:
+"""The mixing math: one adapter whose update is the weighted sum of members' LoRA updates.
 
     dW = sum_i w_i * dW_i,    dW_i = s_i * B_i @ A_i,    sum_i w_i = 1
 
-Two ways to build that adapter, both without ever forming a dense (out x in) matrix:
+Two ways to build it, both without ever forming a dense (out x in) matrix:
 
 ``exact`` (`mix_exact`)
     Rank concatenation: A = [A_1; A_2; ...] (rows) and B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]
@@ -21,61 +17,41 @@ Two ways to build that adapter, both without ever forming a dense (out x in) mat
     (Eckart-Young). Cost is that of one adapter of the chosen rank; `truncation_error` reports
     what was lost. It is exact when the rank is at least the concatenated rank.
 
-`mix` chooses between them under vLLM's ``max_lora_rank`` and `MixtureCache` keeps a bounded set
-of mixed adapter folders on disk so a repeated route is mixed once. The output is a standard PEFT
-adapter (same base model, target modules and module prefixes as the members), so vLLM loads it
-like any member; its rank is not padded up to a vLLM rank, since vLLM accepts any r up to
-``max_lora_rank``.
+`mix` chooses between them under vLLM's ``max_lora_rank`` (`vllm_rank`), and `mixture_cost`
+reports the rank and cost `mix` would produce; both decide through one plan, so they agree.
+Weights are validated and normalised to sum 1; members with weight zero are left out.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
-import os
-import re
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from ensemble_serve.shared.vllm import ADAPTER_FILES, VLLM_LORA_RANKS, adapter_digest
-from ensemble_serve.shared.fsutil import fsync_dir, remove_tree, tmp_dir_beside
-from ensemble_serve.shared.lora import LoraError, LoraWeights, check_compatible, load_lora, refactor_low_rank, save_lora
+from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS
+from ensemble_serve.shared.lora import LoraError, LoraWeights, check_compatible, refactor_low_rank
 
 __all__ = [
-    "DEFAULT_DECIMALS",
-    "MIX_NAME_PREFIX",
-    "MixtureCache",
     "MixtureError",
     "Mode",
+    "Weights",
+    "check_mode",
+    "check_rank",
     "mix",
     "mix_exact",
     "mix_truncated",
     "mixture_cost",
+    "normalise_weights",
     "truncation_error",
     "vllm_rank",
 ]
 
 Mode = Literal["exact", "truncated"]
 Weights = Sequence[float] | torch.Tensor
-
-MIX_NAME_PREFIX = "mix-"
-"""Mixed adapters are named ``mix-<first 12 hex of the route key>`` (stable across processes)."""
-DEFAULT_DECIMALS = 3
-"""Decimals normalised weights are rounded to in the cache key: routes closer than this share an adapter."""
-
-_KEY_HEX = 12
-_KEY_VERSION = 1  # bump when the meaning of a key (or of the mixing) changes, so old entries never match
-_ENTRY_RE = re.compile(rf"^{re.escape(MIX_NAME_PREFIX)}[0-9a-f]{{{_KEY_HEX}}}$")
-_TMP_RE = re.compile(rf"^\.{re.escape(MIX_NAME_PREFIX)}[0-9a-f]{{{_KEY_HEX}}}\.tmp-")
-_DIGEST_MEMO_MAX = 4096
 
 
 class MixtureError(ValueError):
@@ -95,7 +71,7 @@ def _member_names(count: int, names: Sequence[str] | None) -> list[str]:
     return names
 
 
-def _normalise(weights: Weights, names: Sequence[str]) -> list[float]:
+def normalise_weights(weights: Weights, names: Sequence[str]) -> list[float]:
     """Weights as floats summing to 1, refusing what cannot be a mixture (wrong count, negative, NaN, inf, all zero).
 
     Dividing by the largest weight before summing keeps huge but finite weights from overflowing.
@@ -128,14 +104,14 @@ def _normalise(weights: Weights, names: Sequence[str]) -> list[float]:
     return [v / total for v in scaled]
 
 
-def _check_rank(value: Any, what: str) -> int:
+def check_rank(value: Any, what: str) -> int:
     """A rank-like count as a positive int; bools are refused although they are ints, since True is never meant as 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MixtureError(f"{what} must be a positive integer (>= 1), got {value!r}")
     return value
 
 
-def _check_mode(mode: Any) -> Mode:
+def check_mode(mode: Any) -> Mode:
     """Refuse unknown modes up front rather than silently falling back to one of the two."""
     if mode not in ("exact", "truncated"):
         raise MixtureError(f"mode must be 'exact' or 'truncated', got {mode!r}")
@@ -169,9 +145,9 @@ class _Plan:
 
 def _plan(ranks: Sequence[int], weights: Sequence[float], mode: Any, rank: Any, max_rank: Any) -> _Plan:
     """The single place `mix` and `mixture_cost` decide the mode and rank, so the cost they report matches."""
-    mode = _check_mode(mode)
+    mode = check_mode(mode)
     if max_rank is not None:
-        max_rank = _check_rank(max_rank, "max_rank")
+        max_rank = check_rank(max_rank, "max_rank")
     active = tuple(i for i, w in enumerate(weights) if w > 0)
     exact_rank = sum(ranks[i] for i in active)
     if mode == "exact":
@@ -182,7 +158,7 @@ def _plan(ranks: Sequence[int], weights: Sequence[float], mode: Any, rank: Any, 
         return _Plan("truncated", min(max_rank, exact_rank), exact_rank, active)
     if rank is None:
         raise MixtureError("mode='truncated' needs a rank")
-    rank = _check_rank(rank, "rank")
+    rank = check_rank(rank, "rank")
     if max_rank is not None:
         rank = min(rank, max_rank)
     return _Plan("truncated", min(rank, exact_rank), exact_rank, active)
@@ -225,7 +201,7 @@ def _prepare(
 ) -> tuple[list[float], tuple[int, ...]]:
     """Validate members and weights once; the normalised weights and the indices of members with a positive one."""
     resolved = _check_members(members, names)
-    normalised = _normalise(weights, resolved)
+    normalised = normalise_weights(weights, resolved)
     return normalised, tuple(i for i, w in enumerate(normalised) if w > 0)
 
 
@@ -269,7 +245,7 @@ def mix_truncated(
     components, so the result is then exact and not padded. alpha = rank, scale 1, as for
     `mix_exact`; singular values are split as square roots between A and B.
     """
-    rank = _check_rank(rank, "rank")
+    rank = check_rank(rank, "rank")
     normalised, active = _prepare(members, weights, names)
     return _truncated(members, normalised, active, rank)
 
@@ -311,7 +287,7 @@ def truncation_error(
 
 def vllm_rank(r: int) -> int:
     """The smallest value vLLM accepts as ``max_lora_rank`` that can hold an adapter of rank `r`."""
-    r = _check_rank(r, "rank")
+    r = check_rank(r, "rank")
     for allowed in VLLM_LORA_RANKS:
         if allowed >= r:
             return allowed
@@ -356,10 +332,10 @@ def mixture_cost(
     rank for an exact mix, i.e. the number of such members when ranks are equal). Either mode
     costs one base-model pass, against one pass per member when fanning out.
     """
-    ranks = [_check_rank(r, "member rank") for r in members_ranks]
+    ranks = [check_rank(r, "member rank") for r in members_ranks]
     if not ranks:
         raise MixtureError("members_ranks must name at least one member")
-    normalised = _normalise(weights, _member_names(len(ranks), None))
+    normalised = normalise_weights(weights, _member_names(len(ranks), None))
     plan = _plan(ranks, normalised, mode, rank, max_rank)
     mean_rank = sum(ranks[i] for i in plan.active) / len(plan.active)
     return {
@@ -371,181 +347,3 @@ def mixture_cost(
         "flops_factor": plan.rank / mean_rank,
         "vllm_rank": vllm_rank(plan.rank) if plan.rank <= VLLM_LORA_RANKS[-1] else None,
     }
-
-
-# --------------------------------------------------------------------------- cache
-
-
-@dataclass
-class _Pending:
-    """A mix being computed by one thread; the others asking for the same key wait on it instead of recomputing."""
-
-    done: threading.Event
-    result: tuple[str, Path] | None = None
-    error: BaseException | None = None
-
-
-def _identity(path: Path) -> tuple[int, int, int]:
-    """(inode, size, mtime in ns): changes whenever the file is rewritten or atomically replaced."""
-    st = path.stat()
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-class MixtureCache:
-    """A bounded LRU of mixed adapter folders under `root`, one folder per route.
-
-    The key is the sha256 of the route: the content digests of the members with a positive
-    rounded weight, in order, their normalised weights rounded to `decimals`, the mode, the rank
-    and the engine's max_rank (which can turn an exact request into a truncated one). Content
-    digests, not member names, make a retrained member a new route; rounding lets gates that differ
-    only in noise share an entry; zero-weight members are left out because they change nothing.
-    The adapter is mixed from the rounded weights, so an entry depends only on its key.
-
-    Entries are written into a temp folder beside their final name and renamed (atomic), so vLLM
-    never sees a half-written adapter. The oldest entries' folders are deleted beyond `capacity`;
-    keep it above the number of mixed adapters in use at once, since an evicted folder vanishes
-    even if a request still means to load it. One cache per root: leftover ``mix-*`` folders from
-    an earlier process are deleted on start, as nothing tracks them any more. Thread-safe; one
-    thread computes a given key while the others asking for it wait for that result.
-    """
-
-    def __init__(self, root: str | os.PathLike[str], capacity: int = 32, *, decimals: int = DEFAULT_DECIMALS) -> None:
-        self.capacity = _check_rank(capacity, "capacity")
-        if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 12:
-            raise MixtureError(f"decimals must be an integer in [0, 12], got {decimals!r}")
-        self.decimals = decimals
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.iterdir():
-            if _ENTRY_RE.match(stale.name) or _TMP_RE.match(stale.name):
-                remove_tree(stale)
-        self._entries: OrderedDict[str, tuple[str, Path]] = OrderedDict()
-        self._pending: dict[str, _Pending] = {}
-        self._digests: dict[tuple[Any, ...], str] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        """Entries held (their folders exist on disk)."""
-        with self._lock:
-            return len(self._entries)
-
-    def names(self) -> list[str]:
-        """Adapter names held, least recently used first."""
-        with self._lock:
-            return [name for name, _ in self._entries.values()]
-
-    def get_or_create(
-        self,
-        members: Sequence[tuple[str, str | os.PathLike[str]]],
-        weights: Weights,
-        mode: Mode = "exact",
-        rank: int | None = None,
-        max_rank: int | None = None,
-    ) -> tuple[str, Path, bool]:
-        """(adapter name, folder, created) for this route, mixing and writing it only on a miss.
-
-        `members` are (name, adapter folder) pairs; names label members in error messages only.
-        """
-        if isinstance(members, str | bytes) or not isinstance(members, Sequence) or not members:
-            raise MixtureError("members must be a non-empty sequence of (name, folder) pairs")
-        names = [str(name) for name, _ in members]
-        rounded = [round(w, self.decimals) for w in _normalise(weights, names)]
-        active = [i for i, w in enumerate(rounded) if w > 0]
-        if not active:
-            raise MixtureError(f"all weights round to zero at {self.decimals} decimals")
-        _check_mode(mode)
-        if rank is not None:
-            _check_rank(rank, "rank")
-        if max_rank is not None:
-            _check_rank(max_rank, "max_rank")
-        route = {
-            "version": _KEY_VERSION,
-            "members": [[self._digest(names[i], members[i][1]), f"{rounded[i]:.{self.decimals}f}"] for i in active],
-            "mode": mode,
-            "rank": rank,
-            "max_rank": max_rank,
-        }
-        key = hashlib.sha256(json.dumps(route, sort_keys=True).encode()).hexdigest()
-
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                return hit[0], hit[1], False
-            pending = self._pending.get(key)
-            owner = pending is None
-            if pending is None:
-                pending = self._pending[key] = _Pending(threading.Event())
-        if not owner:
-            pending.done.wait()
-            if pending.error is not None:
-                raise pending.error
-            assert pending.result is not None
-            return pending.result[0], pending.result[1], False
-
-        name = f"{MIX_NAME_PREFIX}{key[:_KEY_HEX]}"
-        folder = self.root / name
-        evicted: list[Path] = []
-        try:
-            loaded = [self._load(names[i], members[i][1]) for i in active]
-            mixed = mix(loaded, [rounded[i] for i in active], mode, rank, max_rank, names=[names[i] for i in active])
-            self._write(mixed, folder)
-            pending.result = (name, folder)
-            with self._lock:
-                self._entries[key] = (name, folder)
-                self._pending.pop(key, None)
-                while len(self._entries) > self.capacity:
-                    _, (_, old) = self._entries.popitem(last=False)
-                    evicted.append(old)
-        except BaseException as e:
-            pending.error = e
-            with self._lock:
-                self._pending.pop(key, None)
-            raise
-        finally:
-            pending.done.set()
-            for old in evicted:
-                remove_tree(old)
-        return name, folder, True
-
-    def _write(self, mixed: LoraWeights, folder: Path) -> None:
-        """Save into a temp folder beside `folder`, then rename: readers see the whole adapter or none."""
-        tmp = tmp_dir_beside(folder)
-        try:
-            save_lora(mixed, tmp)
-            remove_tree(folder)  # only an untracked leftover can be there: the calling thread owns the key
-            os.rename(tmp, folder)
-        except BaseException:
-            remove_tree(tmp)
-            raise
-        fsync_dir(self.root)
-
-    def _digest(self, name: str, folder: str | os.PathLike[str]) -> str:
-        """The member folder's content digest, memoised on its files' identity so a cache hit does not re-hash weights."""
-        path = Path(folder)
-        try:
-            stats = tuple((f, *_identity(path / f)) for f in ADAPTER_FILES)
-        except OSError as e:
-            raise MixtureError(f"member {name}: cannot read adapter folder {path}: {e}") from e
-        memo_key = (str(path.resolve()), stats)
-        with self._lock:
-            known = self._digests.get(memo_key)
-        if known is not None:
-            return known
-        try:
-            digest = adapter_digest(path)
-        except OSError as e:
-            raise MixtureError(f"member {name}: cannot read adapter folder {path}: {e}") from e
-        with self._lock:
-            if len(self._digests) >= _DIGEST_MEMO_MAX:
-                self._digests.clear()
-            self._digests[memo_key] = digest
-        return digest
-
-    @staticmethod
-    def _load(name: str, folder: str | os.PathLike[str]) -> LoraWeights:
-        """Load a member, naming it in the error, so a bad route reads as a MixtureError like every other."""
-        try:
-            return load_lora(folder)
-        except LoraError as e:
-            raise MixtureError(f"member {name}: {e}") from e

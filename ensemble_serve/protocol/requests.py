@@ -1,4 +1,4 @@
-"""The OpenAI-compatible wire format: request and response models, and their translation to engine parameters.
+"""The OpenAI-compatible requests: chat and text completions, and the `ensemble` options.
 
 Requests follow what vLLM's OpenAI server accepts for text models, with two policies:
 
@@ -19,28 +19,18 @@ from __future__ import annotations
 import difflib
 import functools
 import math
-import time
 import typing
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ensemble_serve.errors import ParameterError
+from ensemble_serve.shared.voting import VOTE_RULES as _VOTE_RULE_REGISTRY
 from ensemble_serve.shared.voting.answers import get_extractor
-from ensemble_serve.errors import BadRequestError, ParameterError, register_server_model
 
-VOTE_RULES = ("majority", "weighted", "cross")
+VOTE_RULES = tuple(_VOTE_RULE_REGISTRY)  # the registered rules' names (the registry is the one source)
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 MAX_N = 128
@@ -50,10 +40,7 @@ MAX_LOGPROBS = 20
 MAX_PROMPTS = 1024  # prompts in one text completion request (each fans out to n choices)
 MAX_TIMEOUT_S = 86_400.0  # the largest per-request `timeout` accepted (the server's own cap is lower)
 GREEDY_TEMPERATURE = 1e-5  # below this vLLM samples greedily, which allows only n == 1
-OWNED_BY = "ensemble-serve"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-_LOGPROB_FLOOR = -9999.0  # stands in for -inf, which JSON cannot carry
-
 # Known OpenAI fields that would change the output but are not implemented: field -> "is it in use?".
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tools": bool,
@@ -63,15 +50,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "suffix": bool,
     "response_format": lambda v: not (isinstance(v, Mapping) and v.get("type") in (None, "text")),
 }
-
-
-def random_id(prefix: str) -> str:
-    """A fresh id such as ``chatcmpl-3f2a...``."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _now() -> int:
-    return int(time.time())
 
 
 # ---------------------------------------------------------------------------
@@ -405,323 +383,3 @@ def chat_text(messages: list[ChatMessage]) -> list[dict[str, str]]:
     ``developer`` becomes ``system`` (chat templates predate the developer role).
     """
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""} for m in messages]
-
-
-def _context_error(max_model_len: int, requested: str, what: str, param: str) -> BadRequestError:
-    return BadRequestError(
-        f"This model's maximum context length is {max_model_len} tokens. However, {requested}. "
-        f"Please reduce the length of the {what}.",
-        param=param,
-        code="context_length_exceeded",
-    )
-
-
-def sampling_kwargs(
-    req: ChatCompletionRequest | CompletionRequest,
-    *,
-    max_model_len: int,
-    prompt_tokens: int,
-    defaults: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The keyword arguments of ``vllm.SamplingParams`` for `req` (one prompt of `prompt_tokens` tokens).
-
-    A parameter the request leaves unset comes from `defaults` (e.g. the model's generation config),
-    else from OpenAI's default. max_tokens unset fills the context. BadRequestError
-    (``context_length_exceeded``) when the prompt leaves no room or an explicit max_tokens does not fit,
-    and (param ``n``) for n > 1 with temperature 0, which vLLM refuses.
-    """
-    if max_model_len < 1 or prompt_tokens < 0:
-        raise ValueError(f"need max_model_len >= 1 and prompt_tokens >= 0, got {max_model_len}, {prompt_tokens}")
-    defaults = defaults or {}
-    chat = isinstance(req, ChatCompletionRequest)
-    where = "messages" if chat else "prompt"
-    if prompt_tokens >= max_model_len:
-        raise _context_error(max_model_len, f"your request has {prompt_tokens} input tokens", where, where)
-
-    room = max_model_len - prompt_tokens
-    if chat:
-        use_mct = req.max_completion_tokens is not None
-        asked = req.max_completion_tokens if use_mct else req.max_tokens
-        param = "max_completion_tokens" if use_mct else "max_tokens"
-    else:
-        # The completion default (16) is OpenAI's, not the client's: it is clamped, never an error.
-        asked = req.max_tokens if "max_tokens" in req.model_fields_set else None
-        param = "max_tokens"
-    if asked is None:
-        fallback = defaults.get("max_tokens", None if chat else req.max_tokens)
-        max_tokens = room if fallback is None else min(room, fallback)
-    elif asked > room:
-        raise _context_error(
-            max_model_len,
-            f"you requested {prompt_tokens + asked} tokens ({prompt_tokens} in the {where}, {asked} in the completion)",
-            f"{where} or completion",
-            param,
-        )
-    else:
-        max_tokens = asked
-
-    def pick(name: str, openai_default: Any) -> Any:
-        value = getattr(req, name)
-        return value if value is not None else defaults.get(name, openai_default)
-
-    temperature = pick("temperature", 1.0)
-    if req.n > 1 and temperature < GREEDY_TEMPERATURE:
-        raise BadRequestError(
-            f"n must be 1 when temperature is 0 (greedy sampling), got n={req.n}", param="n", code="invalid_value"
-        )
-    if chat:
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    else:
-        logprobs = req.logprobs
-    return {
-        "n": req.n,
-        "temperature": temperature,
-        "top_p": pick("top_p", 1.0),
-        "top_k": pick("top_k", 0),
-        "min_p": pick("min_p", 0.0),
-        "seed": req.seed,
-        "stop": list(req.stop or []),
-        "presence_penalty": pick("presence_penalty", 0.0),
-        "frequency_penalty": pick("frequency_penalty", 0.0),
-        "repetition_penalty": pick("repetition_penalty", 1.0),
-        "max_tokens": max_tokens,
-        "logprobs": logprobs,
-        "ignore_eos": req.ignore_eos,
-        "skip_special_tokens": True,
-    }
-
-
-# ---------------------------------------------------------------------------
-# Responses
-# ---------------------------------------------------------------------------
-
-
-def _logprob(v: Any) -> Any:
-    return _LOGPROB_FLOOR if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def _finite_or_none(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-Logprob = Annotated[float, BeforeValidator(_logprob)]
-"""A log-probability; -inf (and NaN) become -9999.0 as in vLLM."""
-Score = Annotated[float | None, BeforeValidator(_finite_or_none)]
-"""A float that JSON can carry: NaN and infinities become None."""
-
-
-class _Response(BaseModel):
-    """A model the server builds; its validation errors are server errors (500), not the client's."""
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        register_server_model(cls)
-
-
-class UsageInfo(_Response):
-    """Token counts; total_tokens defaults to prompt + completion."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-    @model_validator(mode="after")
-    def _fill_total(self) -> UsageInfo:
-        if "total_tokens" not in self.model_fields_set:
-            self.total_tokens = self.prompt_tokens + self.completion_tokens
-        return self
-
-
-class TopLogprob(_Response):
-    """One alternative token and its log-probability."""
-
-    token: str
-    logprob: Logprob
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(TopLogprob):
-    """A generated token, its log-probability and the top alternatives."""
-
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(_Response):
-    """A chat choice's ``logprobs``."""
-
-    content: list[TokenLogprob] | None = None
-
-
-class ResponseMessage(_Response):
-    """The generated message of a chat choice."""
-
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-
-
-class ChatCompletionChoice(_Response):
-    """A chat completion choice; finish_reason is "stop" or "length" (OpenAI's values)."""
-
-    index: int
-    message: ResponseMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = "stop"
-
-
-class DeltaMessage(_Response):
-    """What a stream chunk adds to a message; role only on the first chunk."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatCompletionChunkChoice(_Response):
-    """A choice of a stream chunk; finish_reason only on its last chunk."""
-
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class CompletionLogprobs(_Response):
-    """A text completion choice's ``logprobs`` (OpenAI's legacy layout)."""
-
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[Logprob | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, Logprob] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(_Response):
-    """A text completion choice (also the choice of a stream chunk, with finish_reason None until its end).
-
-    `ensemble` is set only on an ensemble request with several prompts: each prompt is voted on
-    separately, and its choice carries its own vote (one prompt: the response's top-level `ensemble`).
-    """
-
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = "stop"
-    ensemble: EnsembleInfo | None = None
-
-
-class EnsembleChain(_Response):
-    """One member's sample: its extracted answer, extraction status, text, score and length."""
-
-    member: str
-    sample: int
-    answer: str | None = None
-    status: str
-    """"ok", "missing" or "malformed" (see ``ensemble_serve.shared.voting.answers``)."""
-    text: str | None = None
-    score: Score = None
-    tokens: int = 0
-
-
-class FailedChain(_Response):
-    """A sample that produced no output (the engine failed or the request was aborted)."""
-
-    member: str
-    sample: int
-    reason: str
-
-
-class EnsembleInfo(_Response):
-    """How the ensemble reached its answer."""
-
-    answer: str | None = None
-    agreement: Score = None
-    """Share of the vote the winning answer got, 0..1."""
-    votes: dict[str, Score] = Field(default_factory=dict)
-    """Answer -> vote weight."""
-    members: list[str] = Field(default_factory=list)
-    rule: str = "majority"
-    chains: list[EnsembleChain] | None = None
-    """Only when the request asked for return_chains."""
-    failed: list[FailedChain] = Field(default_factory=list)
-    unavailable: list[str] = Field(default_factory=list)
-    """Members that would have been asked but cannot be reached now (their remote server is down)."""
-    tokens_saved: int | None = None
-    early_stopped: bool = False
-    routing: dict[str, Any] | None = None
-    """When the population has a router: {"used": true, "top_k", "gates": {member: gate}}, or
-    {"used": false, "reason"} when the router was refused or its output was unusable."""
-
-    @model_serializer(mode="wrap")
-    def _always_answer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """`answer` and `agreement` are always present (null when no chain had an answer), even with exclude_none."""
-        data = handler(self)
-        data.setdefault("answer", None)
-        data.setdefault("agreement", None)
-        return data
-
-
-class ChatCompletionResponse(_Response):
-    """The body of a non-streamed chat completion."""
-
-    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatCompletionChoice]
-    usage: UsageInfo
-    ensemble: EnsembleInfo | None = None
-
-
-class ChatCompletionChunk(_Response):
-    """One server-sent event of a streamed chat completion."""
-
-    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatCompletionChunkChoice]
-    usage: UsageInfo | None = None
-    ensemble: EnsembleInfo | None = None
-
-
-class CompletionResponse(_Response):
-    """The body of a non-streamed text completion."""
-
-    id: str = Field(default_factory=lambda: random_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo
-    ensemble: EnsembleInfo | None = None
-
-
-class CompletionChunk(_Response):
-    """One server-sent event of a streamed text completion (same object type as the full response)."""
-
-    id: str = Field(default_factory=lambda: random_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    ensemble: EnsembleInfo | None = None
-
-
-class ModelCard(_Response):
-    """An entry of ``GET /v1/models``: the ensemble (with its metadata) or a member (parent: the base model)."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
-    owned_by: str = OWNED_BY
-    root: str | None = None
-    parent: str | None = None
-    max_model_len: int | None = None
-    ensemble: dict[str, Any] | None = None
-
-
-class ModelList(_Response):
-    """The body of ``GET /v1/models``."""
-
-    object: Literal["list"] = "list"
-    data: list[ModelCard] = Field(default_factory=list)

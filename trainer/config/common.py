@@ -1,0 +1,54 @@
+"""What every offline command's config shares: the frozen base model and the checks of names.
+
+Invariants: a config is frozen and refuses unknown keys (`extra="forbid"`); a name that picks
+code (an operator, a fitness term, a variant) is checked against the registry that holds that
+code, and the refusal lists the names the registry knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from pydantic import BaseModel, ConfigDict
+
+from trainer.tasks.sandbox import DOMAINS
+
+ALL_DOMAINS = tuple(DOMAINS)
+
+
+class FrozenConfig(BaseModel):
+    """Base of the command configs: immutable, and a misspelt key is an error, not a silent default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def check_domains(v: tuple[str, ...]) -> tuple[str, ...]:
+    if not v:
+        raise ValueError("at least one domain is needed")
+    unknown = [d for d in v if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown}; known: {sorted(DOMAINS)}")
+    return v
+
+
+def check_difficulties(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or any(d not in (1, 2, 3, 4) for d in v):
+        raise ValueError(f"difficulties must be a non-empty subset of 1..4, got {list(v)}")
+    return v
+
+
+def one_of(what: str, names: Iterable[str]) -> Callable[[str], str]:
+    """A field validator: the value must be one of `names` (a registry's keys); a refusal lists them."""
+    known = list(names)
+
+    def check(v: str) -> str:
+        if v not in known:
+            raise ValueError(f"unknown {what} {v!r}; expected one of {known}")
+        return v
+
+    return check
+
+
+def alternatives(names: Iterable[str]) -> str:
+    """Names as a field description lists them: `a | b | c`."""
+    return " | ".join(names)

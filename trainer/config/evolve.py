@@ -1,0 +1,231 @@
+"""`ensemble-train evolve`: the run's config, with its evolution and lifecycle sections.
+
+Names that pick code are checked against the registries that hold the code, when the config is
+read: fitness terms and scopes (:mod:`trainer.evolve.fitness`), operators and rank policies
+(:mod:`trainer.evolve.operators`), reallocation (:mod:`trainer.evolve.lifecycle`). A typo is
+refused, listing the names that exist, before any model is loaded. Importing those registries
+brings in torch, so `--help` pays for it too; every command imports torch right after anyway.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from trainer.config.common import (
+    ALL_DOMAINS,
+    FrozenConfig,
+    alternatives,
+    check_difficulties,
+    check_domains,
+    one_of,
+)
+from trainer.evolve import operators
+from trainer.evolve.fitness import FITNESS_TERMS, Scope
+from trainer.evolve.lifecycle import Reallocation
+
+
+class EvolutionConfig(FrozenConfig):
+    """The evolutionary step: which operators run, with what settings (names from :mod:`trainer.evolve.operators`).
+
+    An operator name the registry does not know, or a `rank_policy` it has no rule for, is refused
+    when the config is read, with the names that exist.
+    """
+
+    enabled: bool = Field(True, description="Run selection/crossover/mutation/replacement (off: gradient phase only).")
+    elite: int = Field(2, ge=0, description="Fittest members carried over unchanged by the evolutionary step.")
+    offspring: int = Field(
+        2, ge=0, description="Children made each generation; they replace members chosen by `replacement`."
+    )
+    selection: str = Field("tournament", description=f"Parent selection: {alternatives(operators.SELECTION)}.")
+    selection_options: dict[str, int | float] = Field(
+        default_factory=dict, description="Options of the selection operator (truncation: fraction; tournament: size)."
+    )
+    crossover: str = Field(
+        "weighted_average", description=f"Crossover: {alternatives([*operators.CROSSOVER, operators.SKIP])}."
+    )
+    rank_policy: str = Field(
+        "error",
+        description="When parents' ranks differ and the crossover needs equal ranks: "
+        f"{alternatives(operators.RANK_POLICIES)}.",
+    )
+    child_rank: int | None = Field(
+        None, ge=1, le=64, description="Rank of every child (default: the rank of its fitter parent)."
+    )
+    mutation: str = Field(
+        "gaussian", description=f"Mutation of children: {alternatives([*operators.MUTATION, operators.SKIP])}."
+    )
+    mutation_strength: float = Field(
+        0.05, ge=0, description="Mutation strength (noise scale, drop rate, or SVD sigma)."
+    )
+    replacement: str = Field("weakest", description=f"Who the children replace: {alternatives(operators.REPLACEMENT)}.")
+
+    _rank_policy = field_validator("rank_policy")(one_of("rank_policy", operators.RANK_POLICIES))
+
+    @field_validator("selection", "crossover", "mutation", "replacement")
+    @classmethod
+    def _operator(cls, v: str, info: ValidationInfo) -> str:
+        return operators.check_setting(info.field_name, v)
+
+
+class LifecycleConfig(FrozenConfig):
+    """The adapter lifecycle after the evolutionary step: death, alpha-blend inheritance, SVD mutation, reallocation.
+
+    Off by default, and every part is its own switch: in the decomposition study the lifecycle
+    was a net drag, so it exists for the factorial ablation to measure on other data, not as a
+    recommended setting. With `enabled` false nothing below is read and a run is unchanged.
+    """
+
+    enabled: bool = Field(False, description="Run the lifecycle after the evolutionary step each generation.")
+    death_fitness: float | None = Field(
+        None, allow_inf_nan=False, description="Members whose fitness is below this die (None: no death by fitness)."
+    )
+    max_age: int | None = Field(
+        None,
+        ge=1,
+        description="Members older than this many generations (generation - born_generation) die (None: no death by age).",
+    )
+    max_deaths: int = Field(2, ge=1, description="At most this many deaths per generation, weakest first.")
+    inherit_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Alpha-blend inheritance: a dying member's update is blended into its nearest living neighbour "
+        "with this weight (0: off).",
+    )
+    svd_mutation: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Strength of the SVD mutation applied to every surviving non-elite member each generation (0: off).",
+    )
+    reallocation: Reallocation = Field(
+        "best",
+        description="What re-seeds a dead member's slot: best (a copy of the fittest member, SVD-mutated when "
+        "svd_mutation > 0) or fresh (a new adapter of the dead member's rank: A kaiming-uniform, B zero).",
+    )
+
+
+class EvolveConfig(FrozenConfig):
+    """`ensemble-train evolve`: population self-play (generate, score, train, evolve, commit)."""
+
+    population: Path = Field(Path("runs/population"), description="Population directory to evolve (in place).")
+    out: Path | None = Field(
+        None, description="Copy the population here first and evolve the copy (the original stays as it is)."
+    )
+    members: tuple[str, ...] | None = Field(
+        None, description="With --out: start from these members only (e.g. one member for a single-agent control)."
+    )
+    generations: int = Field(4, ge=1, description="Generations to run.")
+    seed: int = Field(0, description="Seed of the run: problems, sampling, training and operators derive from it.")
+    labels: str = Field(
+        "ground_truth",
+        description="ground_truth: verify chains against answers; hidden: never read answers during training "
+        "(pseudo-labels come from the population's consensus).",
+    )
+    data: Path | None = Field(
+        None, description="A JSONL dataset (prompt, optional answer, optional domain) instead of the sandbox."
+    )
+    skip_invalid: bool = Field(
+        False, description="Skip malformed dataset lines (reported) instead of refusing the file."
+    )
+    domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Sandbox domains.")
+    difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Sandbox difficulty levels.")
+    problems_per_generation: int = Field(48, ge=1, description="Fresh problems each generation.")
+    samples_per_member: int = Field(1, ge=1, le=64, description="Chains each member samples per problem.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature of the self-play chains.")
+    max_tokens: int = Field(128, gt=0, description="Generation limit per chain.")
+    answer: str = Field("auto", description="Answer extractor for chains (as the server's `answer` option).")
+    fitness: dict[str, float] = Field(
+        default_factory=lambda: {
+            "correctness": 1.0,
+            "consensus": 0.0,
+            "cross_eval": 0.1,
+            "diversity_embedding": 0.05,
+            "diversity_output": 0.05,
+            "contribution": 0.2,
+        },
+        description=f"Weight of each fitness term ({', '.join(FITNESS_TERMS)}).",
+    )
+    probe_chains: int = Field(
+        16, ge=1, description="Chains used to compare members' hidden states and output distributions."
+    )
+    cross_eval_chains: int = Field(
+        8, ge=1, description="Problems whose chains every member scores by likelihood (cross-evaluation)."
+    )
+    min_agreement: float = Field(
+        0.5, ge=0, le=1, description="With hidden labels: a consensus answer is a pseudo-label only at this agreement."
+    )
+    train_steps: int = Field(12, ge=0, description="Gradient steps per member per generation (0: no gradient phase).")
+    train_batch_size: int = Field(16, gt=0, description="Batch size of the gradient phase.")
+    train_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the gradient phase (default: each member's own warm-up lr)."
+    )
+    share_chains: bool = Field(True, description="Members also learn from other members' verified chains.")
+    evolution: EvolutionConfig = Field(default_factory=EvolutionConfig, description="The evolutionary step.")
+    lifecycle: LifecycleConfig = Field(
+        default_factory=LifecycleConfig,
+        description="The adapter lifecycle after the evolutionary step (off by default).",
+    )
+    fitness_scope: Scope = Field(
+        "global",
+        description="Scope of the per-problem fitness terms (correctness, consensus): global (all problems) or "
+        "domain_loo (mean over domains d of the term on every problem outside d).",
+    )
+    heldout_per_domain: int = Field(
+        32, ge=0, description="Held-out problems per domain evaluated after each generation (0: skip)."
+    )
+    eval_seed: int = Field(1234, description="Seed of the held-out problems (fixed over the run).")
+    eval_data: Path | None = Field(
+        None, description="A labelled JSONL dataset for held-out evaluation instead of the sandbox."
+    )
+    executor: str = Field("local", description="Where gradient phases and scoring run: local | ray.")
+    ray_address: str | None = Field(None, description="Ray cluster address (default: start a local Ray).")
+    ray_workers: int = Field(2, ge=1, description="Workers of a local Ray.")
+    threads: int = Field(2, gt=0, description="torch threads per training/scoring task (fixed: results depend on it).")
+    tensorboard: Path | None = Field(None, description="Also log scalars to TensorBoard in this folder.")
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="vLLM memory fraction.")
+    max_num_seqs: int = Field(256, ge=1, description="vLLM sequences per engine step.")
+
+    _domains = field_validator("domains")(check_domains)
+    _diffs = field_validator("difficulties")(check_difficulties)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: str) -> str:
+        if v not in ("ground_truth", "hidden"):
+            raise ValueError(f"labels must be ground_truth or hidden, got {v!r}")
+        return v
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, v: str) -> str:
+        if v not in ("local", "ray"):
+            raise ValueError(f"executor must be local or ray, got {v!r}")
+        return v
+
+    @field_validator("fitness")
+    @classmethod
+    def _fitness(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(FITNESS_TERMS))
+        if unknown:
+            raise ValueError(f"unknown fitness term(s) {unknown}; known: {list(FITNESS_TERMS)}")
+        bad = sorted(k for k, w in v.items() if not (w >= 0 and w < float("inf")))
+        if bad:
+            raise ValueError(f"fitness weights must be finite and >= 0; bad: {bad}")
+        if not any(w > 0 for w in v.values()):
+            raise ValueError("at least one fitness term needs a weight > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvolveConfig:
+        if self.labels == "hidden" and self.fitness.get("correctness", 0) > 0:
+            raise ValueError(
+                "labels: hidden never reads answers, so the `correctness` fitness term must have weight 0 "
+                "(use `consensus` instead)"
+            )
+        if self.members is not None and self.out is None:
+            raise ValueError("`members` selects a subset for a copy: it needs `out`")
+        return self

@@ -1,0 +1,68 @@
+"""`ensemble-train init`: the config of the starting population of LoRA adapters.
+
+Ranks, dropouts and learning rates are assigned round-robin over the members (diversity by design).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from trainer.config.common import ALL_DOMAINS, FrozenConfig, check_difficulties, check_domains
+
+
+class InitConfig(FrozenConfig):
+    """`ensemble-train init`: a diverse starting population of LoRA adapters on the substrate."""
+
+    base: Path = Field(
+        Path("runs/substrate"), description="Base model folder (the substrate, or any Llama-like HF model)."
+    )
+    base_name: str | None = Field(
+        None, description="Identifier recorded as the members' base model (default: the folder name)."
+    )
+    out: Path = Field(Path("runs/population"), description="Population directory to create.")
+    members: int = Field(8, ge=1, le=64, description="Population size.")
+    seed: int = Field(0, description="Population seed; member i uses seed + i.")
+    ranks: tuple[int, ...] = Field((4, 8, 16), description="LoRA ranks, assigned round-robin (diversity).")
+    alpha_over_rank: float = Field(2.0, gt=0, description="lora_alpha = alpha_over_rank * rank.")
+    dropouts: tuple[float, ...] = Field((0.0, 0.05, 0.1), description="LoRA dropouts, assigned round-robin.")
+    lrs: tuple[float, ...] = Field((1e-3, 2e-3, 4e-3), description="Warm-up learning rates, assigned round-robin.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        description="Linear layers that carry LoRA.",
+    )
+    warmup_steps: int = Field(120, ge=0, description="Supervised warm-up steps per member (0: untrained adapters).")
+    batch_size: int = Field(32, gt=0, description="Warm-up batch size.")
+    focus_weight: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Share of a member's warm-up data drawn from its focus domain (member i focuses on domain i mod #domains); "
+        "the rest is drawn from all domains.",
+    )
+    domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Domains of the warm-up data.")
+    difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels of the warm-up data.")
+    data: Path | None = Field(
+        None,
+        description="A JSONL dataset (prompt, answer, domain, chain) used instead of the sandbox; rows need a chain.",
+    )
+    overwrite: bool = Field(False, description="Replace an existing population directory.")
+    threads: int = Field(2, gt=0, description="CPU threads for torch.")
+
+    _domains = field_validator("domains")(check_domains)
+    _diffs = field_validator("difficulties")(check_difficulties)
+
+    @field_validator("ranks", "dropouts", "lrs")
+    @classmethod
+    def _non_empty(cls, v: tuple) -> tuple:
+        if not v:
+            raise ValueError("needs at least one value")
+        return v
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(r < 1 or r > 64 for r in v):
+            raise ValueError(f"ranks must be in 1..64, got {list(v)}")
+        return v

@@ -1,0 +1,176 @@
+"""The state of an evolve run: its errors, its run file, how it starts or resumes, how it stops.
+
+A run lives in its population directory: ``evolve-run.json`` (:data:`RUN_FILE`) records the run
+id, the full config, the hash of the settings that decide the result (:func:`config_hash`), and
+the start and target generations. Invariants:
+
+* a resume must bring the same result-deciding settings (or only ``--population``/``--out``);
+  where it runs (executor, Ray, TensorBoard) and how many generations may change;
+* a directory that holds an unfinished run is never silently restarted: ``--resume`` finishes
+  it, or removing the run file starts over from its last committed generation;
+* Ctrl-C and SIGTERM stop a run between whole generations (:func:`stop_signals`), raising
+  :class:`Interrupted`; the last committed generation is complete on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ensemble_serve.shared.fsutil import atomic_write_text
+from ensemble_serve.shared.lora import LoraError, LoraWeights, check_compatible, load_lora
+from ensemble_serve.shared.population import Population, create_population, load_population, read_manifest
+from trainer.config import EvolveConfig, LifecycleConfig
+
+RUN_FILE = "evolve-run.json"
+
+
+class EvolveError(ValueError):
+    """The population, dataset or run state cannot be evolved as asked; the message says why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by Ctrl-C or SIGTERM; the last complete generation is on disk."""
+
+
+def config_hash(cfg: EvolveConfig) -> str:
+    """Hash of everything that decides the result (not where it runs or how many generations)."""
+    data = cfg.model_dump(mode="json", exclude={"generations", "executor", "ray_address", "ray_workers", "tensorboard"})
+    data.pop("population", None)
+    data.pop("out", None)
+    # switches added after runs existed: at their defaults they change nothing, so they leave the hash as it was
+    if data.get("lifecycle") == LifecycleConfig().model_dump(mode="json"):
+        data.pop("lifecycle")
+    if data.get("fitness_scope") == "global":
+        data.pop("fitness_scope")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_run(root: Path) -> dict[str, Any] | None:
+    path = root / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        run = json.loads(path.read_text())
+        EvolveConfig.model_validate(run["config"])
+        return run
+    except (ValueError, KeyError, TypeError) as e:
+        raise EvolveError(f"{path}: not a valid run file ({e}); remove it to start a new run") from e
+
+
+def prepare_run(cfg: EvolveConfig, resume: bool) -> tuple[EvolveConfig, Path, dict[str, Any]]:
+    """Resolve the population directory and the run state (create, or reload for --resume)."""
+    root = Path(cfg.out or cfg.population)
+    if resume:
+        return _resume_run(cfg, root)
+    if cfg.out is not None:
+        _copy_population(cfg)
+    if not (root / "population.json").exists():
+        raise EvolveError(f"{root}: no population.json (create one with `ensemble-train init`)")
+    old = _read_run(root)
+    current = read_manifest(root).generation
+    if old is not None and old.get("target_generation", 0) > current:
+        raise EvolveError(
+            f"{root}: holds an interrupted run (generation {current} of {old['target_generation']}); "
+            f"pass --resume to finish it, or remove {RUN_FILE} to start over from generation {current}"
+        )
+    run = {
+        "run_id": uuid.uuid4().hex[:12],
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": config_hash(cfg),
+        "start_generation": current,
+        "target_generation": current + cfg.generations,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(root / RUN_FILE, json.dumps(run, indent=2) + "\n")
+    return cfg, root, run
+
+
+def _resume_run(cfg: EvolveConfig, root: Path) -> tuple[EvolveConfig, Path, dict[str, Any]]:
+    """The stored run of `root`, refused when `cfg` changes a setting that decides the result."""
+    if not (root / "population.json").exists():
+        raise EvolveError(f"{root}: no population to resume")
+    run = _read_run(root)
+    if run is None:
+        raise EvolveError(f"{root}: no run to resume ({RUN_FILE} is missing); start one without --resume")
+    stored = EvolveConfig.model_validate(run["config"])
+    if config_hash(stored) != config_hash(cfg) and cfg != EvolveConfig(population=cfg.population, out=cfg.out):
+        raise EvolveError(
+            f"{root}: the run was started with other settings (config {run['config_hash']}, "
+            f"given {config_hash(cfg)}); resume with the same config, or with only --population/--out"
+        )
+    # executor/tensorboard may change on resume; they do not change the result
+    stored = stored.model_copy(
+        update={k: getattr(cfg, k) for k in ("executor", "ray_address", "ray_workers", "tensorboard")}
+    )
+    return stored, root, run
+
+
+def _copy_population(cfg: EvolveConfig) -> None:
+    """Copy the source population (or a subset of its members) to `cfg.out` as a new population."""
+    out = Path(cfg.out)
+    if out.exists():
+        raise EvolveError(f"{out} already exists; choose a new --out, or pass --resume to continue the run there")
+    source = load_population(cfg.population)
+    members = list(source.manifest.members)
+    if cfg.members is not None:
+        unknown = [n for n in cfg.members if n not in source.names]
+        if unknown:
+            raise EvolveError(f"--members: {unknown} not in {cfg.population} (members: {source.names})")
+        members = [m for m in members if m.name in cfg.members]
+    base = source.manifest.base_model
+    if base.path is not None and source.base_model_path is not None:
+        base = base.model_copy(update={"path": os.path.relpath(source.base_model_path.resolve(), out.absolute())})
+    manifest = source.manifest.model_copy(
+        update={"members": [m.model_copy(update={"path": f"members/{m.name}"}) for m in members], "base_model": base}
+    )
+    create_population(out, manifest, {m.name: source.member_dir(m.name) for m in members})
+
+
+def load_members(population: Population) -> dict[str, LoraWeights]:
+    """Every member's adapter, refused unless all of them can evolve together (same base, modules)."""
+    weights = {}
+    for name in population.names:
+        try:
+            weights[name] = load_lora(population.member_dir(name))
+        except LoraError as e:
+            raise EvolveError(f"member {name}: {e}") from None
+    try:
+        check_compatible([weights[n] for n in population.names], population.names)
+    except LoraError as e:
+        raise EvolveError(f"{population.root}: members cannot evolve together: {e}") from None
+    return weights
+
+
+@contextmanager
+def stop_signals(state: dict[str, bool]) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM stop the run after the last complete generation.
+
+    A terminal's Ctrl-C reaches the whole process group, so vLLM's engine processes may die of
+    it at the same moment; whatever error that causes here, `state["stop"]` records that a stop
+    was asked for, so the run still ends as an interruption, not a crash.
+    """
+
+    def handler(signum, frame):  # noqa: ARG001
+        state["stop"] = True
+        raise Interrupted()
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)

@@ -1,0 +1,203 @@
+"""The report's plots over generations (fitness, accuracy, diversity, domains, votes) and the router's heat map.
+
+matplotlib is imported only when a plot is drawn, and only its object-oriented API with the Agg
+canvas is used (no pyplot, no global backend state), so importing this module stays cheap and it
+works without a display. Every ``plot_*`` returns PNG bytes, or None when it has no data.
+:func:`new_figure` and :func:`to_png` are the two steps every plot of the project shares.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from trainer.study.report.records import HELDOUT_KEYS, GenerationRecord
+from trainer.study.report.tables import MISSING, DomainTable, diversity_keys
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "generation_ticks",
+    "new_figure",
+    "plot_accuracy",
+    "plot_diversity",
+    "plot_domains",
+    "plot_fitness",
+    "plot_specialisation",
+    "plot_votes",
+    "to_png",
+]
+
+DPI = 100
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_specialisation(
+    table: Mapping[str, Mapping[str, float]], title: str = "Mean router gate per domain"
+) -> bytes | None:
+    """Heat map of a router's mean gate per domain (rows) and member (columns): who the router sends what."""
+    domains = list(table)
+    members = list(next(iter(table.values()), {}))
+    if not domains or not members:
+        return None
+    grid = [[float(table[d].get(m, 0.0)) for m in members] for d in domains]
+    fig = new_figure(1.6 + 0.75 * len(members), 1.2 + 0.45 * len(domains))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=max(1e-9, max(max(r) for r in grid)), aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(
+                j,
+                i,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v < 0.6 * max(map(max, grid)) else "black",
+            )
+    ax.set_xticks(range(len(members)), members, fontsize=8)
+    ax.set_yticks(range(len(domains)), domains, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return to_png(fig)
+
+
+def to_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def generation_ticks(ax: Any, generations: Sequence[int], margin: float) -> None:
+    """Integer generation ticks on the x axis, with ``margin`` around the first and last."""
+    from matplotlib.ticker import MaxNLocator
+
+    lo, hi = min(generations), max(generations)
+    if hi - lo <= 12:
+        ax.set_xticks(range(lo, hi + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(lo - margin, hi + margin)
+    ax.set_xlabel("generation")
+
+
+def _series(
+    records: Sequence[GenerationRecord], get: Callable[[GenerationRecord], float | None]
+) -> tuple[list[int], list[float]]:
+    xs: list[int] = []
+    ys: list[float] = []
+    for r in records:
+        y = get(r)
+        if y is not None:
+            xs.append(r.generation)
+            ys.append(y)
+    return xs, ys
+
+
+def _line_plot(
+    records: Sequence[GenerationRecord],
+    lines: Sequence[tuple[str, Callable[[GenerationRecord], float | None], dict[str, Any]]],
+    title: str,
+    ylabel: str,
+) -> bytes | None:
+    """One line per (label, getter, style); None when no line has a point."""
+    series = [(label, *_series(records, get), style) for label, get, style in lines]
+    series = [s for s in series if s[1]]
+    if not series:
+        return None
+    fig = new_figure(7, 4)
+    ax = fig.add_subplot()
+    for label, xs, ys, style in series:
+        ax.plot(xs, ys, marker="o", markersize=4, label=label, **style)
+    generation_ticks(ax, [x for s in series for x in s[1]], margin=0.3)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best", fontsize=8)
+    return to_png(fig)
+
+
+def plot_fitness(records: Sequence[GenerationRecord]) -> bytes | None:
+    """Best and mean fitness per generation, min as a faint line."""
+    return _line_plot(
+        records,
+        [
+            ("best", lambda r: r.fitness.get("best"), {"color": "tab:green", "linewidth": 2}),
+            ("mean", lambda r: r.fitness.get("mean"), {"color": "tab:blue"}),
+            ("min", lambda r: r.fitness.get("min"), {"color": "tab:gray", "alpha": 0.4, "linestyle": "--"}),
+        ],
+        "fitness per generation",
+        "fitness",
+    )
+
+
+def plot_accuracy(records: Sequence[GenerationRecord]) -> bytes | None:
+    """Held-out accuracy per generation: best member, mean member, ensemble vote, oracle."""
+    styles = {
+        "best_member": {"color": "tab:green"},
+        "mean_member": {"color": "tab:blue"},
+        "ensemble_vote": {"color": "tab:red", "linewidth": 2},
+        "oracle": {"color": "tab:gray", "alpha": 0.6, "linestyle": ":"},
+    }
+    lines = [(label, (lambda r, k=key: r.heldout.get(k)), styles[key]) for key, label in HELDOUT_KEYS]
+    return _line_plot(records, lines, "held-out accuracy per generation", "accuracy")
+
+
+def plot_diversity(records: Sequence[GenerationRecord]) -> bytes | None:
+    """One line per diversity measure."""
+    lines = [(key, (lambda r, k=key: r.diversity.get(k)), {}) for key in diversity_keys(records)]
+    return _line_plot(records, lines, "population diversity per generation", "diversity")
+
+
+def plot_domains(table: DomainTable | None) -> bytes | None:
+    """Heatmap members x domains with the values written in the cells."""
+    if table is None or not table.rows or not table.domains:
+        return None
+    import numpy as np
+
+    values = np.array([[np.nan if v is None else v for v in vals] for _, vals in table.rows], dtype=float)
+    n_rows, n_cols = values.shape
+    fig = new_figure(min(3 + 0.8 * n_cols, 24), min(1.8 + 0.4 * n_rows, 24))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(
+        range(n_cols), table.domains, rotation=30 if n_cols > 6 else 0, ha="right" if n_cols > 6 else "center"
+    )
+    ax.set_yticks(range(n_rows), [name for name, _ in table.rows])
+    ax.tick_params(labelsize=8)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            v = values[i, j]
+            text = MISSING if math.isnan(v) else f"{v:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_title(table.title)
+    return to_png(fig)
+
+
+def plot_votes(records: Sequence[GenerationRecord]) -> bytes | None:
+    """Histogram of the last recorded per-problem agreement of the ensemble vote."""
+    last = next((r for r in reversed(records) if r.vote_agreement), None)
+    if last is None:
+        return None
+    fig = new_figure(6, 3.5)
+    ax = fig.add_subplot()
+    ax.hist([min(max(v, 0.0), 1.0) for v in last.vote_agreement], bins=20, range=(0.0, 1.0), color="tab:blue")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of members agreeing with the ensemble vote")
+    ax.set_ylabel("problems")
+    ax.set_title(f"vote agreement, generation {last.generation} ({len(last.vote_agreement)} problems)")
+    ax.grid(True, alpha=0.3)
+    return to_png(fig)
