@@ -41,8 +41,9 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="Comma-separated ablation configs to run.")
     args = parser.parse_args()
 
-    from trainer.config import AblateConfig, load_config
+    from ensemble_serve.shared.cliutil import load_config
     from trainer.study.ablate import format_report, run_ablation
+    from trainer.study.ablate.config import AblateConfig
 
     runs = {}
     started = time.perf_counter()

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_substrate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide substrate (head size 32, the smallest vLLM's CPU attention takes), trained for a few steps."""
-    from trainer.config import SubstrateConfig
+    from trainer.models.config import SubstrateConfig
     from trainer.models.substrate import train_substrate
 
     out = tmp_path_factory.mktemp("substrate") / "tiny-substrate"
@@ -44,7 +44,7 @@ def tiny_substrate(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_population(tiny_substrate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three real PEFT LoRA members on the tiny substrate, each warmed up for a few steps."""
-    from trainer.config import InitConfig
+    from trainer.models.config import InitConfig
     from trainer.models.init_population import init_population
 
     out = tmp_path_factory.mktemp("population") / "pop"

@@ -22,7 +22,6 @@ from click.testing import CliRunner
 from pydantic import ValidationError
 
 from trainer.cli import main
-from trainer.config import ABLATION_FACTORS, HARNESS_EVOLVE_KEYS, AblateConfig
 from trainer.study.ablate import (
     DEFAULT_LEVELS,
     AblationError,
@@ -33,6 +32,7 @@ from trainer.study.ablate import (
     report,
     run_ablation,
 )
+from trainer.study.ablate.config import ABLATION_FACTORS, HARNESS_EVOLVE_KEYS, AblateConfig
 from trainer.study.ablate.design import Cell, config_hash, levels_of
 from trainer.study.ablate.folder import failed_path, result_path
 

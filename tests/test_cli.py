@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from trainer.cli import main
-from trainer.config import EvalConfig, InitConfig, SubstrateConfig
+from trainer.evaluate import EvalConfig
+from trainer.models.config import InitConfig, SubstrateConfig
 
 
 @pytest.mark.parametrize("command, model", [("substrate", SubstrateConfig), ("init", InitConfig), ("eval", EvalConfig)])

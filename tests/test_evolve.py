@@ -30,11 +30,11 @@ from ensemble_serve.shared.population import (
     write_manifest,
 )
 from ensemble_serve.shared.voting import candidate_from_text
-from trainer.config import EvolutionConfig, EvolveConfig
 from trainer.evolve import commit as commit_module
 from trainer.evolve import loop as evolve
 from trainer.evolve import operators
 from trainer.evolve.commit import PENDING_FILE
+from trainer.evolve.config import EvolutionConfig, EvolveConfig
 from trainer.evolve.executors import LocalExecutor, RayExecutor, score_member_task, train_member_task
 from trainer.evolve.fitness import (
     FITNESS_TERMS,

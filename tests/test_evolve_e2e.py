@@ -171,7 +171,7 @@ def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, dat
 
 
 def test_sandbox_run_with_hidden_labels(tiny_population: Path, tmp_path: Path):
-    from trainer.config import EvolveConfig
+    from trainer.evolve.config import EvolveConfig
     from trainer.evolve.loop import run_evolve
 
     settings = {**SMALL, "labels": "hidden", "fitness": {**SMALL["fitness"], "correctness": 0.0, "consensus": 1.0}}

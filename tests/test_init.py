@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ensemble_serve.shared.population import PopulationError, load_population
-from trainer.config import InitConfig
+from trainer.models.config import InitConfig
 from trainer.models.init_population import init_population, member_plan
 from trainer.tasks.sandbox import DOMAINS, generate_problems, save_jsonl
 

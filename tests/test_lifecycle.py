@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from ensemble_serve.shared.lora import LoraWeights, check_compatible, load_lora
 from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
 from ensemble_serve.shared.voting import candidate_from_text
-from trainer.config import EvolutionConfig, EvolveConfig, LifecycleConfig
 from trainer.evolve import operators
+from trainer.evolve.config import EvolutionConfig, EvolveConfig, LifecycleConfig
 from trainer.evolve.fitness import Evidence, compute_fitness, term_consensus, term_correctness
 from trainer.evolve.lifecycle import LifecycleResult, choose_deaths, fresh_adapter, lifecycle_step, update_distance
 from trainer.evolve.loop import Evolver

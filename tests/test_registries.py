@@ -25,13 +25,18 @@ import torch
 from lora_factories import make_lora
 from pydantic import ValidationError
 
+from ensemble_serve.protocol import EnsembleOptions
 from ensemble_serve.shared.router import Router, RouterConfig, safe_gates
 from ensemble_serve.shared.router.model import DEFAULT_FEATURE, ROUTER_VARIANTS
-from trainer.config import ABLATION_FACTORS, EvolveConfig, RouterCommandConfig
+from ensemble_serve.shared.voting import VOTE_RULES
+from ensemble_serve.shared.voting.answers import MODES
 from trainer.evolve import operators
+from trainer.evolve.config import EvolveConfig
 from trainer.evolve.fitness import FITNESS_TERMS, SCOPES
 from trainer.evolve.lifecycle import REALLOCATION
+from trainer.router.config import RouterCommandConfig
 from trainer.router.train import RouterTrainConfig
+from trainer.study.ablate.config import ABLATION_FACTORS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 UNKNOWN = "no_such_name"
@@ -46,6 +51,8 @@ class Registry:
     """Every name the config accepts (the registry's keys, plus an off switch where there is one)."""
     build: Callable[[str], str]
     """Validate a config that names `name`, from the dict a YAML file would give; the name it holds then."""
+    quoted: bool = True
+    """Whether the refusal quotes the valid names ('a', 'b') or lists them bare (a, b)."""
 
 
 def _evolution(key: str) -> Callable[[str], str]:
@@ -86,10 +93,20 @@ TRAINER_REGISTRIES = [
 ]
 
 # --------------------------------------------------------------------------- ensemble_serve registries
-# The serving side's registries (vote rules, answer modes) go here, as rows like the ones above; the
-# tests below run on them unchanged.
+# --------------------------------------------------------------------------- serving registries
 
-ENSEMBLE_REGISTRIES: list[Registry] = []
+# The names a request writes in its `ensemble` object: vote rules and answer modes, read from their registries.
+
+
+def _ensemble_option(key: str) -> Callable[[str], str]:
+    """A request's `ensemble` object naming `name` (what the openai client sends in `extra_body`)."""
+    return lambda name: getattr(EnsembleOptions.model_validate({key: name}), key)
+
+
+ENSEMBLE_REGISTRIES: list[Registry] = [
+    Registry("vote rule", tuple(VOTE_RULES), _ensemble_option("vote"), quoted=False),
+    Registry("answer mode", MODES, _ensemble_option("answer"), quoted=False),
+]
 
 REGISTRIES = TRAINER_REGISTRIES + ENSEMBLE_REGISTRIES
 NAMED = [pytest.param(r, name, id=f"{r.kind}:{name}") for r in REGISTRIES for name in r.names]
@@ -114,7 +131,7 @@ def test_an_unknown_name_is_refused_listing_the_valid_ones(registry: Registry) -
         registry.build(UNKNOWN)
     message = str(info.value)
     assert UNKNOWN in message
-    missing = [name for name in registry.names if f"'{name}'" not in message]
+    missing = [name for name in registry.names if (f"'{name}'" if registry.quoted else name) not in message]
     assert not missing, f"the refusal of an unknown {registry.kind} does not list {missing}: {message}"
 
 

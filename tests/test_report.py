@@ -326,7 +326,7 @@ def test_summary_table() -> None:
 
 
 def test_specialisation_plot_is_a_png_and_empty_tables_give_none():
-    from trainer.study.report import plot_specialisation
+    from trainer.router.plots import plot_specialisation
 
     png = plot_specialisation({"add": {"m00": 0.9, "m01": 0.1}, "sub": {"m00": 0.2, "m01": 0.7}})
     assert png is not None and png.startswith(b"\x89PNG")

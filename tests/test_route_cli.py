@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from ensemble_serve.shared.cliutil import load_config
 from ensemble_serve.shared.population import (
     BaseModelRef,
     Manifest,
@@ -29,7 +30,7 @@ from ensemble_serve.shared.population import (
 from ensemble_serve.shared.router import ROUTER_CONFIG, ROUTER_DIR, ROUTER_WEIGHTS, Router, RouterConfig, load_router
 from ensemble_serve.shared.voting import Candidate, candidate_from_text
 from trainer.cli import main
-from trainer.config import RouterCommandConfig, load_config
+from trainer.router.config import RouterCommandConfig
 from trainer.tasks.sandbox import Problem
 
 ROOT = Path(__file__).resolve().parent.parent

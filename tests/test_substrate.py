@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.config import ConfigError, SubstrateConfig, load_config
+from ensemble_serve.shared.cliutil import ConfigError, load_config
+from trainer.models.config import SubstrateConfig
 from trainer.models.substrate import REPORT_FILE, train_substrate
 from trainer.tasks.data import IGNORE, batches, collate, encode_example, lr_at
 from trainer.tasks.sandbox import DOMAINS, Problem, iter_problems

@@ -9,17 +9,19 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
-from ensemble_serve.shared.cliutil import config_options
-from trainer.config import (
-    AblateConfig,
-    ConfigError,
-    EvalConfig,
-    EvolveConfig,
-    InitConfig,
-    RouterCommandConfig,
-    SubstrateConfig,
-    load_config,
-)
+from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
+from trainer.evaluate import EvalConfig, format_table, run_eval
+from trainer.evolve.config import EvolveConfig
+from trainer.evolve.loop import run_evolve
+from trainer.evolve.run import EvolveError, Interrupted
+from trainer.models import init_population as population_model
+from trainer.models import substrate as substrate_model
+from trainer.models.config import InitConfig, SubstrateConfig
+from trainer.router import command as router_command
+from trainer.router.config import RouterCommandConfig
+from trainer.study import ablate as ablation
+from trainer.study.ablate.config import AblateConfig
+from trainer.study.report import ReportError, load_records, summary_table, write_report
 
 
 def _load(model: type[BaseModel], config_file: Path | None, overrides: dict[str, Any]) -> Any:
@@ -43,10 +45,8 @@ def substrate(config_file: Path | None, **overrides: Any) -> None:
     template) that transformers, PEFT and vLLM load unchanged, and prints its
     held-out accuracy per domain.
     """
-    from trainer.models.substrate import train_substrate
-
     cfg = _load(SubstrateConfig, config_file, overrides)
-    report = train_substrate(cfg)
+    report = substrate_model.train_substrate(cfg)
     click.echo(
         f"substrate: {report['parameters']:,} parameters, {report['steps']} steps in {report['train_seconds']:.0f}s, "
         f"final loss {report['final_loss']}"
@@ -64,11 +64,9 @@ def init(config_file: Path | None, **overrides: Any) -> None:
     Members differ in seed, rank, dropout, learning rate and warm-up data (each one
     focuses on one domain). Writes the population directory atomically.
     """
-    from trainer.models.init_population import init_population
-
     cfg = _load(InitConfig, config_file, overrides)
     try:
-        population = init_population(cfg)
+        population = population_model.init_population(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for m in population.manifest.members:
@@ -87,8 +85,6 @@ def eval_(config_file: Path | None, update_manifest: bool, **overrides: Any) -> 
 
     All members (and the bare base model) are batched in one multi-LoRA engine.
     """
-    from trainer.evaluate import format_table, run_eval
-
     cfg = _load(EvalConfig, config_file, overrides)
     try:
         result = run_eval(cfg, update_manifest=update_manifest)
@@ -116,10 +112,6 @@ def evolve(config_file: Path | None, resume: bool, quiet: bool, **overrides: Any
     Fitness weights and the evolution operators are set in the config file
     (see configs/evolve.yaml).
     """
-    from trainer.evolve.loop import run_evolve
-    from trainer.evolve.run import EvolveError, Interrupted
-    from trainer.study.report import summary_table
-
     cfg = _load(EvolveConfig, config_file, overrides)
     try:
         root, records = run_evolve(cfg, resume=resume, progress=not quiet)
@@ -146,14 +138,12 @@ def router(config_file: Path | None, dry_run: bool, **overrides: Any) -> None:
     is written to DIR/router with the manifest's `router` entry (atomically; a failed
     install leaves the previous router and manifest as they were).
     """
-    from trainer.router.command import RouteError, format_report, run_router
-
     cfg = _load(RouterCommandConfig, config_file, overrides)
     try:
-        result = run_router(cfg, dry_run=dry_run)
-    except (RouteError, FileNotFoundError) as e:
+        result = router_command.run_router(cfg, dry_run=dry_run)
+    except (router_command.RouteError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(format_report(result))
+    click.echo(router_command.format_report(result))
     if cfg.out:
         click.echo(f"results written to {cfg.out}")
 
@@ -165,8 +155,6 @@ def router(config_file: Path | None, dry_run: bool, **overrides: Any) -> None:
 )
 def report(population: Path, out: Path | None) -> None:
     """Plots (PNG) and one HTML page of an evolve run: fitness, accuracy, diversity, domains, lineage."""
-    from trainer.study.report import ReportError, load_records, summary_table, write_report
-
     try:
         files = write_report(population, out)
         click.echo(summary_table(load_records(population)))
@@ -191,20 +179,17 @@ def ablate(config_file: Path | None, report_only: bool, quiet: bool, **overrides
     Writes OUT/ablation.md, OUT/ablation.json, OUT/effects.png and OUT/domains.png. Exits 1 when
     cells are missing (the report lists them), 130 when interrupted.
     """
-    from trainer.study.ablate import AblationError, format_report, run_ablation
-    from trainer.study.ablate import report as write_ablation_report
-
     cfg = _load(AblateConfig, config_file, overrides)
     try:
-        summary = write_ablation_report(cfg) if report_only else run_ablation(cfg, progress=not quiet)
+        summary = ablation.report(cfg) if report_only else ablation.run_ablation(cfg, progress=not quiet)
     except KeyboardInterrupt:
         click.echo(f"stopped; finished cells are kept in {cfg.out} (run the same command to continue)", err=True)
         sys.exit(130)
-    except AblationError as e:
+    except ablation.AblationError as e:
         raise click.ClickException(str(e)) from None
     if not summary:
         raise click.ClickException(f"no cell finished; see the .failed.json files under {cfg.out / 'cells'}")
-    click.echo(format_report(summary))
+    click.echo(ablation.format_report(summary))
     click.echo(f"report: {cfg.out / 'ablation.md'} (plots: effects.png, domains.png)")
     if summary["missing"]:
         click.echo(f"{len(summary['missing'])} cell run(s) missing; run the same command again to retry them", err=True)

@@ -21,6 +21,7 @@ import os
 import signal
 from types import FrameType
 
+import psutil
 import uvicorn
 
 log = logging.getLogger("ensemble_serve")
@@ -84,8 +85,6 @@ def _exit_now(sig: int) -> None:
     name = signal.Signals(sig).name
     log.warning("second %s: exiting now", name)
     try:
-        import psutil
-
         for child in psutil.Process().children(recursive=True):
             child.kill()
     except Exception as e:  # pragma: no cover - best effort on the way out

@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors import safe_open
+
 from ensemble_serve.shared.population import Population
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.lora.request import LoRARequest
+
 
 @dataclass
 class AdapterRegistry:
@@ -122,13 +125,9 @@ def adapter_digest(folder: Path) -> str:
 
 def check_adapter_weights(path: Path) -> None:
     """Open and read every tensor of a safetensors file (what vLLM would do), or raise ValueError."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 f.get_tensor(key)
     except Exception as e:
         raise ValueError(f"{path}: unreadable adapter weights: {e}") from None
-
-

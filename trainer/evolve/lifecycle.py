@@ -50,7 +50,7 @@ from trainer.evolve import operators
 from trainer.evolve.seeds import derive_seed
 
 if TYPE_CHECKING:  # the config reads `Reallocation` below, so this module must not import it at run time
-    from trainer.config import LifecycleConfig
+    from trainer.evolve.config import LifecycleConfig
 
 
 class Newborn(NamedTuple):

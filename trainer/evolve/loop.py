@@ -54,9 +54,9 @@ from ensemble_serve.shared.population import (
     read_manifest,
 )
 from ensemble_serve.shared.voting import Candidate
-from trainer.config import EvolveConfig
 from trainer.evolve import operators
 from trainer.evolve.commit import PENDING_FILE, has_record, read_pending, write_generation
+from trainer.evolve.config import EvolveConfig
 from trainer.evolve.evaluation import add_heldout, evaluate_heldout, heldout_summary, record_domain_scores
 from trainer.evolve.executors import make_executor, score_member_task, train_member_task
 from trainer.evolve.fitness import Evidence, compute_fitness

@@ -17,8 +17,8 @@ from typing import Any
 
 from ensemble_serve.shared.lora import LoraWeights
 from ensemble_serve.shared.population import Manifest, Member, Population
-from trainer.config import EvolveConfig
 from trainer.evolve import operators
+from trainer.evolve.config import EvolveConfig
 from trainer.evolve.lifecycle import LifecycleResult, lifecycle_step
 from trainer.evolve.run import EvolveError
 from trainer.evolve.seeds import derive_seed

@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainer.config import EvolveConfig
+from trainer.evolve.config import EvolveConfig
 from trainer.evolve.run import EvolveError
 from trainer.evolve.seeds import derive_seed
 from trainer.tasks.sandbox import DatasetError, Problem, generate_problems, load_jsonl

@@ -27,7 +27,7 @@ from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import Population
 from ensemble_serve.shared.voting import Candidate, candidate_from_text
 from ensemble_serve.shared.voting.answers import answers_equal
-from trainer.config import EvolveConfig
+from trainer.evolve.config import EvolveConfig
 from trainer.evolve.fitness import Evidence
 from trainer.evolve.seeds import derive_seed
 from trainer.tasks.sandbox import Problem

@@ -16,8 +16,8 @@ import torch
 
 from ensemble_serve.shared.lora import LoraWeights
 from ensemble_serve.shared.population import Population
-from trainer.config import EvolutionConfig, EvolveConfig
 from trainer.evolve import operators
+from trainer.evolve.config import EvolutionConfig, EvolveConfig
 from trainer.evolve.run import EvolveError
 from trainer.evolve.seeds import derive_seed
 

@@ -8,6 +8,7 @@ population directory: a manifest plus one standard PEFT adapter folder per membe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -31,7 +32,7 @@ from ensemble_serve.shared.population import (
     create_population,
     fingerprint_model_dir,
 )
-from trainer.config import InitConfig
+from trainer.models.config import InitConfig
 from trainer.tasks.data import batches, lr_at
 from trainer.tasks.sandbox import Problem, iter_problems, load_jsonl
 
@@ -184,6 +185,4 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
 
 
 def _config_hash(cfg: InitConfig) -> str:
-    import hashlib
-
     return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ensemble_serve.shared.lora import LoraWeights
+from trainer.router.train import fit_router
 from trainer.tasks.data import IGNORE, collate, encode_example
 from trainer.tasks.sandbox import Problem
 
@@ -250,8 +251,6 @@ def train_router_mixture(
     into the router only. Same initialisation, schedule, anneal and metrics as
     :func:`trainer.router.train.train_router` (``cfg`` is a :class:`trainer.router.train.RouterTrainConfig`).
     """
-    from trainer.router.train import fit_router
-
     if features.shape[0] != len(encoded):
         raise MixtureLMError(f"{features.shape[0]} feature rows for {len(encoded)} chains")
     pad = lm.tokenizer.pad_token_id

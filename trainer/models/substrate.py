@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from ensemble_serve.shared.fsutil import tmp_dir_beside
-from trainer.config import SubstrateConfig
+from trainer.models.config import SubstrateConfig
 from trainer.tasks.data import batches, greedy_answers, lr_at
 from trainer.tasks.sandbox import Problem, generate_problems, iter_problems, verify
 from trainer.tasks.tokenizer import build_tokenizer, save_tokenizer

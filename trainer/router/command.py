@@ -55,13 +55,13 @@ from ensemble_serve.shared.router import (
     save_router,
 )
 from ensemble_serve.shared.voting import Candidate
-from trainer.config import RouterCommandConfig
 from trainer.evaluate import greedy_candidates
 from trainer.evolve.problems import load_dataset
 from trainer.evolve.run import EvolveError
+from trainer.router.config import RouterCommandConfig
 from trainer.router.evaluation import METHODS, correctness, heldout_report
+from trainer.router.plots import plot_specialisation
 from trainer.router.train import RouterTrainConfig, targets_from_correctness, train_router
-from trainer.study.report import plot_specialisation
 from trainer.tasks.sandbox import Problem, generate_problems
 
 __all__ = [

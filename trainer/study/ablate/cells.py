@@ -24,7 +24,6 @@ from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
 from ensemble_serve.shared.lora import load_lora
 from ensemble_serve.shared.population import Population, load_population
 from ensemble_serve.shared.router import DEFAULT_FEATURE, Router, RouterFeatures
-from trainer.config import AblateConfig
 from trainer.models.mixture_lm import (
     MixtureLM,
     domain_nll,
@@ -40,6 +39,7 @@ from trainer.router.train import (
     targets_from_loglik,
     train_router,
 )
+from trainer.study.ablate.config import AblateConfig
 from trainer.study.ablate.design import AblationError, Cell
 from trainer.study.ablate.stages import EvolveStages
 from trainer.study.stats import balanced_log_ppl

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from trainer.config import ABLATION_FACTORS, AblateConfig
+from trainer.study.ablate.config import ABLATION_FACTORS, AblateConfig
 
 __all__ = [
     "DEFAULT_LEVELS",

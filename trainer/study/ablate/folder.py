@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble_serve.shared.fsutil import atomic_write_text
-from trainer.config import AblateConfig
+from trainer.study.ablate.config import AblateConfig
 from trainer.study.ablate.design import AblationError, Cell, config_hash
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The ablation report's plots: each factor's effect with its SE and p-value, and the effects per domain.
 
-Drawn with :func:`trainer.study.report.figures.new_figure` (matplotlib's Agg canvas, imported only
+Drawn with :func:`trainer.plotting.new_figure` (matplotlib's Agg canvas, imported only
 when a plot is drawn); a plot without data is None.
 """
 
@@ -10,8 +10,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from trainer.plotting import new_figure, to_png
 from trainer.study.ablate.markdown import fmt_p
-from trainer.study.report.figures import new_figure, to_png
 
 __all__ = ["plot_domain_effects", "plot_effects"]
 

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from ensemble_serve.shared.fsutil import atomic_write_text
-from trainer.config import AblateConfig
 from trainer.study.ablate.cells import CellRunner
+from trainer.study.ablate.config import AblateConfig
 from trainer.study.ablate.design import Cell, plan
 from trainer.study.ablate.folder import failed_path, prepare_out, read_results, result_path
 from trainer.study.ablate.summary import report

@@ -26,11 +26,12 @@ from ensemble_serve.shared.fsutil import atomic_write_text, remove_tree
 from ensemble_serve.shared.lora import load_lora, save_lora
 from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import create_population, load_population, read_history
-from trainer.config import AblateConfig, EvolveConfig
+from trainer.evolve.config import EvolveConfig
 from trainer.evolve.lifecycle import fresh_adapter
 from trainer.evolve.loop import run_evolve, vllm_lora_rank
 from trainer.evolve.run import RUN_FILE as EVOLVE_RUN_FILE
 from trainer.evolve.seeds import derive_seed
+from trainer.study.ablate.config import AblateConfig
 from trainer.study.ablate.design import stage_id
 
 __all__ = ["EvolveStages"]

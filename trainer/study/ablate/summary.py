@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ensemble_serve.shared.fsutil import atomic_write_bytes, atomic_write_text
-from trainer.config import ABLATION_FACTORS, AblateConfig
+from trainer.study.ablate.config import ABLATION_FACTORS, AblateConfig
 from trainer.study.ablate.design import AblationError, Cell, config_hash, levels_of, plan
 from trainer.study.ablate.folder import REPORT_JSON, REPORT_MD, check_run_file, failed_path, read_results
 from trainer.study.ablate.markdown import format_report

@@ -23,7 +23,6 @@ The modules, in the order the data flows: :mod:`.records` (the history, type-che
 router's heat map), :mod:`.lineage` (the family tree), :mod:`.page` (the HTML page and the files).
 """
 
-from trainer.study.report.figures import plot_specialisation
 from trainer.study.report.lineage import Lineage, build_lineage
 from trainer.study.report.page import PLOT_NAMES, write_report
 from trainer.study.report.records import GenerationRecord, MemberRecord, ReportError, load_records, parse_records
@@ -38,7 +37,6 @@ __all__ = [
     "build_lineage",
     "load_records",
     "parse_records",
-    "plot_specialisation",
     "summary_table",
     "write_report",
 ]

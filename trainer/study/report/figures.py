@@ -1,83 +1,34 @@
-"""The report's plots over generations (fitness, accuracy, diversity, domains, votes) and the router's heat map.
+"""The report's plots over generations (fitness, accuracy, diversity, domains, votes).
 
 matplotlib is imported only when a plot is drawn, and only its object-oriented API with the Agg
 canvas is used (no pyplot, no global backend state), so importing this module stays cheap and it
 works without a display. Every ``plot_*`` returns PNG bytes, or None when it has no data.
-:func:`new_figure` and :func:`to_png` are the two steps every plot of the project shares.
+Figures come from :mod:`trainer.plotting`.
 """
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from trainer.plotting import new_figure, to_png
 from trainer.study.report.records import HELDOUT_KEYS, GenerationRecord
 from trainer.study.report.tables import MISSING, DomainTable, diversity_keys
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from matplotlib.figure import Figure
+    pass
 
 __all__ = [
     "generation_ticks",
-    "new_figure",
     "plot_accuracy",
     "plot_diversity",
     "plot_domains",
     "plot_fitness",
-    "plot_specialisation",
     "plot_votes",
-    "to_png",
 ]
-
-DPI = 100
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A figure on the Agg canvas (no pyplot, no global backend)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_specialisation(
-    table: Mapping[str, Mapping[str, float]], title: str = "Mean router gate per domain"
-) -> bytes | None:
-    """Heat map of a router's mean gate per domain (rows) and member (columns): who the router sends what."""
-    domains = list(table)
-    members = list(next(iter(table.values()), {}))
-    if not domains or not members:
-        return None
-    grid = [[float(table[d].get(m, 0.0)) for m in members] for d in domains]
-    fig = new_figure(1.6 + 0.75 * len(members), 1.2 + 0.45 * len(domains))
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=max(1e-9, max(max(r) for r in grid)), aspect="auto")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(
-                j,
-                i,
-                f"{v:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if v < 0.6 * max(map(max, grid)) else "black",
-            )
-    ax.set_xticks(range(len(members)), members, fontsize=8)
-    ax.set_yticks(range(len(domains)), domains, fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    return to_png(fig)
-
-
-def to_png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
 
 
 def generation_ticks(ax: Any, generations: Sequence[int], margin: float) -> None:
@@ -165,8 +116,6 @@ def plot_domains(table: DomainTable | None) -> bytes | None:
     """Heatmap members x domains with the values written in the cells."""
     if table is None or not table.rows or not table.domains:
         return None
-    import numpy as np
-
     values = np.array([[np.nan if v is None else v for v in vals] for _, vals in table.rows], dtype=float)
     n_rows, n_cols = values.shape
     fig = new_figure(min(3 + 0.8 * n_cols, 24), min(1.8 + 0.4 * n_rows, 24))

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ensemble_serve.shared.population import Manifest
-from trainer.study.report.figures import generation_ticks, new_figure, to_png
+from trainer.plotting import new_figure, to_png
+from trainer.study.report.figures import generation_ticks
 from trainer.study.report.records import GenerationRecord, MemberRecord
 
 __all__ = ["Lineage", "build_lineage", "plot_lineage"]

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from trainer.config.common import FrozenConfig
-from trainer.config.evolve import EvolveConfig, LifecycleConfig
+from trainer.evolve.config import EvolveConfig, LifecycleConfig
 from trainer.router.train import RouterTrainConfig
+from trainer.settings import FrozenConfig
 
 ABLATION_FACTORS: dict[str, tuple[str, str]] = {
     "router": ("softmax", "sigmoid_floor"),

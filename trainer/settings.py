@@ -1,4 +1,8 @@
-"""What every offline command's config shares: the frozen base model and the checks of names.
+"""What every offline command's settings share: the frozen base model and the checks of names.
+
+Each command's settings live next to its code: `models/config.py` (substrate, init), `evaluate.py`
+(eval), `evolve/config.py` (evolve, its evolution and lifecycle sections), `router/config.py`
+(router), `study/ablate/config.py` (ablate).
 
 Invariants: a config is frozen and refuses unknown keys (`extra="forbid"`); a name that picks
 code (an operator, a fitness term, a variant) is checked against the registry that holds that

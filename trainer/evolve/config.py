@@ -13,7 +13,10 @@ from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from trainer.config.common import (
+from trainer.evolve import operators
+from trainer.evolve.fitness import FITNESS_TERMS, Scope
+from trainer.evolve.lifecycle import Reallocation
+from trainer.settings import (
     ALL_DOMAINS,
     FrozenConfig,
     alternatives,
@@ -21,9 +24,6 @@ from trainer.config.common import (
     check_domains,
     one_of,
 )
-from trainer.evolve import operators
-from trainer.evolve.fitness import FITNESS_TERMS, Scope
-from trainer.evolve.lifecycle import Reallocation
 
 
 class EvolutionConfig(FrozenConfig):

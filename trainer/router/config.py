@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from ensemble_serve.shared.router.model import Anneal, Feature, Variant
-from trainer.config.common import ALL_DOMAINS, FrozenConfig, check_difficulties, check_domains
+from trainer.settings import ALL_DOMAINS, FrozenConfig, check_difficulties, check_domains
 
 
 class RouterCommandConfig(FrozenConfig):
