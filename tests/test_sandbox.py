@@ -16,6 +16,7 @@ import pytest
 
 from trainer.tasks.sandbox import (
     DOMAINS,
+    LEVELS,
     DatasetError,
     Problem,
     Verdict,
@@ -29,6 +30,7 @@ from trainer.tasks.sandbox import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = REPO_ROOT / "ensemble_serve" / "embedded"
 ALLOWED_CHARS = {chr(i) for i in range(32, 127)} | {"\n"}  # the character tokenizer's vocabulary
 ANSWER_TAIL = re.compile(r"\n#### (\S(?:.*\S)?)\Z")
 
@@ -107,7 +109,7 @@ def check_expr(p: Problem, d: int) -> None:
 def check_sort(p: Problem, d: int) -> None:
     numbers = [int(t) for t in re.fullmatch(r"sort (\d+(?: \d+)+)", p.prompt).group(1).split(" ")]
     assert len(numbers) == d + 2 == len(set(numbers))
-    assert max(numbers) <= (99 if d <= 2 else 999)
+    assert max(numbers) <= (99 if d <= 2 else 999 if d <= 4 else 9999)
     steps, answer = split_chain(p)
     assert steps == ["<".join(map(str, sorted(numbers)))]
     assert answer == p.answer == " ".join(map(str, sorted(numbers)))
@@ -116,7 +118,7 @@ def check_sort(p: Problem, d: int) -> None:
 def check_mod(p: Problem, d: int) -> None:
     a, m = map(int, re.fullmatch(r"mod (\d+)%(\d+)", p.prompt).groups())
     assert len(str(a)) == d + 1
-    assert 2 <= m <= (9 if d <= 2 else 19)
+    assert 2 <= m <= (9 if d <= 2 else 19 if d <= 4 else 99)
     steps, answer = split_chain(p)
     q = a // m
     assert steps == [f"{m}*{q}={m * q}", f"{a}-{m * q}={a % m}"]
@@ -127,15 +129,17 @@ def check_lookup(p: Problem, d: int) -> None:
     facts_line, ask_line = p.prompt.split("\n")
     pairs = re.fullmatch(r"facts: ([a-z]{2}=\d+(?: [a-z]{2}=\d+)*)", facts_line).group(1).split(" ")
     facts = dict(pair.split("=") for pair in pairs)
-    assert len(facts) == len(pairs) == {1: 3, 2: 5, 3: 6, 4: 8}[d]
+    assert len(facts) == len(pairs) == {1: 3, 2: 5, 3: 6, 4: 8, 5: 10, 6: 12, 7: 14, 8: 16}[d]
     assert all(0 <= int(v) <= 99 for v in facts.values())
-    asked = re.fullmatch(r"ask: ([a-z]{2}(?:\+[a-z]{2})?)", ask_line).group(1).split("+")
-    assert len(asked) == (1 if d <= 2 else 2) == len(set(asked))
+    asked = re.fullmatch(r"ask: ([a-z]{2}(?:\+[a-z]{2})*)", ask_line).group(1).split("+")
+    assert len(asked) == {1: 1, 2: 1, 3: 2, 4: 2, 5: 2, 6: 3, 7: 3, 8: 4}[d] == len(set(asked))
     values = [int(facts[k]) for k in asked]
     steps, answer = split_chain(p)
     expected_steps = [f"{k}={facts[k]}" for k in asked]
-    if len(asked) == 2:
-        expected_steps.append(f"{values[0]}+{values[1]}={sum(values)}")
+    running = values[0]
+    for v in values[1:]:  # a running sum
+        expected_steps.append(f"{running}+{v}={running + v}")
+        running += v
     assert steps == expected_steps
     assert answer == p.answer == str(sum(values))
 
@@ -154,7 +158,7 @@ def test_every_domain_has_a_checker():
     assert set(DOMAINS) == set(CHECKERS)
 
 
-@pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
+@pytest.mark.parametrize("difficulty", list(LEVELS))
 @pytest.mark.parametrize("domain", sorted(CHECKERS))
 def test_generated_chains_are_correct(domain, difficulty):
     for split in ("train", "heldout"):
@@ -286,7 +290,7 @@ def test_balanced_round_robin():
         ({"domains": []}, "at least one domain"),
         ({"domains": ["add", "add"]}, "duplicate domains"),
         ({"difficulties": [0]}, "difficulty must be one of"),
-        ({"difficulties": [5]}, "difficulty must be one of"),
+        ({"difficulties": [9]}, "difficulty must be one of"),
         ({"difficulties": [True]}, "difficulty must be one of"),
         ({"difficulties": []}, "at least one difficulty"),
         ({"split": "test"}, "unknown split 'test'"),
@@ -307,7 +311,7 @@ def test_iter_problems_validates_eagerly_and_get_domain():
     with pytest.raises(ValueError, match="difficulty"):
         import random
 
-        get_domain("add").generate(random.Random(0), 7)
+        get_domain("add").generate(random.Random(0), LEVELS[-1] + 1)
     assert generate_problems(2, seed=0, domains="mod")[0].domain == "mod"
 
 
@@ -319,7 +323,7 @@ def test_problem_json_round_trip_and_validation():
     assert Problem.from_json(p.to_json()) == p
     assert Problem.from_json({"prompt": "q", "answer": 3.50}) == Problem("q", "3.5", None, "user", 0)
     with pytest.raises(ValueError, match="difficulty"):
-        Problem("q", "1", None, "user", 5)
+        Problem("q", "1", None, "user", LEVELS[-1] + 1)
     with pytest.raises(ValueError, match="prompt"):
         Problem("  ", "1", None, "user", 0)
 
@@ -438,3 +442,31 @@ def test_save_load_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(TypeError, match="Problem objects"):
         save_jsonl([{"prompt": "x"}], path)  # type: ignore[list-item]
+
+
+def test_the_ladder_gets_harder_level_by_level():
+    """Every family's problems grow with the level: more digits, steps, items, distractors or keys to read."""
+    for domain in DOMAINS:
+        sizes = [
+            sum(
+                len(p.prompt) + len(p.chain) for p in generate_problems(40, seed=5, domains=[domain], difficulties=[lv])
+            )
+            / 40
+            for lv in LEVELS
+        ]
+        assert all(b > a for a, b in zip(sizes, sizes[1:])), (domain, sizes)
+        assert sizes[-1] > 2 * sizes[0], (domain, sizes)
+
+
+def test_the_hardest_level_fits_the_embedded_context():
+    """Prompt (in the chat template) plus chain stays within the substrate's 256-token context at every level."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(EMBEDDED / "substrate"))
+    worst = 0
+    for p in generate_problems(8 * len(DOMAINS) * 20, seed=9, difficulties=list(LEVELS)):
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        worst = max(worst, len(tok.encode(prompt + p.chain, add_special_tokens=False)))
+    assert worst <= 256 - 16, worst

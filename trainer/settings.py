@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
-from trainer.tasks.sandbox import DOMAINS
+from trainer.tasks.sandbox import DOMAINS, LEVELS
 
 ALL_DOMAINS = tuple(DOMAINS)
 
@@ -36,8 +36,8 @@ def check_domains(v: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def check_difficulties(v: tuple[int, ...]) -> tuple[int, ...]:
-    if not v or any(d not in (1, 2, 3, 4) for d in v):
-        raise ValueError(f"difficulties must be a non-empty subset of 1..4, got {list(v)}")
+    if not v or any(d not in LEVELS for d in v):
+        raise ValueError(f"difficulties must be a non-empty subset of {LEVELS[0]}..{LEVELS[-1]}, got {list(v)}")
     return v
 
 

@@ -23,7 +23,8 @@ from typing import Any, Literal
 from ensemble_serve.shared.voting.answers import AnswerSpec, answers_equal, extract_answer, normalize_answer
 
 SPLITS = ("train", "heldout")
-DIFFICULTIES = (1, 2, 3, 4)
+LEVELS = tuple(range(1, 9))  # every family's difficulty ladder: more digits, steps, items, keys as the level grows
+DIFFICULTIES = (1, 2, 3, 4)  # the default levels of a problem stream (the first substrate's range)
 MAX_TRIES = 10_000  # rejection-sampling budget for one problem
 
 VerdictStatus = Literal["correct", "wrong", "missing", "malformed", "unlabelled"]
@@ -42,7 +43,7 @@ class Problem:
     answer: str | None  # normalize_answer form; None = unlabelled
     chain: str | None  # worked chain ending with "\n#### <answer>"; None if the data has none
     domain: str
-    difficulty: int  # 1..4 for the sandbox, 0 = unknown (user data)
+    difficulty: int  # a level of LEVELS for the sandbox, 0 = unknown (user data)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -53,8 +54,12 @@ class Problem:
             raise ValueError(f"'chain' must be a string or None, got {type(self.chain).__name__}")
         if not isinstance(self.domain, str) or not self.domain:
             raise ValueError("'domain' must be a non-empty string")
-        if isinstance(self.difficulty, bool) or not isinstance(self.difficulty, int) or not 0 <= self.difficulty <= 4:
-            raise ValueError(f"'difficulty' must be an integer in 0..4, got {self.difficulty!r}")
+        if (
+            isinstance(self.difficulty, bool)
+            or not isinstance(self.difficulty, int)
+            or not 0 <= self.difficulty <= LEVELS[-1]
+        ):
+            raise ValueError(f"'difficulty' must be an integer in 0..{LEVELS[-1]}, got {self.difficulty!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -223,21 +228,32 @@ def _gen_expr(rng: random.Random, d: int) -> Generated:
     raise RuntimeError(f"could not sample an expression at difficulty {d}")
 
 
+def _sort_range(d: int) -> int:
+    """Numbers to sort at level d are below this: 2 digits, then 3, then 4 from level 5."""
+    return 100 if d <= 2 else 1000 if d <= 4 else 10000
+
+
 def _gen_sort(rng: random.Random, d: int) -> Generated:
-    numbers = rng.sample(range(100 if d <= 2 else 1000), d + 2)
+    numbers = rng.sample(range(_sort_range(d)), d + 2)
     ordered = sorted(numbers)
     return "sort " + " ".join(map(str, numbers)), ["<".join(map(str, ordered))], " ".join(map(str, ordered))
 
 
+def _mod_divisor_max(d: int) -> int:
+    """Divisors at level d go up to this: one digit, then up to 19, then two digits from level 5."""
+    return 9 if d <= 2 else 19 if d <= 4 else 99
+
+
 def _gen_mod(rng: random.Random, d: int) -> Generated:
     a = _rand_digits(rng, d + 1)
-    m = rng.randint(2, 9 if d <= 2 else 19)
+    m = rng.randint(2, _mod_divisor_max(d))
     q, r = divmod(a, m)
     return f"mod {a}%{m}", [f"{m}*{q}={m * q}", f"{a}-{m * q}={r}"], str(r)
 
 
 _KEYS = tuple(a + b for a in string.ascii_lowercase for b in string.ascii_lowercase)
-_LOOKUP_SIZES = {1: (3, 1), 2: (5, 1), 3: (6, 2), 4: (8, 2)}  # difficulty -> (facts, keys asked)
+# difficulty -> (facts listed, keys asked): more distractors, then more keys to add up
+_LOOKUP_SIZES = {1: (3, 1), 2: (5, 1), 3: (6, 2), 4: (8, 2), 5: (10, 2), 6: (12, 3), 7: (14, 3), 8: (16, 4)}
 
 
 def _gen_lookup(rng: random.Random, d: int) -> Generated:
@@ -247,9 +263,10 @@ def _gen_lookup(rng: random.Random, d: int) -> Generated:
     asked = rng.sample(keys, n_asked)
     prompt = "facts: " + " ".join(f"{k}={v}" for k, v in facts.items()) + "\nask: " + "+".join(asked)
     steps = [f"{k}={facts[k]}" for k in asked]
-    total = sum(facts[k] for k in asked)
-    if n_asked == 2:
-        steps.append(f"{facts[asked[0]]}+{facts[asked[1]]}={total}")
+    total = facts[asked[0]]
+    for k in asked[1:]:  # a running sum, one addition per further key
+        steps.append(f"{total}+{facts[k]}={total + facts[k]}")
+        total += facts[k]
     return prompt, steps, str(total)
 
 
@@ -262,7 +279,7 @@ class Domain:
     _generate: Callable[[random.Random, int], Generated]
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
-        """One problem at `difficulty` (1..4), drawn with `rng`."""
+        """One problem at `difficulty` (a level of LEVELS), drawn with `rng`."""
         _check_difficulty(difficulty)
         prompt, steps, answer = self._generate(rng, difficulty)
         chain = ",".join(steps) + "\n#### " + answer
@@ -301,8 +318,8 @@ def split_of(prompt: str) -> Literal["train", "heldout"]:
 
 
 def _check_difficulty(difficulty: Any) -> None:
-    if isinstance(difficulty, bool) or not isinstance(difficulty, int) or difficulty not in DIFFICULTIES:
-        raise ValueError(f"difficulty must be one of {list(DIFFICULTIES)}, got {difficulty!r}")
+    if isinstance(difficulty, bool) or not isinstance(difficulty, int) or difficulty not in LEVELS:
+        raise ValueError(f"difficulty must be one of {list(LEVELS)}, got {difficulty!r}")
 
 
 def _cells(domains: Iterable[str] | str | None, difficulties: Iterable[int]) -> list[tuple[Domain, int]]:
