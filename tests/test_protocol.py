@@ -389,7 +389,7 @@ CHAT_CASES = [
     (
         {"ensemble": {"vote": "plurality"}},
         "ensemble.vote",
-        "ensemble.vote: unknown vote rule 'plurality'; valid rules: majority, weighted, cross",
+        "ensemble.vote: unknown vote rule 'plurality'; valid rules: majority, weighted, cross, calibrated",
     ),
     (
         {"ensemble": {"answer": "fuzzy"}},
@@ -856,6 +856,6 @@ def test_non_finite_scores_serialize_as_null() -> None:
 def test_helpers() -> None:
     a, b = random_id("chatcmpl"), random_id("chatcmpl")
     assert a != b and a.startswith("chatcmpl-") and len(a) == len("chatcmpl-") + 32
-    assert VOTE_RULES == ("majority", "weighted", "cross")
+    assert VOTE_RULES == ("majority", "weighted", "cross", "calibrated")
     assert ChatMessage(role="tool", content="42").content == "42"
     assert UsageInfo(prompt_tokens=2, completion_tokens=3).total_tokens == 5

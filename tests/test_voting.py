@@ -182,7 +182,7 @@ def test_cross_scores_must_match_the_groups():
 
 
 def test_unknown_rule():
-    assert list(VOTE_RULES) == ["majority", "weighted", "cross"]
+    assert list(VOTE_RULES) == ["majority", "weighted", "cross", "calibrated"]
     with pytest.raises(ValueError, match="unknown vote rule 'plurality'; valid rules: majority, weighted, cross"):
         get_vote_rule("plurality")
     with pytest.raises(ValueError, match="unknown vote rule 'borda'"):

@@ -10,6 +10,8 @@ import click
 from pydantic import BaseModel
 
 from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
+from trainer.calibration import command as calibration
+from trainer.calibration.command import CalibrateConfig
 from trainer.evaluate import EvalConfig, format_table, run_eval
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.loop import run_evolve
@@ -123,6 +125,24 @@ def evolve(config_file: Path | None, resume: bool, quiet: bool, **overrides: Any
     if records:
         click.echo(summary_table(records))
     click.echo(f"population: {root} (plots: ensemble-train report {root})")
+
+
+@main.command()
+@config_options(CalibrateConfig)
+def calibrate(config_file: Path | None, **overrides: Any) -> None:
+    """Estimate each member's accuracy per domain and write the population's reliability table.
+
+    Every member answers the calibration problems greedily in one multi-LoRA vLLM batch. With
+    labels, p is each member's smoothed accuracy per domain; with `--labels hidden` the answers are
+    removed first and p comes from who agrees with whom (a one-coin Dawid-Skene model). The
+    `calibrated` vote weighs each chain by log(p / (1 - p)) for the prompt's domain.
+    """
+    cfg = _load(CalibrateConfig, config_file, overrides)
+    try:
+        report = calibration.run_calibrate(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(calibration.format_report(report))
 
 
 @main.command()

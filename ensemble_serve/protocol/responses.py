@@ -183,6 +183,9 @@ class EnsembleInfo(_Response):
     """Members that would have been asked but cannot be reached now (their remote server is down)."""
     tokens_saved: int | None = None
     early_stopped: bool = False
+    calibration: dict[str, Any] | None = None
+    """With the `calibrated` vote: {"used": true, "domain", "method", "weights": {member: weight}, "neutral"?},
+    or {"used": false, "reason"} when the population has no usable reliability table."""
     routing: dict[str, Any] | None = None
     """When the population has a router: {"used": true, "top_k", "gates": {member: gate}}, or
     {"used": false, "reason"} when the router was refused or its output was unusable."""

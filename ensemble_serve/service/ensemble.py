@@ -58,7 +58,9 @@ class EnsembleRequests:
 
     async def run(self, plan: EnsemblePlan, opts: EnsembleOptions) -> EnsembleOutcome:
         """One prompt: fan out, extract the answers (off the event loop), vote."""
-        weights = plan.weights or self.service.member_weights()
+        weights = (
+            plan.vote_weights if plan.vote_weights is not None else (plan.weights or self.service.member_weights())
+        )
         fan_out = FanOut(
             self.service.backend,
             self.service.metrics,
@@ -74,7 +76,9 @@ class EnsembleRequests:
         result, scores = await self.voting.vote(plan.prompt_ids, chains, candidates, opts, weights)
         if opts.mode != "mixture":  # per-member vote metrics are for members, not for mixed adapters
             self.service.metrics.observe_vote(result, candidates)
-        return EnsembleOutcome(plan.members, chains, candidates, result, scores, plan.routing, plan.unavailable)
+        return EnsembleOutcome(
+            plan.members, chains, candidates, result, scores, plan.routing, plan.unavailable, plan.calibration
+        )
 
     def _observe(self, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.service.metrics.observe_request("ensemble", seconds, prompt_tokens, completion_tokens)

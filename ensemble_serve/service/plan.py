@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ensemble_serve.errors import BadRequestError, MemberUnavailableError, NotFoundError
 from ensemble_serve.protocol import ChatCompletionRequest, CompletionRequest, EnsembleOptions
 from ensemble_serve.service.prompts import sampling_params
+from ensemble_serve.shared.voting import get_vote_rule
 
 if TYPE_CHECKING:  # pragma: no cover
     from ensemble_serve.service.service import EnsembleService
@@ -28,6 +29,8 @@ class EnsemblePlan:
     weights: dict[str, float] | None  # router gates of the chosen members, normalized; None: not routed
     routing: dict[str, Any] | None  # what `ensemble.routing` reports
     unavailable: list[str]  # members left out because they cannot be reached now
+    vote_weights: dict[str, float] | None = None  # the calibrated vote's reliability weights; None: the rule's own
+    calibration: dict[str, Any] | None = None  # what `ensemble.calibration` reports
 
 
 class Planner:
@@ -53,7 +56,10 @@ class Planner:
             unavailable = [m for m in svc.population.names if m in down]
         # no logprobs: no vote rule needs the sampled tokens' log-probabilities, and asking costs ~10%
         params = sampling_params(req, prompt_ids, svc.backend.max_model_len, n=opts.samples_per_member)
-        return EnsemblePlan(prompt_ids, params, members, weights, routing, unavailable)
+        plan = EnsemblePlan(prompt_ids, params, members, weights, routing, unavailable)
+        if get_vote_rule(opts.vote).by_reliability and opts.mode != "mixture":
+            plan.vote_weights, plan.calibration = await asyncio.to_thread(svc.calibration.weights_for, text, members)
+        return plan
 
     def select(self, opts: EnsembleOptions, down: set[str]) -> list[str]:
         """The members to ask when the router does not choose: a list by name, the top-k by fitness, or all.

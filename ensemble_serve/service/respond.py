@@ -74,6 +74,7 @@ def ensemble_info(outcome: EnsembleOutcome, opts: EnsembleOptions) -> EnsembleIn
         tokens_saved=outcome.tokens_saved,
         early_stopped=outcome.early_stopped,
         routing=outcome.routing,
+        calibration=outcome.calibration,
     )
 
 

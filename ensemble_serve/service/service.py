@@ -34,6 +34,7 @@ from ensemble_serve.protocol import (
     ModelCard,
     ModelList,
 )
+from ensemble_serve.service.calibration import Calibration
 from ensemble_serve.service.ensemble import EnsembleRequests
 from ensemble_serve.service.metrics import Metrics
 from ensemble_serve.service.prompts import chat_prompt_ids, completion_prompts, routing_text, sampling_params
@@ -64,6 +65,7 @@ class EnsembleService:
         self.settings = settings
         self.metrics = metrics
         self.routing = Routing.load(population) if settings.route else Routing()
+        self.calibration = Calibration.load(population, self.routing.features)
         # a capability, checked once: only an engine that loads adapters can serve `mode: mixture`
         self.mixing: AdapterMixing | None = backend if isinstance(backend, AdapterMixing) else None
         self._mixtures: MixtureCache | None = None
@@ -99,6 +101,7 @@ class EnsembleService:
             "generation": manifest.generation,
             "vote_rules": list(VOTE_RULES),
             "router": self.routing.status,
+            "calibration": self.calibration.status,
         }
         cards = [
             ModelCard(id=self.settings.ensemble_name, root=self.base_name, max_model_len=context, ensemble=ensemble),
@@ -134,8 +137,9 @@ class EnsembleService:
 
     def set_population(self, population: Population) -> None:
         routing = Routing.load(population, self.routing) if self.settings.route else Routing()
+        calibration = Calibration.load(population, routing.features or self.calibration.features)
         self.backend.set_population(population)
-        self.population, self.routing = population, routing
+        self.population, self.routing, self.calibration = population, routing, calibration
 
     # ------------------------------------------------------------------ requests
 

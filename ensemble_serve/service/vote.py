@@ -39,6 +39,7 @@ class EnsembleOutcome:
     scores: list[float | None] | None
     routing: dict[str, Any] | None = None
     unavailable: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
 
     @property
     def completion_tokens(self) -> int:

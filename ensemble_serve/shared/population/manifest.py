@@ -50,7 +50,7 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_README)
 #: Suffixes of pickle-based weight files, which are refused.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: Top-level names a member path may not start with.
-RESERVED_NAMES = frozenset({MANIFEST_FILE, HISTORY_FILE, "router"})
+RESERVED_NAMES = frozenset({MANIFEST_FILE, HISTORY_FILE, "router", "reliability.json"})
 
 MEMBER_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -163,6 +163,10 @@ class Manifest(_Frozen):
     generation: int = Field(ge=0, strict=True, description="Generation number of this manifest.")
     members: list[Member] = Field(min_length=1, description="Members; unique names and unique folders.")
     router: dict[str, Any] | None = Field(default=None, description="Router settings (optional).")
+    reliability: dict[str, Any] | None = Field(
+        default=None,
+        description="The reliability table of the `calibrated` vote (optional): {'path': 'reliability.json', ...}.",
+    )
     voting_weights: dict[str, float] | None = Field(
         default=None, description="Per-member voting weight (>= 0); keys must be member names."
     )

@@ -177,6 +177,28 @@ def vote_weighted(candidates: Sequence[Candidate], ctx: VoteContext) -> VoteResu
     return _result(candidates, groups, reps, weights, "weighted", winner_key(candidates, weight))
 
 
+def vote_calibrated(candidates: Sequence[Candidate], ctx: VoteContext) -> VoteResult:
+    """Each valid candidate weighs its member's reliability weight: log(p / (1 - p)) for the member's
+    accuracy p on this kind of item, the optimal weighted majority of independent voters.
+
+    The weights come in ``ctx.member_weights`` (the server computes them from the population's
+    reliability table, see ``ensemble_serve.shared.population.reliability``). A member without one
+    weighs 0: neutral, it neither supports nor opposes. If every valid candidate weighs 0 (no table,
+    or no member better than a coin flip here), it is a plain majority vote, reported as rule
+    "calibrated->majority". The winner chain prefers the most reliable member.
+    """
+    groups, reps = outcome_groups(candidates, ctx.grouper)
+    valid = [i for g in groups for i in g]
+
+    def weight(member: str) -> float:
+        return ctx.member_weights.get(member, 0.0)
+
+    if valid and all(weight(candidates[i].member) == 0.0 for i in valid):
+        return _majority(candidates, ctx, "calibrated->majority")
+    weights = [math.fsum(weight(candidates[i].member) for i in g) for g in groups]
+    return _result(candidates, groups, reps, weights, "calibrated", winner_key(candidates, weight))
+
+
 def _softmax(scores: Sequence[float]) -> list[float]:
     top = max(scores)
     exps = [math.exp(s - top) for s in scores]
@@ -217,12 +239,14 @@ class VoteRule:
     `weighs_members`: candidates count their member's weight (router gates, or the manifest's weights),
     so early stop counts the running chains with those weights. `needs_jury`: members score each
     outcome before the rule runs (the server asks the engine), and no count can settle the vote early.
+    `by_reliability`: the member weights are the reliability table's log-odds for the prompt's domain.
     """
 
     name: str
     apply: Callable[[Sequence[Candidate], VoteContext], VoteResult]
     weighs_members: bool = False
     needs_jury: bool = False
+    by_reliability: bool = False
 
     def __call__(self, candidates: Sequence[Candidate], ctx: VoteContext) -> VoteResult:
         return self.apply(candidates, ctx)
@@ -242,6 +266,7 @@ VOTE_RULES: dict[str, VoteRule] = {
         VoteRule("majority", vote_majority),
         VoteRule("weighted", vote_weighted, weighs_members=True),
         VoteRule("cross", vote_cross, needs_jury=True),
+        VoteRule("calibrated", vote_calibrated, weighs_members=True, by_reliability=True),
     )
 }
 

@@ -1,0 +1,1 @@
+"""Reliability of each member per domain, with labels or from agreement alone: `ensemble-train calibrate`."""
