@@ -201,3 +201,31 @@ def test_the_calibrated_vote_through_the_service_outvotes_a_wrong_majority(tmp_p
     assert asyncio.run(service.chat(_req(vote="majority"))).ensemble.answer == "4"
     assert ens.answer == "3" and ens.rule == "calibrated"  # 2 x 2.94 (m07 neutral) > 5 x 0.20
     assert ens.calibration["used"] is True and ens.calibration["neutral"] == ["m07"]
+
+
+def test_the_population_s_defaults_fill_what_a_request_leaves_unset(tmp_path: Path):
+    from test_serving import ANSWERS, ScriptedBackend, _req
+
+    root = _population_with(tmp_path, _table())
+    write_manifest(
+        root, read_manifest(root).model_copy(update={"ensemble_defaults": {"vote": "calibrated", "members": 3}})
+    )
+    service = EnsembleService(
+        ScriptedBackend(dict(ANSWERS)), load_population(root), ServeSettings(ensemble_name="ens"), Metrics()
+    )
+    plain = asyncio.run(service.chat(_req()))  # no options at all
+    assert plain.ensemble.rule == "calibrated" and len(plain.ensemble.members) == 3
+    mixed = asyncio.run(service.chat(_req(vote="majority")))  # the request's own choice wins, the rest is default
+    assert mixed.ensemble.rule == "majority" and len(mixed.ensemble.members) == 3
+
+
+def test_defaults_the_server_cannot_use_are_ignored(tmp_path: Path):
+    from test_serving import ANSWERS, ScriptedBackend, _req
+
+    root = _population_with(tmp_path, None)
+    write_manifest(root, read_manifest(root).model_copy(update={"ensemble_defaults": {"vote": "plurality"}}))
+    service = EnsembleService(
+        ScriptedBackend(dict(ANSWERS)), load_population(root), ServeSettings(ensemble_name="ens"), Metrics()
+    )
+    resp = asyncio.run(service.chat(_req()))
+    assert resp.ensemble.rule == "majority" and len(resp.ensemble.members) == 8

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
 from trainer.calibration import command as calibration
 from trainer.calibration.command import CalibrateConfig
-from trainer.evaluate import EvalConfig, format_table, run_eval
+from trainer.evaluate import EvalConfig, format_disagreement, format_table, run_eval
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.loop import run_evolve
 from trainer.evolve.run import EvolveError, Interrupted
@@ -97,6 +97,8 @@ def eval_(config_file: Path | None, update_manifest: bool, **overrides: Any) -> 
         f"generation {result['generate_seconds']}s"
     )
     click.echo(format_table(result["accuracy"]))
+    click.echo("\npairwise disagreement (share of problems on which two members' answers differ):")
+    click.echo(format_disagreement(result["disagreement"]))
     if cfg.out:
         click.echo(f"results written to {cfg.out}")
 

@@ -92,7 +92,33 @@ def score_members(
     engine: OfflineEngine, problems: Sequence[Problem], members: Sequence[str | None], max_tokens: int
 ) -> dict[str, dict[str, float]]:
     """accuracy[member][domain] (plus "all") from greedy chains, all members in one batch."""
-    cands = greedy_candidates(engine, members, problems, max_tokens, progress=True)
+    return accuracy_of(problems, greedy_candidates(engine, members, problems, max_tokens, progress=True))
+
+
+def disagreement(cands: dict[str | None, list[Candidate]]) -> dict[str, dict[str, float]]:
+    """For every pair of members, the share of problems on which their answers differ (no answer differs too)."""
+    names = {m: BASE if m is None else m for m in cands}
+    out: dict[str, dict[str, float]] = {}
+    for a in cands:
+        out[names[a]] = {}
+        for b in cands:
+            pairs = list(zip(cands[a], cands[b]))
+            differ = sum(x.answer is None or y.answer is None or x.answer != y.answer for x, y in pairs)
+            out[names[a]][names[b]] = round(differ / len(pairs), 4) if pairs else 0.0
+    return out
+
+
+def format_disagreement(table: dict[str, dict[str, float]]) -> str:
+    names = list(table)
+    head = f"{'differ':<10}" + "".join(f"{n:>9}" for n in names)
+    return "\n".join(
+        [head, "-" * len(head)] + [f"{a:<10}" + "".join(f"{table[a][b]:>9.3f}" for b in names) for a in names]
+    )
+
+
+def accuracy_of(problems: Sequence[Problem], cands: dict[str | None, list[Candidate]]) -> dict[str, dict[str, float]]:
+    """accuracy[member][domain] (plus "all") of the candidates, checked against the problems' answers."""
+    members = list(cands)
     right: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     total: dict[str, int] = defaultdict(int)
     for p in problems:
@@ -143,7 +169,8 @@ def run_eval(cfg: EvalConfig, update_manifest: bool = False) -> dict:
     load_seconds = time.perf_counter() - started
     members: list[str | None] = ([None] if cfg.include_base else []) + list(population.names)
     started = time.perf_counter()
-    acc = score_members(engine, problems, members, cfg.max_tokens)
+    cands = greedy_candidates(engine, members, problems, cfg.max_tokens, progress=True)
+    acc = accuracy_of(problems, cands)
     result = {
         "population": str(cfg.population),
         "generation": population.manifest.generation,
@@ -151,6 +178,7 @@ def run_eval(cfg: EvalConfig, update_manifest: bool = False) -> dict:
         "engine_load_seconds": round(load_seconds, 1),
         "generate_seconds": round(time.perf_counter() - started, 1),
         "accuracy": acc,
+        "disagreement": disagreement({m: row for m, row in cands.items() if m is not None}),
     }
     if update_manifest:
         record_scores(population, acc)

@@ -45,7 +45,7 @@ class EnsembleRequests:
         self, req: Request, prompts: list[list[int]], texts: list[str], chat: bool
     ) -> ChatCompletionResponse | CompletionResponse | AsyncIterator[str]:
         """Fan each prompt out to the chosen members and vote; several prompts are voted on separately."""
-        opts = req.ensemble or EnsembleOptions()
+        opts = self.service.options(req.ensemble)
         check(req, opts)
         plans = [await self.planner.plan(req, ids, text, opts) for ids, text in zip(prompts, texts)]
         if req.stream:
@@ -54,7 +54,7 @@ class EnsembleRequests:
         outcomes = await all_or_none([self.run(plan, opts) for plan in plans])
         completion_tokens = sum(o.completion_tokens for o in outcomes)
         self._observe(time.perf_counter() - started, sum(len(p.prompt_ids) for p in plans), completion_tokens)
-        return ensemble_response(req, plans, outcomes, chat)
+        return ensemble_response(req, plans, outcomes, chat, opts)
 
     async def run(self, plan: EnsemblePlan, opts: EnsembleOptions) -> EnsembleOutcome:
         """One prompt: fan out, extract the answers (off the event loop), vote."""

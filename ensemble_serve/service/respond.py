@@ -94,10 +94,9 @@ def usage_of(plans: list[EnsemblePlan], completion_tokens: int) -> UsageInfo:
 
 
 def ensemble_response(
-    req: Any, plans: list[EnsemblePlan], outcomes: list[EnsembleOutcome], chat: bool
+    req: Any, plans: list[EnsemblePlan], outcomes: list[EnsembleOutcome], chat: bool, opts: EnsembleOptions
 ) -> ChatCompletionResponse | CompletionResponse:
     """One choice per prompt; the vote goes top-level for one prompt, into each choice for several."""
-    opts = req.ensemble or EnsembleOptions()
     usage = usage_of(plans, sum(o.completion_tokens for o in outcomes))
     bests = [winner_chain(o) for o in outcomes]
     infos = [ensemble_info(o, opts) for o in outcomes]

@@ -19,6 +19,7 @@ an `ensemble_serve.engine.base.Engine`; whether it can load mixed adapters is ch
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from ensemble_serve.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EnsembleOptions,
     ModelCard,
     ModelList,
 )
@@ -43,6 +45,20 @@ from ensemble_serve.service.single import SingleModel
 from ensemble_serve.shared.mixture import MixtureCache
 from ensemble_serve.shared.population import Population
 from ensemble_serve.shared.voting import VOTE_RULES
+
+log = logging.getLogger("ensemble_serve")
+
+
+def ensemble_defaults(population: Population) -> EnsembleOptions:
+    """The manifest's `ensemble_defaults` as options; a set the server cannot use is ignored, with a warning."""
+    raw = population.manifest.ensemble_defaults
+    if not raw:
+        return EnsembleOptions()
+    try:
+        return EnsembleOptions.model_validate(raw)
+    except (ValueError, TypeError) as e:
+        log.warning("the manifest's ensemble_defaults are not usable (%s); requests get the built-in defaults", e)
+        return EnsembleOptions()
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class EnsembleService:
         self.metrics = metrics
         self.routing = Routing.load(population) if settings.route else Routing()
         self.calibration = Calibration.load(population, self.routing.features)
+        self.defaults = ensemble_defaults(population)
         # a capability, checked once: only an engine that loads adapters can serve `mode: mixture`
         self.mixing: AdapterMixing | None = backend if isinstance(backend, AdapterMixing) else None
         self._mixtures: MixtureCache | None = None
@@ -112,6 +129,17 @@ class EnsembleService:
         ]
         return ModelList(data=cards)
 
+    def options(self, requested: EnsembleOptions | None) -> EnsembleOptions:
+        """The request's `ensemble` options, with the population's defaults for what it leaves unset."""
+        if requested is None:
+            return self.defaults
+        if not self.defaults.model_fields_set:
+            return requested
+        asked = requested.model_dump(include=requested.model_fields_set)
+        return EnsembleOptions.model_validate(
+            {**self.defaults.model_dump(include=self.defaults.model_fields_set), **asked}
+        )
+
     def member_weights(self) -> dict[str, float]:
         """A `weighted` vote's member weights when no router weights them: the manifest's, else fitness."""
         manifest = self.population.manifest
@@ -140,6 +168,7 @@ class EnsembleService:
         calibration = Calibration.load(population, routing.features or self.calibration.features)
         self.backend.set_population(population)
         self.population, self.routing, self.calibration = population, routing, calibration
+        self.defaults = ensemble_defaults(population)
 
     # ------------------------------------------------------------------ requests
 

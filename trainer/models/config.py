@@ -27,7 +27,13 @@ class SubstrateConfig(FrozenConfig):
     warmup_steps: int = Field(100, ge=0, description="Warm-up steps.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Sandbox domains to train on.")
-    difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels (1..4) to train on.")
+    difficulties: tuple[int, ...] = Field(
+        (1, 2, 3, 4),
+        description="Difficulty levels to train on (recorded as `trained_difficulties` in substrate.json).",
+    )
+    system_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of training examples that start with a system message (0: none)."
+    )
     eval_per_domain: int = Field(
         64, ge=0, description="Held-out problems per domain for the accuracy report (0: skip)."
     )
@@ -80,6 +86,14 @@ class InitConfig(FrozenConfig):
     )
     domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Domains of the warm-up data.")
     difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels of the warm-up data.")
+    focus_difficulties: tuple[int, ...] | None = Field(
+        None,
+        description="Levels of a member's focus domain (specialists: harder levels than the rest); "
+        "default: `difficulties`.",
+    )
+    system_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of warm-up examples that start with a system message (0: none)."
+    )
     data: Path | None = Field(
         None,
         description="A JSONL dataset (prompt, answer, domain, chain) used instead of the sandbox; rows need a chain.",
@@ -89,6 +103,11 @@ class InitConfig(FrozenConfig):
 
     _domains = field_validator("domains")(check_domains)
     _diffs = field_validator("difficulties")(check_difficulties)
+
+    @field_validator("focus_difficulties")
+    @classmethod
+    def _focus_diffs(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return None if v is None else check_difficulties(v)
 
     @field_validator("ranks", "dropouts", "lrs")
     @classmethod

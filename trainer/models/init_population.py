@@ -60,7 +60,8 @@ def member_plan(cfg: InitConfig) -> list[dict]:
 def focus_stream(cfg: InitConfig, focus: str, seed: int) -> Iterator[Problem]:
     """Problems for one member: `focus_weight` of them from its focus domain, the rest from all."""
     rng = random.Random(f"focus-mix:{seed}")
-    focused = iter_problems(seed=seed, split="train", domains=[focus], difficulties=list(cfg.difficulties))
+    focus_levels = cfg.focus_difficulties or cfg.difficulties
+    focused = iter_problems(seed=seed, split="train", domains=[focus], difficulties=list(focus_levels))
     mixed = iter_problems(
         seed=seed + 10_000, split="train", domains=list(cfg.domains), difficulties=list(cfg.difficulties)
     )
@@ -98,7 +99,7 @@ def warm_up_member(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
     max_len = model.config.max_position_embeddings
-    data = batches(stream, tok, cfg.batch_size, max_len)
+    data = batches(stream, tok, cfg.batch_size, max_len, system_rate=cfg.system_rate, seed=spec["seed"])
     model.train()
     loss_value = float("nan")
     for step in range(cfg.warmup_steps):
@@ -159,6 +160,7 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
                         "lr": spec["lr"],
                         "dropout": spec["dropout"],
                         "focus_domain": None if user_problems is not None else spec["focus"],
+                        "focus_difficulties": list(cfg.focus_difficulties or cfg.difficulties),
                         "warmup_steps": cfg.warmup_steps,
                         "warmup_loss": round(loss, 4),
                     },

@@ -26,6 +26,7 @@ from trainer.tasks.sandbox import Problem, generate_problems, iter_problems, ver
 from trainer.tasks.tokenizer import build_tokenizer, save_tokenizer
 
 REPORT_FILE = "substrate.json"
+HELD_OUT_SYSTEM = "You are a concise assistant for arithmetic."  # not among the training system messages
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -83,6 +84,8 @@ def train_substrate(cfg: SubstrateConfig, progress: bool = True) -> dict:
         tok,
         cfg.batch_size,
         cfg.max_position_embeddings,
+        system_rate=cfg.system_rate,
+        seed=cfg.seed,
     )
     model.train()
     started = time.perf_counter()
@@ -103,9 +106,12 @@ def train_substrate(cfg: SubstrateConfig, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - started
 
     accuracy: dict[str, float] = {}
+    with_system: dict[str, float] = {}
     if cfg.eval_per_domain:
         problems = heldout_problems(cfg.seed + 1, cfg.eval_per_domain, cfg.domains, cfg.difficulties)
         accuracy = evaluate_accuracy(lambda ps: greedy_answers(model, tok, ps), problems)
+        if cfg.system_rate > 0:  # a system message it was not trained with
+            with_system = evaluate_accuracy(lambda ps: greedy_answers(model, tok, ps, system=HELD_OUT_SYSTEM), problems)
 
     report = {
         "parameters": n_params,
@@ -113,6 +119,8 @@ def train_substrate(cfg: SubstrateConfig, progress: bool = True) -> dict:
         "train_seconds": round(train_seconds, 1),
         "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         "heldout_accuracy": accuracy,
+        "heldout_accuracy_with_system_message": with_system or None,
+        "trained_difficulties": list(cfg.difficulties),
         "config": json.loads(cfg.model_dump_json()),
     }
     save_substrate(model, tok, cfg.out, report)

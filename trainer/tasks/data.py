@@ -3,11 +3,17 @@
 Used by the substrate's pre-training and the members' supervised warm-up. The loss
 covers only the assistant turn (the chain and its end-of-sequence token): the model
 learns to answer, not to write prompts.
+
+Clients put system messages before the user turn (LangChain and chat UIs do by default). A model
+that never saw one answers garbage after one, so training can put a system message before a share
+of the examples (`system_rate`): one of :data:`SYSTEM_MESSAGES`, or a made-up one, so that the
+model learns to answer the user turn whatever the system text says.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -18,12 +24,42 @@ from trainer.tasks.tokenizer import render_prompt
 
 IGNORE = -100
 
+# Short system texts of the kinds clients send; `system_message` also makes up new ones from SYSTEM_WORDS.
+SYSTEM_MESSAGES = (
+    "You are a helpful assistant.",
+    "You are a helpful assistant. Answer concisely.",
+    "You are a careful math tutor.",
+    "Think step by step.",
+    "Answer the question.",
+    "Be precise.",
+    "You are an AI assistant.",
+    "Reply with the final answer on the last line.",
+    "You are a calculator.",
+    "Follow the format of the examples.",
+    "You are a knowledgeable, friendly assistant.",
+    "Keep it short.",
+)
+SYSTEM_WORDS = (
+    "you are a an the helpful careful precise smart friendly expert assistant tutor model bot agent "
+    "answer reply solve question task user please always never briefly clearly correctly step by"
+).split()
 
-def encode_example(tok: PreTrainedTokenizerBase, problem: Problem, max_len: int) -> tuple[list[int], list[int]]:
+
+def system_message(rng: random.Random) -> str:
+    """A system text for one training example: a common one, or a made-up sentence of 3-8 words."""
+    if rng.random() < 0.5:
+        return rng.choice(SYSTEM_MESSAGES)
+    words = [rng.choice(SYSTEM_WORDS) for _ in range(rng.randint(3, 8))]
+    return " ".join(words).capitalize() + rng.choice([".", "!", ""])
+
+
+def encode_example(
+    tok: PreTrainedTokenizerBase, problem: Problem, max_len: int, system: str | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids and labels for one problem with a worked chain (prompt positions masked)."""
     if problem.chain is None:
         raise ValueError(f"problem {problem.prompt[:40]!r} has no chain to train on")
-    prompt_ids = tok(render_prompt(problem.prompt), add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(render_prompt(problem.prompt, system), add_special_tokens=False)["input_ids"]
     answer_ids = tok(problem.chain, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_len]
     labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_len]
@@ -44,16 +80,28 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
 
 
 def batches(
-    problems: Iterator[Problem], tok: PreTrainedTokenizerBase, batch_size: int, max_len: int, pool: int = 8
+    problems: Iterator[Problem],
+    tok: PreTrainedTokenizerBase,
+    batch_size: int,
+    max_len: int,
+    pool: int = 8,
+    system_rate: float = 0.0,
+    seed: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An endless stream of training batches from an endless stream of problems.
 
     Examples are drawn `pool` batches at a time and grouped by length, so a batch
     pads little (compute on 2 cores is the budget); the batches of a pool are
-    yielded in an order that alternates long and short, deterministically.
+    yielded in an order that alternates long and short, deterministically. A
+    `system_rate` share of the examples get a system message (:func:`system_message`).
     """
+    rng = random.Random(f"system:{seed}")
+
+    def system() -> str | None:
+        return system_message(rng) if system_rate > 0 and rng.random() < system_rate else None
+
     while True:
-        chunk = [encode_example(tok, next(problems), max_len) for _ in range(batch_size * pool)]
+        chunk = [encode_example(tok, next(problems), max_len, system()) for _ in range(batch_size * pool)]
         chunk.sort(key=lambda ex: len(ex[0]))
         groups = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         order = [groups[i // 2] if i % 2 == 0 else groups[-(i // 2) - 1] for i in range(len(groups))]
@@ -76,14 +124,15 @@ def greedy_answers(
     prompts: Sequence[str],
     max_new_tokens: int = 128,
     batch_size: int = 64,
+    system: str | None = None,
 ) -> list[str]:
-    """Greedy completions for chat prompts with transformers' `generate` (left padding)."""
+    """Greedy completions for chat prompts (after `system`, if given) with transformers' `generate` (left padding)."""
     was_training = model.training
     model.eval()
     tok.padding_side = "left"
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [render_prompt(p) for p in prompts[start : start + batch_size]]
+        texts = [render_prompt(p, system) for p in prompts[start : start + batch_size]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
             **enc,

@@ -50,13 +50,14 @@ def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
     return tok
 
 
-def render_prompt(prompt: str) -> str:
-    """The chat-templated text of a single user turn, ready for generation.
+def render_prompt(prompt: str, system: str | None = None) -> str:
+    """The chat-templated text of a single user turn (after a system message, if any), ready for generation.
 
-    Equal to `tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+    Equal to `tokenizer.apply_chat_template([{"role": "system", ...}, {"role": "user", "content": prompt}],
     add_generation_prompt=True, tokenize=False)`, without a Jinja render per example.
     """
-    return f"{USER}{prompt}\n{ASSISTANT}"
+    head = f"{SYSTEM}{system}\n" if system is not None else ""
+    return f"{head}{USER}{prompt}\n{ASSISTANT}"
 
 
 def save_tokenizer(tok: PreTrainedTokenizerFast, out: Path) -> None:

@@ -167,6 +167,11 @@ class Manifest(_Frozen):
         default=None,
         description="The reliability table of the `calibrated` vote (optional): {'path': 'reliability.json', ...}.",
     )
+    ensemble_defaults: dict[str, Any] | None = Field(
+        default=None,
+        description="The `ensemble` options a request gets for what it leaves unset (the configuration that measured "
+        "best for this population, e.g. {'vote': 'calibrated', 'samples_per_member': 4}); checked by the server.",
+    )
     voting_weights: dict[str, float] | None = Field(
         default=None, description="Per-member voting weight (>= 0); keys must be member names."
     )
