@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-fast embedded lint
+.PHONY: install serve test test-fast embedded embedded-population lint
 
 install:
 	bash scripts/install.sh
@@ -20,13 +20,23 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Rebuild the embedded substrate and starting population, and record the members' held-out accuracy
-# in the manifest (about 12 minutes on 2 cores).
+# Rebuild the embedded default (about 35 minutes on 2 cores): the substrate (levels 1-2 of every family,
+# with and without a system message), 12 specialists (two per family, on its levels 3-4), their held-out
+# accuracy in the manifest, the sigmoid_floor router, the reliability table, and the request defaults
+# that bench/specialists.py measured best (configs/ensemble-defaults.json).
+EMBEDDED := ensemble_serve/embedded
 embedded: install
-	$(BIN)/ensemble-train substrate --config configs/substrate.yaml --out ensemble_serve/embedded/substrate
-	$(BIN)/ensemble-train init --config configs/init.yaml --base ensemble_serve/embedded/substrate \
-		--out ensemble_serve/embedded/population --base-name sandbox-substrate --overwrite
-	$(BIN)/ensemble-train eval --config configs/eval.yaml --population ensemble_serve/embedded/population --update-manifest
+	$(BIN)/ensemble-train substrate --config configs/substrate.yaml --out $(EMBEDDED)/substrate
+	$(BIN)/ensemble-train init --config configs/init.yaml --base $(EMBEDDED)/substrate \
+		--out $(EMBEDDED)/population --base-name sandbox-substrate --overwrite
+	$(MAKE) embedded-population
+
+# The steps after training the members (also after replacing them by hand).
+embedded-population: install
+	$(BIN)/ensemble-train eval --config configs/eval.yaml --population $(EMBEDDED)/population --update-manifest
+	$(BIN)/ensemble-train router --config configs/router.yaml --population $(EMBEDDED)/population
+	$(BIN)/ensemble-train calibrate --population $(EMBEDDED)/population --labels ground_truth
+	$(BIN)/ensemble-serve defaults $(EMBEDDED)/population --set "$$(cat configs/ensemble-defaults.json)"
 
 lint: install
 	$(BIN)/ruff check ensemble_serve trainer clients tests bench

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ import uvicorn
 from ensemble_serve.config import ServeConfig
 from ensemble_serve.http.app import build_app
 from ensemble_serve.http.shutdown import Drain, GracefulServer
+from ensemble_serve.protocol import EnsembleOptions
 from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
-from ensemble_serve.shared.population import PopulationError, load_population
+from ensemble_serve.shared.population import PopulationError, load_population, write_manifest
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -52,3 +54,43 @@ def up(config_file: Path | None, **overrides: Any) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+@main.command()
+@click.argument("population", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--set", "options", metavar="JSON", help='The `ensemble` options, e.g. \'{"vote": "calibrated"}\'.')
+@click.option("--clear", is_flag=True, help="Remove the population's defaults (requests get the built-in ones).")
+def defaults(population: Path, options: str | None, clear: bool) -> None:
+    """Show or set the `ensemble` options a request gets for what it leaves unset.
+
+    They live in the manifest (`ensemble_defaults`); a running server watching the
+    directory picks them up. The options are checked as a request's `ensemble`
+    object is, and the manifest is replaced atomically.
+    """
+    if options is not None and clear:
+        raise click.UsageError("give --set or --clear, not both")
+    try:
+        pop = load_population(population)
+    except PopulationError as e:
+        raise click.ClickException(str(e)) from None
+    if options is None and not clear:
+        click.echo(json.dumps(pop.manifest.ensemble_defaults or {}, indent=2))
+        return
+    value = None
+    if options is not None:
+        try:
+            raw = json.loads(options)
+        except json.JSONDecodeError as e:
+            raise click.UsageError(f"--set is not JSON: {e}") from None
+        if not isinstance(raw, dict) or not raw:
+            raise click.UsageError("--set takes a non-empty JSON object of `ensemble` options")
+        try:
+            EnsembleOptions.model_validate(raw)
+        except (ValueError, TypeError) as e:
+            raise click.UsageError(f"not usable as `ensemble` options: {e}") from None
+        value = raw
+    try:
+        write_manifest(pop.root, pop.manifest.model_copy(update={"ensemble_defaults": value}))
+    except PopulationError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{pop.root}: ensemble defaults {'cleared' if value is None else json.dumps(value)}")

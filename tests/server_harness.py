@@ -12,12 +12,14 @@ group (`ServerProcess.cpu_seconds`).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import Any, TypeVar
 import httpx
 
 from ensemble_serve.shared.embedded import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
+from ensemble_serve.shared.population import prune_unreferenced, read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
@@ -42,11 +45,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def copy_embedded(dest: Path) -> Path:
-    """A private copy of the embedded substrate + population (tests may change the population)."""
+PLAIN_MEMBERS = 8  # members of a plain copy: m00..m07
+
+
+def copy_embedded(dest: Path, *, as_shipped: bool = False) -> Path:
+    """A private copy of the embedded substrate + population (tests may change the population).
+
+    By default a PLAIN copy: the first 8 members (`m00`..`m07`, every family's specialist and two
+    more) with no router, reliability table, voting weights or request defaults, so that a request
+    with no options fans out to all 8 and takes a majority: the mechanics most tests check. The
+    tests of routing, calibration and the shipped defaults add them back, or ask `as_shipped`.
+    """
     shutil.copytree(EMBEDDED_SUBSTRATE, dest / "substrate")
     shutil.copytree(EMBEDDED_POPULATION, dest / "population")
-    return dest / "population"
+    root = dest / "population"
+    if not as_shipped:
+        manifest = read_manifest(root)
+        plain = manifest.model_copy(
+            update={
+                "members": manifest.members[:PLAIN_MEMBERS],
+                "router": None,
+                "reliability": None,
+                "voting_weights": None,
+                "ensemble_defaults": None,
+            }
+        )
+        write_manifest(root, plain)
+        prune_unreferenced(root)
+        for entry in (manifest.router, manifest.reliability):  # their files too, so nothing reads them by accident
+            path = root / str((entry or {}).get("path", ""))
+            if entry and path != root and path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return root
+
+
+_plain: Path | None = None
+
+
+def plain_embedded() -> Path:
+    """One plain copy (see `copy_embedded`) per test process, for tests that only read it."""
+    global _plain
+    if _plain is None:
+        tmp = Path(tempfile.mkdtemp(prefix="ensemble-serve-plain-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _plain = copy_embedded(tmp)
+    return _plain
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:

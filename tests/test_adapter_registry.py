@@ -6,16 +6,16 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+from server_harness import plain_embedded
 
 from ensemble_serve.engine.inprocess import AsyncEngine
 from ensemble_serve.shared.adapters import AdapterRegistry
-from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
 from ensemble_serve.shared.population import load_population
 
 
 @pytest.fixture(scope="module")
 def population():
-    return load_population(EMBEDDED_POPULATION)
+    return load_population(plain_embedded())
 
 
 def test_a_member_keeps_its_id_until_its_content_changes(population, tmp_path):

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from server_harness import plain_embedded
 from transformers import AutoTokenizer
 
 from ensemble_serve.config import ServeConfig
@@ -22,7 +23,7 @@ from ensemble_serve.engine.gate import ScoringGate
 from ensemble_serve.http.app import build_app
 from ensemble_serve.http.errors import INTERNAL_ERROR_MESSAGE
 from ensemble_serve.http.shutdown import Drain
-from ensemble_serve.shared.embedded import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
+from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE
 
 
 class BrokenBackend:
@@ -80,7 +81,7 @@ class BrokenBackend:
 def _client(mode: str, **config: Any) -> tuple[TestClient, BrokenBackend, Drain]:
     backend = BrokenBackend(mode)
     assert isinstance(backend, Engine)  # the whole interface the service uses
-    cfg = ServeConfig(population=EMBEDDED_POPULATION, served_model_name="sandbox-ensemble", watch=False, **config)
+    cfg = ServeConfig(population=plain_embedded(), served_model_name="sandbox-ensemble", watch=False, **config)
     drain = Drain(cfg.shutdown_grace)
     app = build_app(cfg, backend_factory=lambda _cfg, _pop: backend, drain=drain)
     return TestClient(app, raise_server_exceptions=False), backend, drain

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from server_harness import copy_embedded
 
+from ensemble_serve.protocol import ChatCompletionRequest
 from ensemble_serve.service.calibration import Calibration
 from ensemble_serve.service.metrics import Metrics
 from ensemble_serve.service.service import EnsembleService, ServeSettings
@@ -229,3 +230,27 @@ def test_defaults_the_server_cannot_use_are_ignored(tmp_path: Path):
     )
     resp = asyncio.run(service.chat(_req()))
     assert resp.ensemble.rule == "majority" and len(resp.ensemble.members) == 8
+
+
+def test_a_default_of_several_samples_gives_a_greedy_request_one_chain_per_member(tmp_path: Path):
+    from test_serving import ANSWERS, ScriptedBackend
+
+    from ensemble_serve.errors import BadRequestError
+
+    root = _population_with(tmp_path, None)
+    defaults = {"members": 2, "samples_per_member": 4, "route": False, "return_chains": True}
+    write_manifest(root, read_manifest(root).model_copy(update={"ensemble_defaults": defaults}))
+    service = EnsembleService(
+        ScriptedBackend(dict(ANSWERS)), load_population(root), ServeSettings(ensemble_name="ens"), Metrics()
+    )
+
+    def req(temperature: float, **ensemble) -> ChatCompletionRequest:
+        body = {"model": "ens", "messages": [{"role": "user", "content": "add 1+2"}], "max_tokens": 32}
+        return ChatCompletionRequest.model_validate({**body, "temperature": temperature, "ensemble": ensemble})
+
+    greedy = asyncio.run(service.chat(req(0.0))).ensemble
+    assert len(greedy.chains) == 2 and len(greedy.members) == 2  # not a 400: the default needs sampling
+    sampled = asyncio.run(service.chat(req(0.7))).ensemble
+    assert len(sampled.chains) == 8
+    with pytest.raises(BadRequestError, match="samples_per_member > 1 needs sampling"):
+        asyncio.run(service.chat(req(0.0, samples_per_member=4)))  # asked for by the client: still refused

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from server_harness import plain_embedded
 
-from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
 from ensemble_serve.shared.lora import load_lora, save_lora
 from ensemble_serve.shared.mixture import mix_exact
 from ensemble_serve.shared.population import load_population
@@ -31,7 +31,7 @@ NAMES = ["m00", "m01", "m05"]  # ranks 4, 8 and 16: the concatenation mixes rank
 
 @pytest.fixture(scope="module")
 def population():
-    return load_population(EMBEDDED_POPULATION)
+    return load_population(plain_embedded())
 
 
 @pytest.fixture(scope="module")

@@ -859,3 +859,13 @@ def test_helpers() -> None:
     assert VOTE_RULES == ("majority", "weighted", "cross", "calibrated")
     assert ChatMessage(role="tool", content="42").content == "42"
     assert UsageInfo(prompt_tokens=2, completion_tokens=3).total_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("top_k", "sent"), [(50, 50), (2**31 - 1, 2**31 - 1), (2**31, 0), (89559138734020178739200, 0)]
+)
+def test_a_top_k_beyond_any_vocabulary_is_sent_as_no_top_k(client: TestClient, top_k: int, sent: int) -> None:
+    """vLLM reads top_k >= vocabulary size as no top-k; above 64 bits it could not reach its engine (found by fuzzing)."""
+    resp = client.post("/v1/chat/completions", json=chat_body(top_k=top_k, temperature=0.7))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["top_k"] == sent

@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
+from server_harness import plain_embedded
 from transformers import AutoTokenizer
 
 from ensemble_serve.engine.base import Engine
@@ -17,7 +18,7 @@ from ensemble_serve.errors import BadRequestError, NotFoundError, ServiceUnavail
 from ensemble_serve.protocol import ChatCompletionRequest
 from ensemble_serve.service.metrics import Metrics
 from ensemble_serve.service.service import EnsembleService, ServeSettings
-from ensemble_serve.shared.embedded import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
+from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE
 from ensemble_serve.shared.population import load_population
 
 
@@ -96,7 +97,7 @@ class ScriptedBackend:
 
 def _service(backend: ScriptedBackend) -> EnsembleService:
     assert isinstance(backend, Engine)  # the whole interface the service uses
-    population = load_population(EMBEDDED_POPULATION)
+    population = load_population(plain_embedded())
     return EnsembleService(backend, population, ServeSettings(ensemble_name="ens"), Metrics())
 
 
@@ -234,7 +235,7 @@ class _MixingBackend(ScriptedBackend):
 
 def test_mixture_cache_size_comes_from_the_settings_and_bounds_the_registered_adapters():
     backend = _MixingBackend(dict(ANSWERS))
-    population = load_population(EMBEDDED_POPULATION)
+    population = load_population(plain_embedded())
     service = EnsembleService(backend, population, ServeSettings(ensemble_name="ens", mixture_cache=2), Metrics())
     try:
         names = []

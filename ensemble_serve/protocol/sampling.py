@@ -79,7 +79,9 @@ def sampling_kwargs(
         "n": req.n,
         "temperature": temperature,
         "top_p": pick("top_p", 1.0),
-        "top_k": pick("top_k", 0),
+        # vLLM reads any top_k of at least the vocabulary size as "no top-k"; one beyond 64 bits could not
+        # even be sent to its engine core (a 500), so every value that large is sent as 0, which means the same
+        "top_k": top_k if (top_k := pick("top_k", 0)) < 2**31 else 0,
         "min_p": pick("min_p", 0.0),
         "seed": req.seed,
         "stop": list(req.stop or []),

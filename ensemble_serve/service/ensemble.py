@@ -45,7 +45,8 @@ class EnsembleRequests:
         self, req: Request, prompts: list[list[int]], texts: list[str], chat: bool
     ) -> ChatCompletionResponse | CompletionResponse | AsyncIterator[str]:
         """Fan each prompt out to the chosen members and vote; several prompts are voted on separately."""
-        opts = self.service.options(req.ensemble)
+        greedy = req.temperature is not None and req.temperature < 1e-5
+        opts = self.service.options(req.ensemble, greedy=greedy)
         check(req, opts)
         plans = [await self.planner.plan(req, ids, text, opts) for ids, text in zip(prompts, texts)]
         if req.stream:

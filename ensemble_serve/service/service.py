@@ -129,16 +129,19 @@ class EnsembleService:
         ]
         return ModelList(data=cards)
 
-    def options(self, requested: EnsembleOptions | None) -> EnsembleOptions:
-        """The request's `ensemble` options, with the population's defaults for what it leaves unset."""
-        if requested is None:
-            return self.defaults
-        if not self.defaults.model_fields_set:
-            return requested
-        asked = requested.model_dump(include=requested.model_fields_set)
-        return EnsembleOptions.model_validate(
-            {**self.defaults.model_dump(include=self.defaults.model_fields_set), **asked}
-        )
+    def options(self, requested: EnsembleOptions | None, *, greedy: bool = False) -> EnsembleOptions:
+        """The request's `ensemble` options, with the population's defaults for what it leaves unset.
+
+        A default of several samples per member does not apply to a greedy request (temperature 0):
+        greedy samples of one member are identical, so it gets one chain per member instead of a 400.
+        """
+        asked = requested.model_dump(include=requested.model_fields_set) if requested is not None else {}
+        defaults = self.defaults.model_dump(include=self.defaults.model_fields_set)
+        if greedy and "samples_per_member" not in asked and defaults.get("samples_per_member", 1) > 1:
+            defaults["samples_per_member"] = 1
+        if not defaults:
+            return requested if requested is not None else self.defaults
+        return EnsembleOptions.model_validate({**defaults, **asked})
 
     def member_weights(self) -> dict[str, float]:
         """A `weighted` vote's member weights when no router weights them: the manifest's, else fitness."""
