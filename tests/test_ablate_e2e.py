@@ -50,6 +50,10 @@ CONFIG = {
 }
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(config: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen(
@@ -60,6 +64,9 @@ def _cli(config: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # a shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+        # ignored SIGINT: so that the Ctrl-C below reaches the CLI however pytest was started, reset it
+        preexec_fn=_default_sigint,
     )
 
 
