@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from server_harness import (
 )
 
 from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
+from ensemble_serve.shared.voting import candidate_from_text, vote
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -104,11 +106,18 @@ class ServerSet:
         return self._start(Server, name, args, port, timeout)
 
     def start_vllm(
-        self, *extra: str, name: str = "vllm-openai", gpu_memory_utilization: float = 0.1, timeout: float = 300
+        self,
+        *extra: str,
+        name: str = "vllm-openai",
+        gpu_memory_utilization: float = 0.1,
+        timeout: float = 300,
+        lora_modules: Sequence[str] | None = None,
+        max_lora_rank: int = 16,
     ) -> VLLMServer:
-        """vLLM's own OpenAI server with the embedded base model and every member as a LoRA module."""
+        """vLLM's own OpenAI server with the embedded base model and `lora_modules` (`NAME=PATH`; default: every
+        member of the embedded population) as LoRA modules."""
         port = free_port()
-        mods = [f"{m}={rel(EMBEDDED_POPULATION / 'members' / m)}" for m in member_names()]
+        mods = list(lora_modules or [f"{m}={rel(EMBEDDED_POPULATION / 'members' / m)}" for m in member_names()])
         args = vllm_command(
             rel(EMBEDDED_SUBSTRATE),
             port,
@@ -126,6 +135,7 @@ class ServerSet:
             "warning",
             *extra,
             max_loras=len(mods),
+            max_lora_rank=max_lora_rank,
         )
         return self._start(VLLMServer, name, args, port, timeout)
 
@@ -345,3 +355,47 @@ def seed_is_safe(prompt_tokens: int, sequences_in_flight: int, budget: int = MAX
 
 def chat(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
+
+
+# ---------------------------------------------------------------------------
+# the requests the accuracy benchmarks send
+# ---------------------------------------------------------------------------
+
+
+async def ask_greedy(client: Any, model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """One greedy chat completion: (text, completion tokens)."""
+    r = await client.chat.completions.create(model=model, messages=chat(prompt), max_tokens=max_tokens, temperature=0.0)
+    return r.choices[0].message.content or "", r.usage.completion_tokens
+
+
+async def ask_self_consistency(
+    client: Any, model: str, prompt: str, *, n: int, temperature: float, max_tokens: int, seed: int | None = None
+) -> dict[str, Any]:
+    """`n` samples in one request, majority over their extracted answers (`ensemble_serve.shared.voting`).
+
+    Sent with `stream: true`: the non-streaming member path returned fewer than n choices for n > 1
+    (see BENCHMARKS.md). Returns the winning chain's `text` (the first chain when nothing was
+    extracted), the `answer`, the number of `samples` and the completion `tokens` of all of them.
+    """
+    texts: dict[int, str] = defaultdict(str)
+    tokens = None
+    kw = {} if seed is None else {"seed": seed}
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=chat(prompt),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        n=n,
+        stream=True,
+        stream_options={"include_usage": True},
+        **kw,
+    )
+    async for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    cands = [candidate_from_text(model, i, texts[i], 0, "auto") for i in sorted(texts)]
+    result = vote(cands, "majority")
+    text = cands[result.winner].text if result.winner is not None else (cands[0].text if cands else "")
+    return {"text": text, "tokens": tokens, "samples": len(texts), "answer": result.answer}

@@ -46,6 +46,8 @@ from _common import (  # noqa: E402
     PromptLength,
     ServerSet,
     add_common_args,
+    ask_greedy,
+    ask_self_consistency,
     chat,
     md_table,
     member_names,
@@ -70,43 +72,23 @@ class Runner:
 
     async def member(self, model: str, p: Problem) -> dict:
         async with self.member_sem:
-            r = await self.client.chat.completions.create(
-                model=model, messages=chat(p.prompt), max_tokens=self.args.max_tokens, temperature=0.0
-            )
+            text, tokens = await ask_greedy(self.client, model, p.prompt, self.args.max_tokens)
         self.bar.update()
-        text = r.choices[0].message.content or ""
-        return {"text": text, "tokens": r.usage.completion_tokens, "correct": verify(p, text).correct}
+        return {"text": text, "tokens": tokens, "correct": verify(p, text).correct}
 
     async def self_consistency(self, model: str, p: Problem, seed: int) -> dict:
-        texts: dict[int, str] = defaultdict(str)
-        tokens = None
         async with self.seeded_sem:
-            stream = await self.client.chat.completions.create(
-                model=model,
-                messages=chat(p.prompt),
-                max_tokens=self.args.max_tokens,
-                temperature=self.args.temperature,
+            out = await ask_self_consistency(
+                self.client,
+                model,
+                p.prompt,
                 n=self.args.samples,
+                temperature=self.args.temperature,
+                max_tokens=self.args.max_tokens,
                 seed=seed,
-                stream=True,
-                stream_options={"include_usage": True},
             )
-            async for chunk in stream:
-                for c in chunk.choices:
-                    texts[c.index] += c.delta.content or ""
-                if chunk.usage is not None:
-                    tokens = chunk.usage.completion_tokens
         self.bar.update()
-        cands = [candidate_from_text(model, i, texts[i], 0, "auto") for i in sorted(texts)]
-        result = vote(cands, "majority")
-        text = cands[result.winner].text if result.winner is not None else (cands[0].text if cands else "")
-        return {
-            "text": text,
-            "tokens": tokens,
-            "samples": len(texts),
-            "answer": result.answer,
-            "correct": verify(p, text).correct,
-        }
+        return {**out, "correct": verify(p, out["text"]).correct}
 
     async def ensemble(self, p: Problem, rule: str, temperature: float, seed: int | None) -> dict:
         extra = {"ensemble": {"vote": rule, "samples_per_member": 1}}

@@ -56,6 +56,8 @@ from _common import (  # noqa: E402
     RESULTS,
     ServerSet,
     add_common_args,
+    ask_greedy,
+    ask_self_consistency,
     chat,
     md_table,
     member_names,
@@ -64,12 +66,11 @@ from _common import (  # noqa: E402
     write_results,
 )
 from scipy import stats  # noqa: E402
-from server_harness import ROOT, VLLMServer, free_port, vllm_command  # noqa: E402
+from server_harness import ROOT  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ensemble_serve.shared.cliutil import load_config  # noqa: E402
 from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE  # noqa: E402
-from ensemble_serve.shared.voting import candidate_from_text, vote  # noqa: E402
 from trainer.models.config import InitConfig  # noqa: E402
 from trainer.models.init_population import focus_stream, member_plan, warm_up_member  # noqa: E402
 from trainer.plotting import new_figure, to_png  # noqa: E402
@@ -136,36 +137,22 @@ class Runner:
 
     async def greedy(self, client: openai.AsyncOpenAI, model: str, p: Problem) -> dict:
         async with self.sem:
-            r = await client.chat.completions.create(
-                model=model, messages=chat(p.prompt), max_tokens=self.args.max_tokens, temperature=0.0
-            )
+            text, tokens = await ask_greedy(client, model, p.prompt, self.args.max_tokens)
         self.bar.update()
-        text = r.choices[0].message.content or ""
-        return {"text": text, "tokens": r.usage.completion_tokens, "correct": verify(p, text).correct}
+        return {"text": text, "tokens": tokens, "correct": verify(p, text).correct}
 
     async def self_consistency(self, client: openai.AsyncOpenAI, model: str, p: Problem) -> dict:
-        texts: dict[int, str] = defaultdict(str)
-        tokens = None
         async with self.sem:
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=chat(p.prompt),
-                max_tokens=self.args.max_tokens,
-                temperature=self.args.temperature,
+            out = await ask_self_consistency(
+                client,
+                model,
+                p.prompt,
                 n=self.args.samples,
-                stream=True,
-                stream_options={"include_usage": True},
+                temperature=self.args.temperature,
+                max_tokens=self.args.max_tokens,
             )
-            async for chunk in stream:
-                for c in chunk.choices:
-                    texts[c.index] += c.delta.content or ""
-                if chunk.usage is not None:
-                    tokens = chunk.usage.completion_tokens
         self.bar.update()
-        cands = [candidate_from_text(model, i, texts[i], 0, "auto") for i in sorted(texts)]
-        result = vote(cands, "majority")
-        text = cands[result.winner].text if result.winner is not None else (cands[0].text if cands else "")
-        return {"text": text, "tokens": tokens, "answer": result.answer, "correct": verify(p, text).correct}
+        return {**out, "correct": verify(p, out["text"]).correct}
 
     async def ensemble(
         self, client: openai.AsyncOpenAI, p: Problem, options: dict | None, system: str | None = None
@@ -287,26 +274,13 @@ async def run(args: argparse.Namespace, generalists: dict[str, dict]) -> dict:
         await client.close()
         servers.stop(server)
 
-        port = free_port()
-        mods = [f"{name}={g['path']}" for name, g in generalists.items()]
         max_rank = max(g["rank"] for g in generalists.values())
-        lora_rank = next(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= max_rank)
-        cmd = vllm_command(
-            rel(EMBEDDED_SUBSTRATE),
-            port,
-            mods,
-            "--max-lora-rank",
-            str(lora_rank),
-            "--served-model-name",
-            base_name,
-            "--gpu-memory-utilization",
-            str(args.gpu_memory_utilization),
-            "--disable-uvicorn-access-log",
-            "--uvicorn-log-level",
-            "warning",
-            max_loras=len(mods),
+        vllm = servers.start_vllm(
+            name="vllm-generalists",
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            lora_modules=[f"{name}={g['path']}" for name, g in generalists.items()],
+            max_lora_rank=next(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= max_rank),
         )
-        vllm = servers._start(VLLMServer, "vllm-generalists", cmd, port, 300)
         client = openai.AsyncOpenAI(base_url=vllm.base_url, api_key="none", max_retries=0, timeout=900)
         for name, g in generalists.items():
             for test in tests:

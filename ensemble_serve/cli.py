@@ -52,10 +52,6 @@ def up(config_file: Path | None, **overrides: Any) -> None:
     GracefulServer(server_config, drain).run()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 @main.command()
 @click.argument("population", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--set", "options", metavar="JSON", help='The `ensemble` options, e.g. \'{"vote": "calibrated"}\'.')
@@ -94,3 +90,7 @@ def defaults(population: Path, options: str | None, clear: bool) -> None:
     except PopulationError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{pop.root}: ensemble defaults {'cleared' if value is None else json.dumps(value)}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

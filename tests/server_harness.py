@@ -282,9 +282,12 @@ def ensemble_command(port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "ensemble_serve.cli", "up", "--port", str(port), *extra]
 
 
-def vllm_command(model: str | Path, port: int, lora_modules: Sequence[str], *extra: str, max_loras: int) -> list[str]:
+def vllm_command(
+    model: str | Path, port: int, lora_modules: Sequence[str], *extra: str, max_loras: int, max_lora_rank: int = 16
+) -> list[str]:
     """vLLM's OpenAI server for `model` on 127.0.0.1:`port`, serving `lora_modules` (`NAME=PATH`) as the embedded
-    members are served: LoRA ranks up to 16, `max_loras` adapters per batch (and in CPU memory), float32, eager."""
+    members are served: LoRA ranks up to `max_lora_rank` (one of vLLM's sizes), `max_loras` adapters per batch
+    (and in CPU memory), float32, eager."""
     return [
         sys.executable,
         "-m",
@@ -299,7 +302,7 @@ def vllm_command(model: str | Path, port: int, lora_modules: Sequence[str], *ext
         "--lora-modules",
         *lora_modules,
         "--max-lora-rank",
-        "16",
+        str(max_lora_rank),
         "--max-loras",
         str(max_loras),
         "--max-cpu-loras",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,12 @@ def test_set_and_clear_together_and_a_missing_population(pop: Path, tmp_path: Pa
     assert r.exit_code == 2 and "not both" in r.output
     r = _run(str(tmp_path / "nowhere"), "--set", '{"vote": "majority"}')
     assert r.exit_code == 1 and "nowhere" in r.output
+
+
+def test_the_command_also_runs_as_a_module(pop: Path) -> None:
+    """`python -m ensemble_serve.cli defaults` (the form the test harness uses for `up`) knows the command."""
+    r = subprocess.run(
+        [sys.executable, "-m", "ensemble_serve.cli", "defaults", str(pop)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == {}

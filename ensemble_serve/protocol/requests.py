@@ -250,6 +250,11 @@ class _GenerationRequest(_Strict):
                     raise ParameterError("not supported by this server", param=name)
         return data
 
+    @property
+    def asks_greedy(self) -> bool:
+        """Whether the client asked for greedy sampling (temperature 0); unset is not greedy."""
+        return self.temperature is not None and self.temperature < GREEDY_TEMPERATURE
+
     @field_validator("model")
     @classmethod
     def _check_model(cls, v: str) -> str:

@@ -45,8 +45,7 @@ class EnsembleRequests:
         self, req: Request, prompts: list[list[int]], texts: list[str], chat: bool
     ) -> ChatCompletionResponse | CompletionResponse | AsyncIterator[str]:
         """Fan each prompt out to the chosen members and vote; several prompts are voted on separately."""
-        greedy = req.temperature is not None and req.temperature < 1e-5
-        opts = self.service.options(req.ensemble, greedy=greedy)
+        opts = self.service.options(req.ensemble, greedy=req.asks_greedy)
         check(req, opts)
         plans = [await self.planner.plan(req, ids, text, opts) for ids, text in zip(prompts, texts)]
         if req.stream:
@@ -96,7 +95,7 @@ def check(req: Request, opts: EnsembleOptions) -> None:
     asked_logprobs = req.logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs is not None
     if asked_logprobs:
         raise BadRequestError("logprobs are not available for the ensemble model; ask a member", param="logprobs")
-    if opts.samples_per_member > 1 and req.temperature is not None and req.temperature < 1e-5:
+    if opts.samples_per_member > 1 and req.asks_greedy:
         raise BadRequestError(
             "samples_per_member > 1 needs sampling (temperature > 0): greedy samples of one member are identical",
             param="ensemble.samples_per_member",
