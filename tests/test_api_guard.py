@@ -207,3 +207,22 @@ def test_the_document_states_the_real_statuses_and_content_types():
     assert schemas["CompletionRequest"]["properties"]["model"]["pattern"] == r"\S"
     members = schemas["EnsembleOptions"]["properties"]["members"]["anyOf"][0]
     assert members == {"type": "integer", "minimum": 1, "maximum": 8}
+
+
+def test_the_document_says_which_known_fields_are_refused_and_the_server_agrees():
+    """Each endpoint's unsupported fields are declared with the values that pass (a fuzzer found a
+    chat `suffix` refused although the schema allowed any extra field; `suffix` is not a chat field)."""
+    client, _, _ = _client("raise")
+    with client:
+        schemas = client.get("/openapi.json").json()["components"]["schemas"]
+        chat, completion = schemas["ChatCompletionRequest"], schemas["CompletionRequest"]
+        assert {"tools", "functions", "logit_bias", "use_beam_search", "response_format"} <= set(chat["properties"])
+        assert "suffix" not in chat["properties"]
+        assert {"suffix", "logit_bias", "use_beam_search"} <= set(completion["properties"])
+        assert "tools" not in completion["properties"]
+        assert "Not supported" in chat["properties"]["tools"]["description"]
+        # a field of the other endpoint is unknown here, so ignored, not refused
+        chat_suffix = client.post("/v1/chat/completions", json={**CHAT, "suffix": ["x"]})
+        assert chat_suffix.status_code != 400, chat_suffix.text
+        refused = client.post("/v1/chat/completions", json={**CHAT, "tools": [{"type": "function"}]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"

@@ -31,7 +31,9 @@ from ensemble_serve.protocol import (
     INT64_MAX,
     INT64_MIN,
     MAX_STOP_SEQUENCES,
+    ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionRequest,
     CompletionResponse,
     ModelList,
 )
@@ -176,9 +178,10 @@ def _limit_requests(schemas: dict[str, Any], service: Any) -> None:
     """The limits the server enforces that pydantic's types do not carry."""
     if "ChatMessage" in schemas:
         _message_rules(schemas["ChatMessage"])
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    for name, model in (("ChatCompletionRequest", ChatCompletionRequest), ("CompletionRequest", CompletionRequest)):
         if name in schemas:
             _generation_rules(schemas[name], service)
+            _unsupported_rules(schemas[name], model.unsupported)
     if service is not None:
         _ensemble_rules(schemas, service)
     if "ChatCompletionRequest" in schemas:
@@ -213,6 +216,23 @@ def _generation_rules(req: dict[str, Any], service: Any) -> None:
         }
     props["stop"] = _STOP
     req.setdefault("allOf", []).extend([_needs("stream_options", {"stream": {"const": True}}), _N_NEEDS_SAMPLING])
+
+
+_NOT_SUPPORTED = "Not supported by this server: accepted only when absent, null or empty (else a 400)."
+_EMPTY = {"enum": [None, False, 0, "", [], {}], "description": _NOT_SUPPORTED}
+_TEXT_FORMAT = {  # response_format: text only
+    "anyOf": [
+        {"type": "null"},
+        {"type": "object", "properties": {"type": {"enum": ["text", None]}}},
+    ],
+    "description": "Only the text format; others are not supported by this server (a 400).",
+}
+
+
+def _unsupported_rules(req: dict[str, Any], unsupported: Any) -> None:
+    """The endpoint's known fields that are refused when in use (tools, logit_bias, ...): say which values pass."""
+    for name in unsupported:
+        req["properties"][name] = _TEXT_FORMAT if name == "response_format" else _EMPTY
 
 
 def _chat_rules(chat: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ import math
 import typing
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -41,15 +41,16 @@ MAX_PROMPTS = 1024  # prompts in one text completion request (each fans out to n
 MAX_TIMEOUT_S = 86_400.0  # the largest per-request `timeout` accepted (the server's own cap is lower)
 GREEDY_TEMPERATURE = 1e-5  # below this vLLM samples greedily, which allows only n == 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Known OpenAI fields that would change the output but are not implemented: field -> "is it in use?".
-_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": bool,
-    "functions": bool,
+# Known OpenAI/vLLM fields of each endpoint that would change the output but are not implemented:
+# field -> "is it in use?" (an absent, null or empty value is not). Fields of the other endpoint are
+# unknown there, so ignored (a chat request's `suffix` means nothing, as at OpenAI and in vLLM).
+_SHARED_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logit_bias": bool,
     "use_beam_search": bool,
-    "suffix": bool,
     "response_format": lambda v: not (isinstance(v, Mapping) and v.get("type") in (None, "text")),
 }
+CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {"tools": bool, "functions": bool, **_SHARED_UNSUPPORTED}
+COMPLETION_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {"suffix": bool, **_SHARED_UNSUPPORTED}
 
 
 # ---------------------------------------------------------------------------
@@ -240,11 +241,14 @@ class _GenerationRequest(_Strict):
     Past it, the request's engine work is aborted and it is answered with a 504."""
     ensemble: EnsembleOptions | None = None
 
+    unsupported: ClassVar[Mapping[str, Callable[[Any], bool]]] = {}
+    """This endpoint's known fields that are refused when in use (see CHAT_UNSUPPORTED)."""
+
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            for name, in_use in _UNSUPPORTED.items():
+            for name, in_use in cls.unsupported.items():
                 value = data.get(name)
                 if value is not None and in_use(value):
                     raise ParameterError("not supported by this server", param=name)
@@ -286,6 +290,7 @@ class _GenerationRequest(_Strict):
 class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``."""
 
+    unsupported: ClassVar[Mapping[str, Callable[[Any], bool]]] = CHAT_UNSUPPORTED
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     """Deprecated by OpenAI in favour of max_completion_tokens, which wins when both are set."""
@@ -310,6 +315,7 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions``."""
 
+    unsupported: ClassVar[Mapping[str, Callable[[Any], bool]]] = COMPLETION_UNSUPPORTED
     prompt: str | list[str] | list[int] | list[list[int]]
     """One prompt or several, as text or as token ids (as vLLM's server takes them); each gets its own choices."""
     max_tokens: int = Field(16, ge=1)
