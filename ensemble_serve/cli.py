@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from ensemble_serve.config import ServeConfig
 from ensemble_serve.http.app import build_app
 from ensemble_serve.http.shutdown import Drain, GracefulServer
 from ensemble_serve.protocol import EnsembleOptions
-from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
+from ensemble_serve.shared.bring_your_own import import_adapters
+from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_options, load_config, nargs_flags
 from ensemble_serve.shared.population import PopulationError, load_population, write_manifest
 
 
@@ -24,7 +26,7 @@ def main() -> None:
     """Serve a population of LoRA adapters as one model behind an OpenAI-compatible API."""
 
 
-@main.command()
+@main.command(cls=NargsCommand, nargs_flags=nargs_flags(ServeConfig))
 @config_options(ServeConfig)
 def up(config_file: Path | None, **overrides: Any) -> None:
     """Start the server: vLLM in-process with every member registered as a LoRA adapter.
@@ -33,16 +35,49 @@ def up(config_file: Path | None, **overrides: Any) -> None:
     ensemble, each member and the base model are models of the OpenAI API
     (`GET /v1/models`); `POST /v1/chat/completions` and `/v1/completions` with the
     ensemble's name fan out, vote and return the consensus.
+
+    Bring your own: `--model BASE --lora-modules a=PATH b=PATH` serves PEFT adapters
+    trained elsewhere as the ensemble `ensemble` (checked against the base first).
     """
     try:
         cfg = load_config(ServeConfig, config_file, overrides)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory(prefix="ensemble-serve-") as scratch:
+        if cfg.model is not None:
+            cfg = _import_for_serving(cfg, Path(scratch) / "population")
+        try:
+            load_population(cfg.population_dir)  # fail fast, before the engine starts
+        except PopulationError as e:
+            raise click.ClickException(str(e)) from None
+        _serve(cfg)
+
+
+def _import_for_serving(cfg: ServeConfig, dest: Path) -> ServeConfig:
+    """`--model` with `--lora-modules`: check the adapters and serve a population made of copies of them."""
     try:
-        load_population(cfg.population_dir)  # fail fast, before the engine starts
+        import_adapters(
+            cfg.model,
+            cfg.adapter_specs(),
+            dest,
+            ignore_base_name=cfg.ignore_base_name,
+            max_lora_rank=cfg.max_lora_rank,
+        )
     except PopulationError as e:
         raise click.ClickException(str(e)) from None
+    return cfg.model_copy(
+        update={
+            "population": dest,
+            "served_model_name": cfg.ensemble_name,
+            "watch": False,
+            "model": None,
+            "lora_modules": (),
+        }
+    )
+
+
+def _serve(cfg: ServeConfig) -> None:
     drain = Drain(cfg.shutdown_grace)
     app = build_app(cfg, drain=drain)
     # uvicorn's own bound is a backstop: the drain ends every request at the grace (see shutdown.py)

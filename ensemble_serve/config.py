@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ensemble_serve.shared.bring_your_own import AdapterSpec, parse_lora_module
 from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION
 from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS, EngineConfig
 
 API_KEY_ENV = "ENSEMBLE_SERVE_API_KEY"
+BYO_NAME = "ensemble"  # the ensemble's default name when serving --model with --lora-modules
 
 
 class ServeConfig(BaseModel):
@@ -22,6 +24,22 @@ class ServeConfig(BaseModel):
 
     population: Path | None = Field(
         None, description="Population directory to serve (default: the embedded sandbox ensemble)."
+    )
+    model: str | None = Field(
+        None,
+        description="Bring your own: a Hugging Face base model folder whose --lora-modules are served as the "
+        "ensemble (no population directory needed; see `ensemble-train import` to make one).",
+    )
+    lora_modules: tuple[str, ...] = Field(
+        (),
+        description="With --model, the adapters, as `vllm serve` takes them: NAME=PATH or "
+        '\'{"name": NAME, "path": PATH, "base_model_name": BASE}\', several after one flag or the flag repeated.',
+        json_schema_extra={"nargs": True},
+    )
+    ignore_base_name: bool = Field(
+        False,
+        description="With --model: serve adapters whose base_model_name_or_path names another model (their "
+        "LoRA shapes are still checked against the base).",
     )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
@@ -100,6 +118,32 @@ class ServeConfig(BaseModel):
         None, description="API key of the remote vLLM servers (their --api-key), sent as a bearer token."
     )
 
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_modules(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for text in v:
+            parse_lora_module(text)  # ValueError naming the value
+        return v
+
+    @model_validator(mode="after")
+    def _bring_your_own(self) -> ServeConfig:
+        if self.model is not None and not self.lora_modules:
+            raise ValueError("--model needs --lora-modules NAME=PATH ... (the adapters to serve as the ensemble)")
+        if self.lora_modules and self.model is None:
+            raise ValueError("--lora-modules needs --model BASE (the base model folder the adapters were trained on)")
+        if self.model is not None and self.population is not None:
+            raise ValueError("give --population or --model with --lora-modules, not both")
+        if self.model is not None and self.remote:
+            raise ValueError(
+                "--model/--lora-modules serve in-process; for remote servers import the adapters with "
+                "`ensemble-train import` and pass --population with --remote"
+            )
+        return self
+
+    def adapter_specs(self) -> list[AdapterSpec]:
+        """The --lora-modules, parsed."""
+        return [parse_lora_module(t) for t in self.lora_modules]
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank(cls, v: int | None) -> int | None:
@@ -137,6 +181,8 @@ class ServeConfig(BaseModel):
     def ensemble_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
+        if self.model is not None:
+            return BYO_NAME
         return EMBEDDED_NAME if self.population is None else Path(self.population).resolve().name
 
     def engine_config(self) -> EngineConfig:

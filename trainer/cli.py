@@ -9,7 +9,9 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
-from ensemble_serve.shared.cliutil import ConfigError, config_options, load_config
+from ensemble_serve.shared.bring_your_own import import_adapters, parse_lora_module
+from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_options, load_config
+from ensemble_serve.shared.population import PopulationError
 from trainer.calibration import command as calibration
 from trainer.calibration.command import CalibrateConfig
 from trainer.evaluate import EvalConfig, format_disagreement, format_table, run_eval
@@ -75,6 +77,60 @@ def init(config_file: Path | None, **overrides: Any) -> None:
         click.echo(
             f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, dropout {m.info['dropout']}, lr {m.info['lr']}, focus {m.info['focus_domain']}"
         )
+
+
+@main.command(name="import", cls=NargsCommand, nargs_flags=("--lora-modules",))
+@click.option(
+    "--model",
+    "base",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The Hugging Face base model folder the adapters were trained on.",
+)
+@click.option(
+    "--lora-modules",
+    "modules",
+    required=True,
+    multiple=True,
+    metavar="NAME=PATH ...",
+    help='The PEFT adapter folders, as `vllm serve` takes them: NAME=PATH or \'{"name": N, "path": P}\'.',
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="The new population directory."
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (never under a running server).")
+@click.option(
+    "--ignore-base-name",
+    is_flag=True,
+    help="Accept adapters whose base_model_name_or_path names another model (shapes are still checked).",
+)
+@click.option(
+    "--max-lora-rank", type=int, default=None, help="Refuse adapters above this rank (default: any vLLM serves)."
+)
+def import_(
+    base: Path, modules: tuple[str, ...], out: Path, overwrite: bool, ignore_base_name: bool, max_lora_rank: int | None
+) -> None:
+    """Make a population directory of PEFT LoRA adapters trained elsewhere.
+
+    Each adapter is checked against the base (its base name, its LoRA shapes against the
+    base's weights, safetensors only) and copied; the directory appears complete or not at
+    all. Fitness is unknown until `ensemble-train eval --population OUT [--data FILE.jsonl]`.
+    """
+    try:
+        specs = [parse_lora_module(m) for m in modules]
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        population = import_adapters(
+            base, specs, out, overwrite=overwrite, ignore_base_name=ignore_base_name, max_lora_rank=max_lora_rank
+        )
+    except PopulationError as e:
+        raise click.ClickException(str(e)) from None
+    for m in population.manifest.members:
+        click.echo(f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, targets {m.info.get('target_modules')}")
+    click.echo(
+        f"{population.root}: {len(population.manifest.members)} members on {population.manifest.base_model.name}"
+    )
 
 
 @main.command(name="eval")

@@ -26,6 +26,17 @@ def _option_for(name: str, field: Any) -> Callable:
     help_text = f"{field.description} [default: {shown}]"
     if ann is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if typing.get_origin(ann) is tuple and (field.json_schema_extra or {}).get("nargs"):
+        # vLLM's form: the flag takes one or more values (`--lora-modules a=P b=P`, see NargsCommand)
+        return click.option(
+            flag,
+            name,
+            multiple=True,
+            default=None,
+            metavar="VALUE ...",
+            help=field.description,
+            callback=lambda _c, _p, v: tuple(v) or None,
+        )
     if typing.get_origin(ann) is tuple:
         inner = args[0]
         return click.option(
@@ -40,6 +51,44 @@ def _option_for(name: str, field: Any) -> Callable:
         )
     click_type = {int: int, float: float, str: str, Path: click.Path(path_type=Path)}.get(ann, str)
     return click.option(flag, name, type=click_type, default=None, help=help_text)
+
+
+class NargsCommand(click.Command):
+    """A command whose `nargs` fields take several values after one flag, as argparse's `nargs="+"` does
+    (`--lora-modules a=P b=P` means `--lora-modules a=P --lora-modules b=P`); the repeated form works too."""
+
+    def __init__(self, *args: Any, nargs_flags: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nargs_flags = nargs_flags
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_nargs(args, self.nargs_flags))
+
+
+def expand_nargs(args: list[str], flags: tuple[str, ...]) -> list[str]:
+    """Repeat a flag before each of the values that follow it, up to the next option."""
+    out: list[str] = []
+    current: str | None = None
+    for arg in args:
+        if arg == "--":
+            current = None
+            out.append(arg)
+        elif arg.startswith("-") and len(arg) > 1:
+            name, eq, _ = arg.partition("=")
+            current = name if name in flags and not eq else None
+            out.append(arg)
+        elif current is not None and out and out[-1] != current:
+            out.extend([current, arg])
+        else:
+            out.append(arg)
+    return out
+
+
+def nargs_flags(model: type[BaseModel]) -> tuple[str, ...]:
+    """The flags of `model`'s fields marked ``json_schema_extra={"nargs": True}``."""
+    return tuple(
+        "--" + n.replace("_", "-") for n, f in model.model_fields.items() if (f.json_schema_extra or {}).get("nargs")
+    )
 
 
 def _file_only(ann: Any) -> bool:

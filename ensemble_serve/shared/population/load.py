@@ -59,7 +59,7 @@ class PopulationError(ValueError):
 # --------------------------------------------------------------------------- fingerprint
 
 
-def _pickle_files(folder: Path) -> list[str]:
+def pickle_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
 
 
@@ -76,7 +76,7 @@ def fingerprint_model_dir(path: str | os.PathLike[str]) -> str:
         raise PopulationError(f"{folder}: model folder not found")
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
-        pickles = _pickle_files(folder)
+        pickles = pickle_files(folder)
         if pickles:
             raise PopulationError(
                 f"{folder}: only pickle weights {pickles}; pickle weights are refused, "
@@ -169,7 +169,7 @@ def _check_base_model(root: Path, manifest: Manifest, manifest_path: Path) -> Pa
     if not (base / "config.json").is_file():
         raise PopulationError(f"{base / 'config.json'}: base model has no config.json (named in {manifest_path})")
     if not any(base.glob("*.safetensors")):
-        pickles = _pickle_files(base)
+        pickles = pickle_files(base)
         if pickles:
             raise PopulationError(f"{base}: base model has only pickle weights {pickles}; pickle weights are refused")
         raise PopulationError(f"{base}: base model has no *.safetensors weights")
@@ -221,7 +221,7 @@ def check_adapter_dir(folder: Path, member: Member, base_name: str, *, check_wei
         )
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
-        pickles = _pickle_files(folder)
+        pickles = pickle_files(folder)
         if pickles:
             raise PopulationError(
                 f"{weights}: missing; found pickle weights {pickles}, which are refused "
