@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-fast embedded embedded-population lint
+.PHONY: install serve test test-fast realshape embedded embedded-population lint
 
 install:
 	bash scripts/install.sh
@@ -19,6 +19,11 @@ test: install
 # Unit tests only (no engine start).
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Build the real-shaped test model (a Qwen2 with a byte-level BPE tokenizer, ChatML template and three plain
+# PEFT adapters; tests/realshape.py) into .cache/: a few minutes on 2 cores, then reused by the tests.
+realshape: install
+	$(BIN)/python tests/realshape.py
 
 # Rebuild the embedded default (about 35 minutes on 2 cores): the substrate (levels 1-2 of every family,
 # with and without a system message), 12 specialists (two per family, on its levels 3-4), their held-out

@@ -54,6 +54,17 @@ def tiny_population(tiny_substrate: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="session")
+def realshape():
+    """The real-shaped Qwen2 test model and its three PEFT adapters (tests/realshape.py).
+
+    Built once into <repo>/.cache/ (a few minutes on 2 cores; `make realshape` does it ahead), then reused.
+    """
+    from realshape import build_realshape
+
+    return build_realshape()
+
+
+@pytest.fixture(scope="session")
 def embedded_population() -> Path:
     """The shipped default: the trained substrate and its starting population."""
     path = EMBEDDED_POPULATION

@@ -204,7 +204,7 @@ def test_bad_weights_are_refused(pair: list[LoraWeights], weights: list, message
     ("other", "message"),
     [
         (make_lora(4, seed=5, base="other-base"), "incompatible members: .*base_model_name_or_path"),
-        (make_lora(4, seed=5, modules=("q_proj",)), "incompatible members: .*target_modules"),
+        (make_lora(4, seed=5, modules=("q_proj",), dim=8), "incompatible members: .*shape .* of .*q_proj"),
         (make_lora(4, seed=5, dim=8), "incompatible members: .*module shapes"),
     ],
 )
@@ -214,6 +214,23 @@ def test_incompatible_members_are_refused(pair: list[LoraWeights], other: LoraWe
     # a zero weight does not excuse an incompatible member: the route itself is wrong
     with pytest.raises(MixtureError, match=message):
         mix([pair[0], other], [1.0, 0.0])
+
+
+def test_members_with_different_target_modules_mix_exactly() -> None:
+    """Adapters brought from elsewhere target different modules: a module one lacks is a zero update."""
+    qv = make_lora(4, seed=1, alpha=8)
+    q_only = make_lora(2, seed=2, alpha=2, modules=("q_proj",))
+    wide = make_lora(8, seed=3, alpha=16, modules=("q_proj", "k_proj", "v_proj"))
+    members, weights = [qv, q_only, wide], [0.5, 0.3, 0.2]
+    mixed = mix_exact(members, weights)
+    assert mixed.rank == 14 and set(mixed.config["target_modules"]) == {"q_proj", "k_proj", "v_proj"}
+    expected = {}
+    for module in wide.modules():
+        expected[module] = sum(w * x.delta(module) for x, w in zip(members, weights) if module in x.factors)
+    assert_update(mixed, expected)
+    assert truncation_error(members, weights, mixed) < 1e-6  # float32 factors against the float64 sum
+    truncated = mix(members, weights, max_rank=8)
+    assert truncated.rank == 8 and truncated.modules() == mixed.modules()
 
 
 @pytest.mark.parametrize("rank", [0, -3, 2.5, True])

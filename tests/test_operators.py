@@ -19,6 +19,7 @@ from ensemble_serve.shared.lora import (
     WEIGHTS_FILE,
     LoraError,
     LoraWeights,
+    align_modules,
     check_compatible,
     load_lora,
     lora_from_bytes,
@@ -166,6 +167,24 @@ def test_check_compatible_names_the_member_that_differs() -> None:
     wide = {k: (torch.cat([v, v], dim=1) if k.endswith("lora_A.weight") else v) for k, v in a.state_dict().items()}
     with pytest.raises(LoraError, match=r"module shapes.*in=32 out=16.*\(wide\)"):
         check_compatible([a, lora_from_bytes(payload(a.config, wide))], ["m00", "wide"])
+
+
+def test_align_modules_gives_every_adapter_the_union_as_zero_updates() -> None:
+    a, more = make_lora(4, 0), make_lora(8, 4, modules=("q_proj", "k_proj", "v_proj"))
+    assert align_modules([a, make_lora(2, 1)], ["m00", "m01"])[0] is a  # already aligned: unchanged
+    x, y = align_modules([a, more], ["m00", "m04"])
+    check_compatible([x, y], ["m00", "m04"])
+    assert x.modules() == more.modules() and x.config["target_modules"] == ["k_proj", "q_proj", "v_proj"]
+    for module in a.modules():
+        assert torch.equal(x.delta(module), a.delta(module))
+    k_module = next(m for m in more.modules() if m.endswith("k_proj"))
+    assert x.rank == 4 and not x.delta(k_module).any()
+    with pytest.raises(LoraError, match=r"base_model_name_or_path"):
+        align_modules([a, make_lora(4, 2, base="another-base", modules=("q_proj",))], ["m00", "m02"])
+    with pytest.raises(LoraError, match=r"shape \(in, out\) of .*q_proj.*\(narrow\)"):
+        align_modules([a, make_lora(4, 2, modules=("q_proj",), dim=8)], ["m00", "narrow"])
+    with pytest.raises(LoraError, match="2 adapters but 1 names"):
+        align_modules([a, more], ["m00"])
 
 
 def test_refactor_is_exact_up_to_the_true_rank() -> None:

@@ -553,5 +553,11 @@ def test_client_examples_work(server, monkeypatch):
     llm = langchain_example.build_llm(server.url + "/v1", vote="majority")
     message = llm.invoke("sort 52 17 83 4")
     assert message.content
+    vote = langchain_example.vote_of(message)  # the x-ensemble-* headers, through LangChain's response_metadata
+    assert vote is not None and vote["rule"] == "majority" and len(vote["members"]) >= 2
+    if vote["answer"] is not None:
+        assert 0 < vote["agreement"] <= 1 and vote["answer"] in message.content
+    member = langchain_example.build_llm(server.url + "/v1", model="m00", vote=None).invoke("sort 52 17 83 4")
+    assert member.content and langchain_example.vote_of(member) is None
     streamed = "".join(chunk.content for chunk in llm.stream("sort 52 17 83 4"))
     assert streamed

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ensemble_serve.errors import RequestTimeoutError, ServiceUnavailableError
 from ensemble_serve.http.errors import error_response, request_id_of
+from ensemble_serve.http.headers import ensemble_headers
 from ensemble_serve.http.shutdown import Drain
 from ensemble_serve.protocol import ChatCompletionRequest, CompletionRequest
 from ensemble_serve.service.service import EnsembleService
@@ -62,7 +63,7 @@ def guarded(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Res
         if hasattr(result, "__aiter__"):
             events = _bounded_stream(result, state.drain, deadline, limit, request, service, req.model)
             return StreamingResponse(events, media_type="text/event-stream")
-        return JSONResponse(result.model_dump(exclude_none=True))
+        return JSONResponse(result.model_dump(exclude_none=True), headers=ensemble_headers(result))
 
     return wrapper
 

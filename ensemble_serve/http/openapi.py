@@ -26,6 +26,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from ensemble_serve.errors import ErrorResponse
+from ensemble_serve.http.headers import HEADERS
 from ensemble_serve.protocol import (
     GREEDY_TEMPERATURE,
     INT64_MAX,
@@ -120,6 +121,10 @@ def _fix_operation(path: str, method: str, op: dict[str, Any]) -> None:
     if path in ("/v1/chat/completions", "/v1/completions"):
         ok["description"] = "The completion; with `stream: true`, server-sent events ending with `data: [DONE]`."
         ok["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
+        ok["headers"] = {  # on a non-streamed ensemble answer to one prompt (ensemble_serve/http/headers.py)
+            name: {"description": text, "required": False, "schema": {"type": "string"}}
+            for name, text in HEADERS.items()
+        }
     if path == "/metrics":
         ok["description"] = "Prometheus metrics (text exposition format)."
         ok["content"] = {"text/plain": {"schema": {"type": "string"}}}

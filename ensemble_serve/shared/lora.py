@@ -333,6 +333,47 @@ def check_compatible(weights: Sequence[LoraWeights], names: Sequence[str]) -> No
         raise LoraError(f"adapters disagree on module shapes (in, out): {_groups(per, names)}")
 
 
+def align_modules(weights: Sequence[LoraWeights], names: Sequence[str]) -> list[LoraWeights]:
+    """The adapters over one set of modules, so that adapters trained on different targets combine.
+
+    Adapters brought from elsewhere often differ in `target_modules` (q,v in one, every linear
+    layer in another). A module an adapter does not target is an update of zero, so each adapter
+    gets the union of the modules, the missing ones as zero factors of its own rank, and the
+    union as its `target_modules`; its update is unchanged everywhere. Adapters that already
+    agree are returned as they are. Adapters of other bases, or whose shared modules differ in
+    shape, are refused (`LoraError`, naming them), since no alignment can combine those.
+    """
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise LoraError(f"{len(weights)} adapters but {len(names)} names")
+    if len({frozenset(w.factors) for w in weights}) <= 1:
+        return weights
+    bases = [w.config.get("base_model_name_or_path") for w in weights]
+    if len(set(bases)) > 1:
+        raise LoraError(f"adapters disagree on base_model_name_or_path: {_groups(bases, names)}")
+    shapes: dict[str, tuple[tuple[int, int], str]] = {}
+    for w, name in zip(weights, names):
+        for module in w.modules():
+            shape = w.shape(module)
+            seen = shapes.setdefault(module, (shape, name))
+            if seen[0] != shape:
+                raise LoraError(
+                    f"adapters disagree on the shape (in, out) of {module}: {seen[0]} ({seen[1]}) vs {shape} ({name})"
+                )
+    union = sorted(shapes)
+    targets = sorted({module.rsplit(".", 1)[-1] for module in union})
+    aligned = []
+    for w in weights:
+        factors = dict(w.factors)
+        for module in union:
+            if module not in factors:
+                (n_in, n_out) = shapes[module][0]
+                factors[module] = (torch.zeros(w.rank, n_in), torch.zeros(n_out, w.rank))
+        config = {**w.config, "target_modules": targets}
+        aligned.append(LoraWeights(rank=w.rank, alpha=w.alpha, factors=factors, config=config))
+    return aligned
+
+
 def _target_set(target: Any) -> Any:
     """target_modules as a comparable value: a set of names, or the regex string PEFT also accepts."""
     if isinstance(target, list | tuple | set | frozenset):

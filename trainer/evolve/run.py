@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble_serve.shared.fsutil import atomic_write_text
-from ensemble_serve.shared.lora import LoraError, LoraWeights, check_compatible, load_lora
+from ensemble_serve.shared.lora import LoraError, LoraWeights, align_modules, check_compatible, load_lora
 from ensemble_serve.shared.population import Population, create_population, load_population, read_manifest
 from trainer.evolve.config import EvolveConfig, LifecycleConfig
 
@@ -136,7 +136,12 @@ def _copy_population(cfg: EvolveConfig) -> None:
 
 
 def load_members(population: Population) -> dict[str, LoraWeights]:
-    """Every member's adapter, refused unless all of them can evolve together (same base, modules)."""
+    """Every member's adapter over one set of modules, refused unless all of them can evolve together.
+
+    Members with different target modules (adapters brought from elsewhere) are aligned: a module
+    a member does not target is a zero update of its rank (`align_modules`), so crossover and
+    mixing see one set of modules. Another base or other module shapes are refused.
+    """
     weights = {}
     for name in population.names:
         try:
@@ -144,10 +149,11 @@ def load_members(population: Population) -> dict[str, LoraWeights]:
         except LoraError as e:
             raise EvolveError(f"member {name}: {e}") from None
     try:
-        check_compatible([weights[n] for n in population.names], population.names)
+        aligned = align_modules([weights[n] for n in population.names], population.names)
+        check_compatible(aligned, population.names)
     except LoraError as e:
         raise EvolveError(f"{population.root}: members cannot evolve together: {e}") from None
-    return weights
+    return dict(zip(population.names, aligned))
 
 
 @contextmanager

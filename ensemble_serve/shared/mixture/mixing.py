@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 
 from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS
-from ensemble_serve.shared.lora import LoraError, LoraWeights, check_compatible, refactor_low_rank
+from ensemble_serve.shared.lora import LoraError, LoraWeights, align_modules, check_compatible, refactor_low_rank
 
 __all__ = [
     "MixtureError",
@@ -118,8 +118,9 @@ def check_mode(mode: Any) -> Mode:
     return mode
 
 
-def _check_members(members: Sequence[LoraWeights], names: Sequence[str] | None) -> list[str]:
-    """Refuse an empty or incompatible set, converting `check_compatible`'s LoraError into a MixtureError."""
+def _check_members(members: Sequence[LoraWeights], names: Sequence[str] | None) -> tuple[list[LoraWeights], list[str]]:
+    """The members over one set of modules (`align_modules`: different target modules mix, a missing
+    module being a zero update) and their names; an empty or incompatible set is a MixtureError."""
     if isinstance(members, LoraWeights) or not isinstance(members, Sequence) or not members:
         raise MixtureError("members must be a non-empty sequence of LoraWeights")
     bad = [i for i, m in enumerate(members) if not isinstance(m, LoraWeights)]
@@ -127,10 +128,11 @@ def _check_members(members: Sequence[LoraWeights], names: Sequence[str] | None) 
         raise MixtureError(f"members at positions {bad} are not LoraWeights")
     resolved = _member_names(len(members), names)
     try:
-        check_compatible(list(members), resolved)
+        aligned = align_modules(members, resolved)
+        check_compatible(aligned, resolved)
     except LoraError as e:
         raise MixtureError(f"incompatible members: {e}") from e
-    return resolved
+    return aligned, resolved
 
 
 @dataclass(frozen=True)
@@ -198,11 +200,12 @@ def _child(template: LoraWeights, factors: dict[str, tuple[torch.Tensor, torch.T
 
 def _prepare(
     members: Sequence[LoraWeights], weights: Weights, names: Sequence[str] | None
-) -> tuple[list[float], tuple[int, ...]]:
-    """Validate members and weights once; the normalised weights and the indices of members with a positive one."""
-    resolved = _check_members(members, names)
+) -> tuple[list[LoraWeights], list[float], tuple[int, ...]]:
+    """Validate members and weights once: the aligned members, the normalised weights and the indices of
+    members with a positive one."""
+    aligned, resolved = _check_members(members, names)
     normalised = normalise_weights(weights, resolved)
-    return normalised, tuple(i for i, w in enumerate(normalised) if w > 0)
+    return aligned, normalised, tuple(i for i, w in enumerate(normalised) if w > 0)
 
 
 def _exact(members: Sequence[LoraWeights], weights: Sequence[float], active: Sequence[int]) -> LoraWeights:
@@ -231,7 +234,7 @@ def mix_exact(members: Sequence[LoraWeights], weights: Weights, *, names: Sequen
     r = lora_alpha = sum of those ranks, hence scale 1, and ``use_rslora`` false; rsLoRA members
     are handled by folding their own scale into B. `names` only labels members in error messages.
     """
-    normalised, active = _prepare(members, weights, names)
+    members, normalised, active = _prepare(members, weights, names)
     return _exact(members, normalised, active)
 
 
@@ -246,7 +249,7 @@ def mix_truncated(
     `mix_exact`; singular values are split as square roots between A and B.
     """
     rank = check_rank(rank, "rank")
-    normalised, active = _prepare(members, weights, names)
+    members, normalised, active = _prepare(members, weights, names)
     return _truncated(members, normalised, active, rank)
 
 
@@ -264,7 +267,7 @@ def truncation_error(
     float64 (Gram matrices, no dense update). 0 for an exact mix; inf if the exact update is zero
     but `mixed` is not (relative error is then undefined).
     """
-    normalised, active = _prepare(members, weights, names)
+    members, normalised, active = _prepare(members, weights, names)
     exact = _concatenate(members, normalised, active)
     if not isinstance(mixed, LoraWeights) or set(mixed.factors) != set(exact):
         raise MixtureError("mixed adapter does not have the members' modules")
@@ -310,7 +313,7 @@ def mix(
     ``truncated``: `mix_truncated` to min(`rank`, `max_rank`) (`rank` required); the engine's
     limit wins because an adapter above it could not be loaded at all.
     """
-    normalised, active = _prepare(members, weights, names)
+    members, normalised, active = _prepare(members, weights, names)
     plan = _plan([m.rank for m in members], normalised, mode, rank, max_rank)
     if plan.mode == "exact":
         return _exact(members, normalised, active)

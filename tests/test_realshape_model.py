@@ -1,0 +1,254 @@
+"""The real-shaped test model (tests/realshape.py): what it is made of, and how its build is cached.
+
+The tests on the built model are slow the first time (the build takes a few minutes on 2 cores,
+then it is reused from .cache/); the tests of the cache itself stub the build and are fast.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import realshape as rs
+
+pytestmark = pytest.mark.realshape
+built = pytest.mark.slow  # needs the built model
+
+EXPECTED_ADAPTERS = {
+    "qv8": (8, 16, {"q_proj", "v_proj"}),
+    "all16": (16, 32, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    "attn4": (4, 8, {"q_proj", "k_proj", "v_proj", "o_proj"}),
+}
+
+
+def _tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+@built
+@pytest.mark.parametrize(
+    "text, tokens",
+    [("478+365", ["47", "8", "+", "36", "5"]), ("123456", ["12", "34", "56"]), ("#### 843", ["####", "Ġ", "84", "3"])],
+)
+def test_numbers_are_split_across_several_tokens_of_several_digits(realshape, text: str, tokens: list[str]) -> None:
+    tok = _tokenizer(realshape.base)  # as transformers and vLLM load it
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids) == tokens
+    digit_tokens = [t for t in tokens if t.isdigit()]
+    assert len(digit_tokens) >= 2 and any(len(t) > 1 for t in digit_tokens)  # neither one per digit nor whole
+    assert tok.decode(ids) == text
+
+
+@built
+def test_tokenizer_json_is_byte_level_bpe_and_agrees_with_transformers(realshape) -> None:
+    """tokenizer.json groups digits itself (no per-digit split) and tokenizes exactly as transformers/vLLM do."""
+    from tokenizers import Tokenizer
+
+    from trainer.tasks.sandbox import generate_problems
+
+    spec = json.loads((realshape.base / "tokenizer.json").read_text())
+    assert spec["model"]["type"] == "BPE" and spec["decoder"]["type"] == "ByteLevel"
+    byte_level = [p for p in spec["pre_tokenizer"]["pretokenizers"] if p["type"] == "ByteLevel"]
+    assert byte_level and byte_level[0]["add_prefix_space"] is False
+    raw = Tokenizer.from_file(str(realshape.base / "tokenizer.json"))
+    assert [piece for piece, _ in raw.pre_tokenizer.pre_tokenize_str("123456")] == ["12", "34", "56"]
+    assert 1000 <= raw.get_vocab_size() <= 2000
+
+    tok = _tokenizer(realshape.base)
+    assert type(tok).__name__ == "Qwen2Tokenizer"  # whatever tokenizer_config.json says, for a qwen2 model
+    texts = []
+    for p in generate_problems(60, seed=3, split="heldout", difficulties=[1, 2, 3, 4, 5, 6, 7, 8]):
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p.prompt}]
+        rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        texts += [p.prompt, p.chain, rendered + p.chain + rs.IM_END]
+    for text in texts + ["x 2026-12-01 3.14159 ²³ ٣٤ done"]:
+        assert raw.encode(text, add_special_tokens=False).ids == tok.encode(text, add_special_tokens=False), text
+
+
+@built
+def test_chat_template_renders_a_system_message_and_the_generation_prompt(realshape) -> None:
+    tok = _tokenizer(realshape.base)
+    assert "chat_template" in json.loads((realshape.base / "tokenizer_config.json").read_text())
+    user = {"role": "user", "content": "add 478+365"}
+    with_system = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, user], tokenize=False, add_generation_prompt=True
+    )
+    assert with_system == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nadd 478+365<|im_end|>\n<|im_start|>assistant\n"
+    )
+    without = tok.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    assert without == "<|im_start|>user\nadd 478+365<|im_end|>\n<|im_start|>assistant\n"
+    no_prompt = tok.apply_chat_template([user], tokenize=False, add_generation_prompt=False)
+    assert no_prompt == "<|im_start|>user\nadd 478+365<|im_end|>\n"
+    ids = tok.apply_chat_template([user], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids == tok.encode(without, add_special_tokens=False)
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+
+
+@built
+def test_special_tokens_are_single_tokens_that_decode_away(realshape) -> None:
+    tok = _tokenizer(realshape.base)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    for special in rs.SPECIAL_TOKENS:
+        assert len(tok.encode(special, add_special_tokens=False)) == 1
+        assert special in tok.all_special_tokens
+    text = "<|im_start|>assistant\n8+5=13\n#### 843<|im_end|>\n<|endoftext|>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == "assistant\n8+5=13\n#### 843\n"
+    assert tok.encode("add 1+2") == tok.encode("add 1+2", add_special_tokens=False)  # no BOS, as Qwen2
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and adapters
+# ---------------------------------------------------------------------------------------------
+
+
+@built
+def test_base_is_a_qwen2_model_folder_with_float32_safetensors(realshape) -> None:
+    base = realshape.base
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
+        assert (base / name).is_file(), name
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["architectures"] == ["Qwen2ForCausalLM"]
+    assert cfg["max_position_embeddings"] >= 2048
+    assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]  # grouped-query attention
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] in (32, 64)  # head sizes vLLM's CPU attention takes
+    tok = _tokenizer(base)
+    assert cfg["vocab_size"] == len(tok)
+    assert cfg["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    gen = json.loads((base / "generation_config.json").read_text())
+    assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+    tensors = _safetensors_header(base / "model.safetensors")
+    assert {t["dtype"] for t in tensors.values()} == {"F32"}
+    assert "model.layers.0.self_attn.q_proj.bias" in tensors  # Qwen2's biased q/k/v
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert tensors["model.layers.0.self_attn.k_proj.weight"]["shape"] == [
+        cfg["num_key_value_heads"] * head_dim,
+        cfg["hidden_size"],
+    ]
+
+
+@built
+@pytest.mark.parametrize("name", list(EXPECTED_ADAPTERS))
+def test_adapters_are_plain_peft_loras_in_safetensors(realshape, name: str) -> None:
+    rank, alpha, targets = EXPECTED_ADAPTERS[name]
+    folder = realshape.adapters[name]
+    assert not (folder / "adapter_model.bin").exists()
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert (cfg["r"], cfg["lora_alpha"], set(cfg["target_modules"])) == (rank, alpha, targets)
+    assert cfg["base_model_name_or_path"] == str(realshape.base)  # the final folder, not the build's temporary one
+    tensors = _safetensors_header(folder / "adapter_model.safetensors")
+    found = set()
+    for key, info in tensors.items():
+        assert key.startswith("base_model.model.model.layers.") and info["dtype"] == "F32", key
+        module = key.split(".")[-3]
+        found.add(module)
+        if ".lora_A." in key:
+            assert info["shape"][0] == rank, key
+        else:
+            assert ".lora_B." in key and info["shape"][1] == rank, key
+    assert found == targets
+
+
+@built
+def test_the_build_recorded_accuracy_and_time(realshape) -> None:
+    report = realshape.report
+    assert report["base_accuracy"]["all"] > 0
+    assert report["build_seconds"] > 0
+    assert report["settings"] == json.loads(json.dumps(rs.SETTINGS))
+    for name, (rank, _, targets) in EXPECTED_ADAPTERS.items():
+        entry = report["adapters"][name]
+        assert (entry["r"], set(entry["target_modules"])) == (rank, targets)
+        assert 0 <= entry["accuracy"] <= 1
+    assert any(entry["accuracy"] > 0 for entry in report["adapters"].values())
+
+
+@built
+def test_a_second_call_reuses_the_build(realshape) -> None:
+    t0 = time.perf_counter()
+    again = rs.build_realshape()
+    assert again == realshape and (realshape.base.parent / rs.DONE).is_file()
+    assert time.perf_counter() - t0 < 5
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache (the build itself stubbed)
+# ---------------------------------------------------------------------------------------------
+
+
+def _stub_build(monkeypatch: pytest.MonkeyPatch, calls: list[Path], seconds: float = 0.0) -> None:
+    def build_into(tmp: Path, final: Path) -> dict:
+        calls.append(final)
+        (tmp / "base").mkdir(parents=True)
+        time.sleep(seconds)
+        return {"build_seconds": seconds}
+
+    monkeypatch.setattr(rs, "_build_into", build_into)
+
+
+def test_the_digest_covers_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = rs.build_digest()
+    assert rs.build_digest() == before
+    monkeypatch.setitem(rs.SETTINGS["base"], "steps", rs.SETTINGS["base"]["steps"] + 1)
+    assert rs.build_digest() != before
+
+
+def test_a_build_lands_whole_with_done_last_and_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    _stub_build(monkeypatch, calls)
+    stale = tmp_path / f"realshape-{rs.build_digest()}.tmp-999999"  # a killed build's leftovers
+    stale.mkdir()
+    shape = rs.build_realshape(tmp_path)
+    out = tmp_path / f"realshape-{rs.build_digest()}"
+    assert shape.base == out / "base" and set(shape.adapters) == set(rs.SETTINGS["adapters"])
+    assert (out / rs.DONE).is_file() and shape.report == {"build_seconds": 0.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "realshape.lock"])
+    assert rs.build_realshape(tmp_path) == shape and calls == [out]
+
+
+def test_a_folder_without_done_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    _stub_build(monkeypatch, calls)
+    out = tmp_path / f"realshape-{rs.build_digest()}"
+    (out / "base").mkdir(parents=True)  # half a build, no DONE
+    rs.build_realshape(tmp_path)
+    assert calls == [out] and (out / rs.DONE).is_file()
+
+
+def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    _stub_build(monkeypatch, calls, seconds=0.5)
+    results: list[rs.RealShape] = []
+    threads = [threading.Thread(target=lambda: results.append(rs.build_realshape(tmp_path))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 3 and len(set(r.base for r in results)) == 1
