@@ -37,6 +37,10 @@ def test_flags_override_the_config_file(tmp_path: Path, monkeypatch):
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.steps, cfg.lr, cfg.domains, cfg.difficulties) == (3, 0.01, ("add", "sub"), (1, 2))
+    # a list flag may also repeat, as `--remote A --remote B` (the last one alone would drop A silently)
+    result = CliRunner().invoke(main, ["substrate", "--difficulties", "1", "--difficulties", "2,3", "--domains", "mod"])
+    assert result.exit_code == 0, result.output
+    assert (seen["cfg"].difficulties, seen["cfg"].domains) == ((1, 2, 3), ("mod",))
 
 
 @pytest.mark.parametrize(

@@ -332,33 +332,36 @@ def test_up_with_model_and_lora_modules(realshape, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- remote mode and evolve
 
 
-def test_remote_mode_with_a_vllm_server_holding_part_of_the_members(
+def test_remote_mode_with_vllm_servers_holding_part_of_the_members_each(
     realshape, population: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    held = ["qv8", "attn4"]
-    args = vllm_command(
-        realshape.base,
-        port,
-        [f"{m}={population / 'members' / m}" for m in held],
-        "--api-key",
-        VLLM_KEY,
-        "--max-model-len",
-        "2048",
-        "--no-enable-chunked-prefill",
-        "--gpu-memory-utilization",
-        "0.1",
-        max_loras=2,
-    )
-    vllm = launch(VLLMServer, "vllm", args, port, tmp_path / "vllm.log", api_key=VLLM_KEY)
+    """Two vLLM servers of the user's base, each holding part of the members; then one goes away."""
+    parts = {"a": ["qv8", "attn4"], "b": ["all16"]}
+    servers: dict[str, VLLMServer] = {}
     ens = None
     try:
-        wait_healthy([vllm], 300)
+        for key, held in parts.items():
+            port = free_port()
+            args = vllm_command(
+                realshape.base,
+                port,
+                [f"{m}={population / 'members' / m}" for m in held],
+                "--api-key",
+                VLLM_KEY,
+                "--max-model-len",
+                "2048",
+                "--no-enable-chunked-prefill",
+                "--gpu-memory-utilization",
+                "0.1",
+                max_loras=2,
+            )
+            servers[key] = launch(VLLMServer, "vllm", args, port, tmp_path / f"vllm-{key}.log", api_key=VLLM_KEY)
+        wait_healthy(list(servers.values()), 300)
+        remote = [arg for srv in servers.values() for arg in ("--remote", srv.url)]
         ens = start_server(
             population,
             tmp_path / "ensemble.log",
-            "--remote",
-            vllm.url,
+            *remote,
             "--remote-api-key",
             VLLM_KEY,
             "--no-watch",
@@ -366,21 +369,36 @@ def test_remote_mode_with_a_vllm_server_holding_part_of_the_members(
             ENSEMBLE,
         )
         client = ens.client(timeout=300)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROBLEM}]
         resp = client.chat.completions.create(
             model=ENSEMBLE,
-            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROBLEM}],
+            messages=messages,
             temperature=0.7,
             max_tokens=48,
-            extra_body={"ensemble": {"vote": "cross", "members": held}},
+            extra_body={"ensemble": {"vote": "cross", "samples_per_member": 2, "members": ["qv8", "all16", "attn4"]}},
         )
         _clean(resp.choices[0].message.content)
-        assert sorted(resp.model_extra["ensemble"]["members"]) == sorted(held)
-        health = httpx.get(ens.url + "/health", timeout=10).json()
-        assert health["status"] == "degraded" and "all16" in health["unavailable_members"]
+        assert sorted(resp.model_extra["ensemble"]["members"]) == ["all16", "attn4", "qv8"]  # from both servers
+
+        servers["b"].stop()  # all16's server goes away: the others still answer
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # a failed request (or the liveness probe) marks it down
+            resp = client.chat.completions.create(model=ENSEMBLE, messages=messages, temperature=0, max_tokens=48)
+            _clean(resp.choices[0].message.content)
+            health = httpx.get(ens.url + "/health", timeout=10).json()
+            if health["status"] == "degraded":
+                break
+            time.sleep(1)
+        assert health["status"] == "degraded" and health["unavailable_members"] == ["all16"], health
+        resp = client.chat.completions.create(model=ENSEMBLE, messages=messages, temperature=0, max_tokens=48)
+        _clean(resp.choices[0].message.content)
+        ens_info = resp.model_extra["ensemble"]  # routed: the router's top 2 of the members that can answer
+        assert ens_info["members"] and "all16" not in ens_info["members"], ens_info
     finally:
         if ens is not None:
             ens.stop()
-        vllm.stop()
+        for srv in servers.values():
+            srv.stop()
 
 
 def test_one_generation_of_evolve(population: Path, data: Path, tmp_path: Path) -> None:

@@ -38,15 +38,17 @@ def _option_for(name: str, field: Any) -> Callable:
             callback=lambda _c, _p, v: tuple(v) or None,
         )
     if typing.get_origin(ann) is tuple:
+        # comma-separated, and the flag may repeat (`--remote A --remote B` is `--remote A,B`, not B alone)
         inner = args[0]
         return click.option(
             flag,
             name,
+            multiple=True,
             default=None,
             metavar="A,B,...",
-            help=help_text,
+            help=help_text + " Comma-separated; the flag may repeat.",
             callback=lambda _c, _p, v: (
-                None if v is None else tuple(inner(x.strip()) for x in v.split(",") if x.strip())
+                None if not v else tuple(inner(x.strip()) for part in v for x in part.split(",") if x.strip())
             ),
         )
     click_type = {int: int, float: float, str: str, Path: click.Path(path_type=Path)}.get(ann, str)
