@@ -252,3 +252,49 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(results) == 3 and len(set(r.base for r in results)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bringing them in: `ensemble-train import` on this model, and what it refuses
+# ---------------------------------------------------------------------------------------------
+
+
+@built
+def test_its_adapters_import_with_their_own_ranks_and_targets(realshape, tmp_path: Path) -> None:
+    from ensemble_serve.shared.bring_your_own import AdapterSpec, import_adapters
+    from ensemble_serve.shared.population import load_population
+
+    specs = [AdapterSpec(name, path) for name, path in realshape.adapters.items()]
+    pop = load_population(import_adapters(realshape.base, specs, tmp_path / "pop").root)
+    assert pop.names == list(EXPECTED_ADAPTERS)
+    assert [m.rank for m in pop.manifest.members] == [r for r, _, _ in EXPECTED_ADAPTERS.values()]
+    assert all(m.fitness is None for m in pop.manifest.members)  # unknown until `eval`
+    for name in pop.names:  # the copies name the base folder, the originals are untouched
+        copied = json.loads((pop.member_dir(name) / "adapter_config.json").read_text())
+        assert copied["base_model_name_or_path"] == realshape.base.name
+        original = json.loads((realshape.adapters[name] / "adapter_config.json").read_text())
+        assert original["base_model_name_or_path"] == str(realshape.base)
+
+
+@built
+def test_bad_adapters_for_this_model_are_refused_naming_them(realshape, tmp_path: Path) -> None:
+    from ensemble_serve.shared.bring_your_own import AdapterSpec, import_adapters
+    from ensemble_serve.shared.embedded import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
+    from ensemble_serve.shared.population import PopulationError
+
+    def refused(base: Path, name: str, folder: Path, words: str, **kw) -> None:
+        with pytest.raises(PopulationError, match=words):
+            import_adapters(base, [AdapterSpec(name, folder)], tmp_path / f"pop-{name}", **kw)
+        assert not (tmp_path / f"pop-{name}").exists()
+
+    llama_member = EMBEDDED_POPULATION / "members" / "m00"  # the embedded Llama's adapter on this Qwen2
+    refused(realshape.base, "m00", llama_member, "adapter 'm00' was trained on")
+    refused(realshape.base, "m00", llama_member, "adapter 'm00': module .* made for another base", ignore_base_name=True)
+    refused(EMBEDDED_SUBSTRATE, "qv8", realshape.adapters["qv8"], "adapter 'qv8' was trained on")
+    refused(realshape.base, "all16", realshape.adapters["all16"], "set --max-lora-rank 16", max_lora_rank=8)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_bytes((realshape.adapters["qv8"] / "adapter_config.json").read_bytes())
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04.")  # a pickle, never loaded
+    refused(realshape.base, "pickled", pickled, "only pickle weights")
+    refused(realshape.base, "gone", tmp_path / "gone", "adapter 'gone': folder .* not found")
