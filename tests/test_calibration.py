@@ -254,3 +254,20 @@ def test_a_default_of_several_samples_gives_a_greedy_request_one_chain_per_membe
     assert len(sampled.chains) == 8
     with pytest.raises(BadRequestError, match="samples_per_member > 1 needs sampling"):
         asyncio.run(service.chat(req(0.0, samples_per_member=4)))  # asked for by the client: still refused
+
+
+def test_a_default_adaptive_fan_out_applies_unless_the_request_turns_it_off(tmp_path: Path):
+    from test_serving import ANSWERS, ScriptedBackend, _req
+
+    root = _population_with(tmp_path, None)
+    defaults = {"adaptive": {"confidence": 0.9}}
+    write_manifest(root, read_manifest(root).model_copy(update={"ensemble_defaults": defaults}))
+    service = EnsembleService(
+        ScriptedBackend(dict(ANSWERS)), load_population(root), ServeSettings(ensemble_name="ens"), Metrics()
+    )
+    plain = asyncio.run(service.chat(_req()))
+    assert plain.ensemble.adaptive["confidence"] == 0.9 and plain.ensemble.adaptive["chains"] == 4
+    off = asyncio.run(service.chat(_req(adaptive=False)))
+    assert off.ensemble.adaptive is None and len(off.ensemble.members) == 8
+    early = asyncio.run(service.chat(_req(early_stop=True)))  # the request's own choice, not a 400
+    assert early.ensemble.adaptive is None

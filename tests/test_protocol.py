@@ -303,7 +303,7 @@ def test_sampling_kwargs_build_real_sampling_params() -> None:
 # Invalid requests -> 400 in OpenAI's shape
 # ---------------------------------------------------------------------------
 
-ENSEMBLE_OPTIONS = "members, samples_per_member, vote, answer, early_stop, return_chains, mode, route"
+ENSEMBLE_OPTIONS = "members, samples_per_member, vote, answer, early_stop, return_chains, mode, route, adaptive"
 
 CHAT_CASES = [
     # (request fields, param, message)

@@ -289,7 +289,9 @@ def test_bad_adapters_for_this_model_are_refused_naming_them(realshape, tmp_path
 
     llama_member = EMBEDDED_POPULATION / "members" / "m00"  # the embedded Llama's adapter on this Qwen2
     refused(realshape.base, "m00", llama_member, "adapter 'm00' was trained on")
-    refused(realshape.base, "m00", llama_member, "adapter 'm00': module .* made for another base", ignore_base_name=True)
+    refused(
+        realshape.base, "m00", llama_member, "adapter 'm00': module .* made for another base", ignore_base_name=True
+    )
     refused(EMBEDDED_SUBSTRATE, "qv8", realshape.adapters["qv8"], "adapter 'qv8' was trained on")
     refused(realshape.base, "all16", realshape.adapters["all16"], "set --max-lora-rank 16", max_lora_rank=8)
     pickled = tmp_path / "pickled"

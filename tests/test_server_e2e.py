@@ -561,3 +561,43 @@ def test_client_examples_work(server, monkeypatch):
     assert member.content and langchain_example.vote_of(member) is None
     streamed = "".join(chunk.content for chunk in llm.stream("sort 52 17 83 4"))
     assert streamed
+
+
+def test_adaptive_fan_out_end_to_end(server, client):
+    """Waves on the real engine: the report, streaming, a 400 for a wave larger than the fan-out, /metrics."""
+    body = {"ensemble": {"members": 4, "samples_per_member": 2, "adaptive": {"confidence": 0.9, "wave_size": 2}}}
+    resp = client.chat.completions.create(
+        model="sandbox-ensemble",
+        messages=[{"role": "user", "content": PROBLEM}],
+        temperature=0.7,
+        max_tokens=64,
+        extra_body=body,
+    )
+    ens = _ensemble(resp)
+    report = ens["adaptive"]
+    assert 1 <= report["waves"] <= 4 and report["chains"] == 2 * report["waves"] and report["full_chains"] == 8
+    assert report["stopped"] in ("confident", "decided", "exhausted") and resp.choices[0].message.content
+    assert sum(ens["votes"].values()) <= report["chains"]
+    stream = client.chat.completions.create(
+        model="sandbox-ensemble",
+        messages=[{"role": "user", "content": PROBLEM}],
+        temperature=0.7,
+        max_tokens=64,
+        stream=True,
+        extra_body=body,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    bad = httpx.post(
+        server.url + "/v1/chat/completions",
+        headers=server.headers,
+        json={
+            "model": "sandbox-ensemble",
+            "messages": [{"role": "user", "content": PROBLEM}],
+            "temperature": 0.7,
+            "ensemble": {"members": 2, "adaptive": {"wave_size": 3}},
+        },
+        timeout=60,
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "ensemble.adaptive.wave_size"
+    text = httpx.get(server.url + "/metrics").text
+    assert "ensemble_adaptive_waves_total" in text and 'ensemble_adaptive_chains_total{kind="spent"}' in text

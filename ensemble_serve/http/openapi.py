@@ -31,6 +31,7 @@ from ensemble_serve.protocol import (
     GREEDY_TEMPERATURE,
     INT64_MAX,
     INT64_MIN,
+    MAX_SAMPLES_PER_MEMBER,
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -286,6 +287,31 @@ def _options_rules(options: dict[str, Any], service: Any) -> None:
             {"type": "null"},
         ]
     }
+    # adaptive: true (the defaults), an object, or false/null (off). Its wave may not exceed the fan-out
+    # (members x samples_per_member), a rule across fields JSON Schema cannot state (a 400 by design).
+    wave = {"type": "integer", "minimum": 1, **({"maximum": count * MAX_SAMPLES_PER_MEMBER} if count else {})}
+    props["adaptive"] = {
+        "anyOf": [
+            {"type": "boolean"},
+            {
+                "type": "object",
+                "properties": {
+                    "confidence": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                    "wave_size": {"anyOf": [wave, {"type": "null"}]},
+                },
+                "additionalProperties": False,
+            },
+            {"type": "null"},
+        ],
+        "description": props.get("adaptive", {}).get("description", "Adaptive fan-out: sample in waves."),
+    }
+    on = {"properties": {"adaptive": {"anyOf": [{"const": True}, {"type": "object"}]}}, "required": ["adaptive"]}
+    options.setdefault("allOf", []).append(
+        {
+            "if": on,
+            "then": {"properties": {"early_stop": {"not": {"const": True}}, "mode": {"not": {"const": "mixture"}}}},
+        }
+    )
 
 
 def _ensemble_rules(schemas: dict[str, Any], service: Any) -> None:

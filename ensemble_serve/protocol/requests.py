@@ -99,6 +99,37 @@ def _int_fields(cls: type[BaseModel]) -> frozenset[str]:
     return frozenset(out)
 
 
+class AdaptiveOptions(_Strict):
+    """``ensemble.adaptive``: sample the fan-out in waves and stop once the vote is settled.
+
+    The chains of the full fan-out (members x samples_per_member) are ordered by trust (router
+    gates, else reliability, else fitness; one chain of each member before a second of any) and
+    sampled `wave_size` at a time. After each wave the leading answer's chain count v1 and the
+    runner-up's v2 give P(leader's share > runner-up's) under a Beta(v1 + 1, v2 + 1) posterior
+    (Adaptive-Consistency's Beta criterion); the next wave is sampled unless that probability
+    reaches `confidence`, or the remaining chains could not overturn the lead.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    confidence: float = Field(0.95, gt=0, lt=1)
+    """The probability the leading answer must reach to stop, in (0, 1)."""
+    wave_size: int | None = Field(None, ge=1)
+    """Chains per wave; None: half the full fan-out, rounded up (at least 2). At most members x samples."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_options(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                raise ParameterError(
+                    f"unknown adaptive option {unknown[0]!r}; valid options: {', '.join(cls.model_fields)}",
+                    param=f"ensemble.adaptive.{unknown[0]}",
+                )
+        return data
+
+
 class EnsembleOptions(_Strict):
     """The optional ``ensemble`` object of a request (the openai client sends it via ``extra_body``)."""
 
@@ -119,6 +150,32 @@ class EnsembleOptions(_Strict):
     route: bool | None = None
     """Use the population's router to pick the members (top-k) and weight a weighted vote.
     None: yes when the population has a router and `members` is not a list of names."""
+    adaptive: AdaptiveOptions | None = None
+    """Sample in waves and stop when the vote is settled (`true`: the default settings; `false`/null: off)."""
+
+    @field_validator("adaptive", mode="before")
+    @classmethod
+    def _adaptive_flag(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        if v is False:
+            return None
+        return v
+
+    @model_validator(mode="after")
+    def _adaptive_combines(self) -> EnsembleOptions:
+        if self.adaptive is not None:
+            if self.early_stop:
+                raise ParameterError(
+                    "adaptive and early_stop cannot be combined: adaptive fan-out stops between waves",
+                    param="ensemble.adaptive",
+                )
+            if self.mode == "mixture":
+                raise ParameterError(
+                    "adaptive needs mode 'vote': a mixture answers with one adapter, there is nothing to stop",
+                    param="ensemble.adaptive",
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -189,6 +189,10 @@ class EnsembleInfo(_Response):
     routing: dict[str, Any] | None = None
     """When the population has a router: {"used": true, "top_k", "gates": {member: gate}}, or
     {"used": false, "reason"} when the router was refused or its output was unusable."""
+    adaptive: dict[str, Any] | None = None
+    """With `ensemble.adaptive`: {"waves", "chains", "full_chains", "stopped" (confident | decided |
+    exhausted), "leader_probability", "confidence", "wave_size", "tokens_saved" (estimated: the
+    sampled chains' mean length times the chains not sampled)}."""
 
     @model_serializer(mode="wrap")
     def _always_answer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ensemble_serve.service.fanout import Chain, FanOut
 from ensemble_serve.service.plan import EnsemblePlan, Planner
 from ensemble_serve.service.respond import ensemble_response, stream_ensemble
 from ensemble_serve.service.vote import EnsembleOutcome, Voting
+from ensemble_serve.service.waves import WaveReport, Waves
 from ensemble_serve.shared.voting import get_vote_rule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,6 +49,8 @@ class EnsembleRequests:
         opts = self.service.options(req.ensemble, greedy=req.asks_greedy)
         check(req, opts)
         plans = [await self.planner.plan(req, ids, text, opts) for ids, text in zip(prompts, texts)]
+        for plan in plans:
+            check_plan(plan, opts)
         if req.stream:
             return stream_ensemble(req, plans, opts, chat, lambda plan: self.run(plan, opts), self._observe)
         started = time.perf_counter()
@@ -68,7 +71,17 @@ class EnsembleRequests:
             lambda: self.voting.grouper(opts),
         )
         counted = weights if get_vote_rule(opts.vote).weighs_members else {}
-        chains, settled = await fan_out.run(plan.prompt_ids, plan.params, plan.members, opts, counted)
+        members, report = plan.members, None
+        if opts.adaptive is not None:
+            trust = plan.weights or plan.vote_weights or self.service.member_weights()
+            chains, settled, waves = await Waves(fan_out).run(
+                plan.prompt_ids, plan.params, plan.members, opts.samples_per_member, opts.adaptive, trust, opts.answer
+            )
+            members = [m for m in plan.members if any(c.member == m for c in chains)]
+            report = waves.as_dict()
+            self._observe_waves(waves)
+        else:
+            chains, settled = await fan_out.run(plan.prompt_ids, plan.params, plan.members, opts, counted)
         candidates = await asyncio.to_thread(
             lambda: [settled.get((c.member, c.sample)) or self.voting.candidate(c, opts) for c in chains]
         )
@@ -77,8 +90,15 @@ class EnsembleRequests:
         if opts.mode != "mixture":  # per-member vote metrics are for members, not for mixed adapters
             self.service.metrics.observe_vote(result, candidates)
         return EnsembleOutcome(
-            plan.members, chains, candidates, result, scores, plan.routing, plan.unavailable, plan.calibration
+            members, chains, candidates, result, scores, plan.routing, plan.unavailable, plan.calibration, report
         )
+
+    def _observe_waves(self, waves: WaveReport) -> None:
+        m = self.service.metrics
+        m.adaptive_waves.inc(waves.waves)
+        m.adaptive_chains.labels(kind="spent").inc(waves.chains)
+        m.adaptive_chains.labels(kind="saved").inc(waves.full_chains - waves.chains)
+        m.adaptive_stops.labels(reason=waves.stopped).inc()
 
     def _observe(self, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.service.metrics.observe_request("ensemble", seconds, prompt_tokens, completion_tokens)
@@ -101,6 +121,18 @@ def check(req: Request, opts: EnsembleOptions) -> None:
             param="ensemble.samples_per_member",
         )
     get_vote_rule(opts.vote)  # validated by the protocol too; keeps a registry miss loud
+
+
+def check_plan(plan: EnsemblePlan, opts: EnsembleOptions) -> None:
+    """What depends on the members chosen: an adaptive wave no larger than the full fan-out."""
+    if opts.adaptive is not None and opts.adaptive.wave_size is not None:
+        total = len(plan.members) * opts.samples_per_member
+        if opts.adaptive.wave_size > total:
+            raise BadRequestError(
+                f"ensemble.adaptive.wave_size={opts.adaptive.wave_size} but the fan-out has {total} chains "
+                f"({len(plan.members)} members x {opts.samples_per_member} samples)",
+                param="ensemble.adaptive.wave_size",
+            )
 
 
 def _raise_if_the_client_is_at_fault(chains: list[Chain]) -> None:

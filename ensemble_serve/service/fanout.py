@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,28 +82,10 @@ class FanOut:
                 stop.set()
 
         async def run_member(member: str) -> None:
-            seen: set[int] = set()
-            try:
-                async for out in self.engine.generate(prompt_ids, params, member, self.engine.next_id(f"ens-{member}")):
-                    for o in out.outputs:
-                        c = chains[(member, o.index)]
-                        c.text, c.token_ids = o.text, list(o.token_ids)
-                        c.cumulative_logprob = o.cumulative_logprob
-                        if o.finish_reason is not None and o.index not in seen:
-                            c.finish_reason = o.finish_reason
-                            seen.add(o.index)
-                            if early:
-                                await finished((member, o.index))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # one member failing must not fail the request
-                log.warning("member %s failed: %s", member, e)
-                self.metrics.member_failures.labels(member=member).inc()
-                for i in range(s):
-                    if i not in seen:
-                        chains[(member, i)].error = f"{type(e).__name__}: {e}"
-                        chains[(member, i)].exception = e
-                        settled.setdefault((member, i), self.candidate(chains[(member, i)]))
+            mine = {i: chains[(member, i)] for i in range(s)}
+            on_finish = (lambda i: finished((member, i))) if early else None
+            for i in await self.generate(prompt_ids, params, member, mine, on_finish):
+                settled.setdefault((member, i), self.candidate(chains[(member, i)]))
 
         await _until_done_or(stop, [asyncio.create_task(run_member(m)) for m in members])
         for c in chains.values():
@@ -110,6 +93,43 @@ class FanOut:
                 c.stopped = True
                 settled.pop((c.member, c.sample), None)
         return [chains[(m, i)] for m in members for i in range(s)], settled
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: Any,
+        member: str,
+        chains: dict[int, Chain],
+        on_finish: Callable[[int], Awaitable[None]] | None = None,
+    ) -> list[int]:
+        """One engine request of `member` filling `chains` (by output index); the indices that failed.
+
+        A member whose generation fails has the error recorded on its unfinished chains (the
+        request goes on with the others); `on_finish(index)` is awaited as each chain finishes.
+        """
+        seen: set[int] = set()
+        try:
+            async for out in self.engine.generate(prompt_ids, params, member, self.engine.next_id(f"ens-{member}")):
+                for o in out.outputs:
+                    c = chains[o.index]
+                    c.text, c.token_ids = o.text, list(o.token_ids)
+                    c.cumulative_logprob = o.cumulative_logprob
+                    if o.finish_reason is not None and o.index not in seen:
+                        c.finish_reason = o.finish_reason
+                        seen.add(o.index)
+                        if on_finish is not None:
+                            await on_finish(o.index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # one member failing must not fail the request
+            log.warning("member %s failed: %s", member, e)
+            self.metrics.member_failures.labels(member=member).inc()
+            failed = [i for i in chains if i not in seen]
+            for i in failed:
+                chains[i].error = f"{type(e).__name__}: {e}"
+                chains[i].exception = e
+            return failed
+        return []
 
     def settled(
         self, finished: list[Candidate], pending: list[str], opts: EnsembleOptions, weights: dict[str, float]

@@ -61,6 +61,21 @@ class Metrics:
             "Ensemble requests voted unrouted because the router's gates were unusable.",
             registry=r,
         )
+        self.adaptive_waves = Counter(
+            "ensemble_adaptive_waves", "Waves sampled by adaptive fan-out (ensemble.adaptive).", registry=r
+        )
+        self.adaptive_chains = Counter(
+            "ensemble_adaptive_chains",
+            "Chains of adaptive fan-outs: sampled ('spent') or left out because the vote was settled ('saved').",
+            ["kind"],
+            registry=r,
+        )
+        self.adaptive_stops = Counter(
+            "ensemble_adaptive_stops",
+            "Adaptive fan-outs by why sampling stopped (confident, decided, exhausted).",
+            ["reason"],
+            registry=r,
+        )
         self.member_available = Gauge(
             "ensemble_member_available",
             "1 if the member can be asked now, 0 if it cannot (every remote server that serves it is down).",

@@ -75,6 +75,7 @@ def ensemble_info(outcome: EnsembleOutcome, opts: EnsembleOptions) -> EnsembleIn
         early_stopped=outcome.early_stopped,
         routing=outcome.routing,
         calibration=outcome.calibration,
+        adaptive=outcome.adaptive,
     )
 
 

@@ -134,11 +134,14 @@ class EnsembleService:
 
         A default of several samples per member does not apply to a greedy request (temperature 0):
         greedy samples of one member are identical, so it gets one chain per member instead of a 400.
+        A default `adaptive` does not apply to a request that asks for early stop or a mixture.
         """
         asked = requested.model_dump(include=requested.model_fields_set) if requested is not None else {}
         defaults = self.defaults.model_dump(include=self.defaults.model_fields_set)
         if greedy and "samples_per_member" not in asked and defaults.get("samples_per_member", 1) > 1:
             defaults["samples_per_member"] = 1
+        if "adaptive" not in asked and (asked.get("early_stop") or asked.get("mode") == "mixture"):
+            defaults.pop("adaptive", None)  # a default must not turn the request's own choice into a 400
         if not defaults:
             return requested if requested is not None else self.defaults
         return EnsembleOptions.model_validate({**defaults, **asked})

@@ -40,6 +40,7 @@ class EnsembleOutcome:
     routing: dict[str, Any] | None = None
     unavailable: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
+    adaptive: dict[str, Any] | None = None  # the waves' report (ensemble.adaptive), None for a full fan-out
 
     @property
     def completion_tokens(self) -> int:
