@@ -185,6 +185,27 @@ def test_ensemble_over_all_members(client):
     assert mixed.usage.completion_tokens == sum(c["tokens"] for c in e["chains"])
 
 
+def test_adaptive_waves_are_dispatched_to_both_servers(client):
+    """Adaptive fan-out in remote mode: each wave's chains go to the servers of their members."""
+    resp = client.chat.completions.create(
+        **_chat(model="sandbox-ensemble", temperature=0.8, max_tokens=64),
+        extra_body={
+            "ensemble": {
+                "members": ["m01", "m06"],
+                "samples_per_member": 3,
+                "vote": "cross",
+                "return_chains": True,
+                "adaptive": {"wave_size": 2, "confidence": 0.9},
+            }
+        },
+    )
+    ens = _ensemble(resp)
+    report = ens["adaptive"]
+    assert report["full_chains"] == 6 and report["chains"] == len(ens["chains"]) <= 6 and not ens["failed"]
+    assert {c["member"] for c in ens["chains"][:2]} == {"m01", "m06"}  # the first wave: one chain of each
+    assert resp.usage.completion_tokens == sum(c["tokens"] for c in ens["chains"])
+
+
 def test_cross_vote_with_concurrent_traffic_on_both_servers(cluster: Cluster):
     async def hammer() -> list:
         client = cluster.ensemble.async_client()
