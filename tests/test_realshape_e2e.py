@@ -38,7 +38,8 @@ from server_harness import (
 from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
 from trainer.tasks.sandbox import generate_problems
 
-pytestmark = [pytest.mark.slow, pytest.mark.realshape]
+# the first test also builds the model when .cache/ has none (a few minutes), inside its setup
+pytestmark = [pytest.mark.slow, pytest.mark.realshape, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
 ENSEMBLE = "ensemble"

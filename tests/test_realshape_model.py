@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import realshape as rs
 
-pytestmark = pytest.mark.realshape
+pytestmark = [pytest.mark.realshape, pytest.mark.timeout(1800)]  # the first built test may build it
 built = pytest.mark.slow  # needs the built model
 
 EXPECTED_ADAPTERS = {
