@@ -12,6 +12,8 @@ Per round, interleaved in shuffled order:
 * `member n=3` - one adapter, three chains (one prefill, shared);
 * `ensemble k=1`, `k=2`, `k=3` - the ensemble fanned out to the first k members with `answer: text`
   (k prefills; routed top-k pays for k members the same way);
+* `ensemble k=3 adaptive` - the same with `ensemble.adaptive` in waves of one member (confidence
+  0.85: two agreeing members stop it), the most trusted first;
 * `ensemble k=3, repeated prompt` - the same request again right after `ensemble k=3`: every
   adapter's prefix is cached now.
 
@@ -43,7 +45,8 @@ from tqdm import tqdm  # noqa: E402
 
 from ensemble_serve.shared.bring_your_own import AdapterSpec, import_adapters  # noqa: E402
 
-VARIANTS = ["member n=1", "member n=3", "ensemble k=1", "ensemble k=2", "ensemble k=3"]
+VARIANTS = ["member n=1", "member n=3", "ensemble k=1", "ensemble k=2", "ensemble k=3", "ensemble k=3 adaptive"]
+ADAPTIVE = {"confidence": 0.85, "wave_size": 1}  # one member at a time; two agreeing members stop it (P = 0.875)
 REPEAT = "ensemble k=3, repeated prompt"
 SYSTEM = "Answer from the passages only."
 
@@ -70,14 +73,19 @@ def ask(client, variant: str, prompt: str, members: list[str], max_tokens: int) 
         n = int(variant.split("n=")[1])
         resp = client.chat.completions.create(model=members[0], n=n, **common)
     else:
-        k = int(variant.split("k=")[1].split(",")[0])
-        common["extra_body"] = {"ignore_eos": True, "ensemble": {"members": members[:k], "answer": "text"}}
+        k = int(variant.split("k=")[1].split(",")[0].split()[0])
+        options = {"members": members[:k], "answer": "text"}
+        if variant.endswith("adaptive"):
+            options["adaptive"] = ADAPTIVE
+        common["extra_body"] = {"ignore_eos": True, "ensemble": options}
         resp = client.chat.completions.create(model="ensemble", **common)
     wall = time.perf_counter() - t0
+    ens = (resp.model_extra or {}).get("ensemble") or {}
     return {
         "wall_s": wall,
         "prompt_tokens": resp.usage.prompt_tokens,
         "completion_tokens": resp.usage.completion_tokens,
+        "members_asked": len(ens.get("members") or []) if variant.startswith("ensemble") else 1,
     }
 
 
@@ -116,15 +124,17 @@ def main() -> None:
         walls = spread([r["wall_s"] for r in recs])
         ratios = spread(paired_ratios(recs, base))
         cpu = spread([r["cpu_s"] for r in recs])
+        asked = sum(r["members_asked"] for r in recs) / len(recs)
         summary[variant] = {
+            "members_asked": asked,
             "wall_s": walls,
             "ratio_to_member_n1": ratios,
             "server_cpu_s": cpu,
             "prompt_tokens": recs[0]["prompt_tokens"],
             "completion_tokens": recs[0]["completion_tokens"],
         }
-        table.append([variant, fmt_spread(walls), fmt_spread(ratios), f"{cpu['median']:.2f}", recs[0]["prompt_tokens"]])
-    print(md_table(["variant", "wall s", "ratio to member n=1", "server CPU s", "prompt tokens"], table))
+        table.append([variant, fmt_spread(walls), fmt_spread(ratios), f"{cpu['median']:.2f}", f"{asked:.2f}"])
+    print(md_table(["variant", "wall s", "ratio to member n=1", "server CPU s", "members asked"], table))
     write_results("rag", {"settings": vars(args), "members": members, "variants": summary, "rounds": rows})
 
 
