@@ -125,7 +125,11 @@ def test_the_client_leaving_aborts_the_wave_in_flight() -> None:
 
     async def leave() -> None:
         task = asyncio.create_task(_service(backend).chat(_req(adaptive=True)))
-        await asyncio.sleep(0.05)
+        for _ in range(1000):  # until the first wave is in flight (planning runs in threads first)
+            if len(backend.calls) == 4:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
