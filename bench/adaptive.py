@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import random
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -32,11 +31,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__f
 
 import numpy as np  # noqa: E402
 import openai  # noqa: E402
-from _common import ENSEMBLE_NAME, ServerSet, add_common_args, chat, md_table, wait_quiet, write_results  # noqa: E402
+from _common import ServerSet, add_common_args, md_table, wait_quiet, write_results  # noqa: E402
 from specialists import Runner, balanced, interval, paired  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from trainer.tasks.sandbox import Problem, verify  # noqa: E402
+from trainer.tasks.sandbox import Problem  # noqa: E402
 
 SETTINGS = {
     "adaptive c=0.95 w=4": {"confidence": 0.95, "wave_size": 4},
@@ -45,23 +44,10 @@ SETTINGS = {
 }
 
 
-async def ask(client: openai.AsyncOpenAI, p: Problem, adaptive: dict | None, args: argparse.Namespace) -> dict:
-    kw = {} if adaptive is None else {"extra_body": {"ensemble": {"adaptive": adaptive}}}
-    t0 = time.perf_counter()
-    r = await client.chat.completions.create(
-        model=ENSEMBLE_NAME, messages=chat(p.prompt), max_tokens=args.max_tokens, temperature=args.temperature, **kw
-    )
-    wall = time.perf_counter() - t0
-    text = r.choices[0].message.content or ""
-    report = (r.model_extra.get("ensemble") or {}).get("adaptive") or {}
-    return {
-        "correct": verify(p, text).correct,
-        "tokens": r.usage.completion_tokens,
-        "wall_s": wall,
-        "waves": report.get("waves"),
-        "chains": report.get("chains", 8),
-        "stopped": report.get("stopped"),
-    }
+def record(r: dict) -> dict:
+    """A `Runner.ensemble` record with the waves' report unpacked (a fixed fan-out has 8 chains, no waves)."""
+    report = r["adaptive"] or {}
+    return {**r, "waves": report.get("waves"), "chains": report.get("chains", 8), "stopped": report.get("stopped")}
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -75,16 +61,12 @@ async def run(args: argparse.Namespace) -> dict:
         server = servers.start_ensemble(gpu_memory_utilization=args.gpu_memory_utilization)
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=900)
         runner = Runner(args, bar)
-        sem = asyncio.Semaphore(args.concurrency)
 
-        async def bounded(p: Problem, adaptive: dict | None) -> dict:
-            async with sem:
-                out = await ask(client, p, adaptive, args)
-            bar.update()
-            return out
+        def ask(p: Problem, adaptive: dict | None):
+            return runner.ensemble(client, p, None if adaptive is None else {"adaptive": adaptive})
 
         for name, adaptive in arms.items():
-            rows[name] = list(await asyncio.gather(*[bounded(p, adaptive) for p in problems]))
+            rows[name] = [record(r) for r in await asyncio.gather(*[ask(p, adaptive) for p in problems])]
         for k in (4, 8):
             args.samples = k
             rows[f"best member ({args.best}) SC@{k}"] = list(
@@ -94,9 +76,8 @@ async def run(args: argparse.Namespace) -> dict:
         for p in balanced(args.latency_n, args.seed + 100):
             order = list(arms)
             rng.shuffle(order)
-            for name in order:
-                latency[name].append((await ask(client, p, arms[name], args))["wall_s"])
-                bar.update()
+            for name in order:  # one at a time
+                latency[name].append((await ask(p, arms[name]))["wall_s"])
         await client.close()
 
     out: dict = {"settings": {k: v for k, v in vars(args).items()}, "arms": {}}

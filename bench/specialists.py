@@ -160,6 +160,7 @@ class Runner:
         messages = ([{"role": "system", "content": system}] if system else []) + chat(p.prompt)
         kw = {} if options is None else {"extra_body": {"ensemble": options}}
         async with self.sem:
+            t0 = time.perf_counter()
             r = await client.chat.completions.create(
                 model=ENSEMBLE_NAME,
                 messages=messages,
@@ -167,6 +168,7 @@ class Runner:
                 temperature=self.args.temperature,
                 **kw,
             )
+            wall = time.perf_counter() - t0
         self.bar.update()
         text = r.choices[0].message.content or ""
         ens = r.model_extra.get("ensemble") or {}
@@ -175,6 +177,8 @@ class Runner:
             "tokens": r.usage.completion_tokens,
             "answer": ens.get("answer"),
             "members": ens.get("members"),
+            "adaptive": ens.get("adaptive"),
+            "wall_s": wall,
             "correct": verify(p, text).correct,
         }
 

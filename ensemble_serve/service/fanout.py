@@ -136,12 +136,15 @@ class FanOut:
     ) -> bool:
         """Whether the chains still running (one entry per chain: its member) can no longer change the winner."""
         rule = get_vote_rule(opts.vote)
-        grouper = self.grouper() if is_free_form(opts.answer) else ExactGrouper()
-        groups, reps = outcome_groups(finished, grouper)
+        groups, reps = self.outcome_groups(finished, opts.answer)
         tally: dict[str, float] = {}
         for g, rep in zip(groups, reps):
             tally[rep] = sum(weights.get(finished[i].member, 1.0) if rule.weighs_members else 1.0 for i in g)
         return decided(tally, remaining_weight(pending, opts.vote, weights))
+
+    def outcome_groups(self, candidates: list[Candidate], answer: Any) -> tuple[list[list[int]], list[str]]:
+        """The candidates' answer groups as the vote will form them: by meaning for free-form answers, else exactly."""
+        return outcome_groups(candidates, self.grouper() if is_free_form(answer) else ExactGrouper())
 
 
 async def _until_done_or(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:

@@ -18,9 +18,8 @@ from typing import Any
 from ensemble_serve.protocol import AdaptiveOptions
 from ensemble_serve.service.aio import cancel_all
 from ensemble_serve.service.fanout import Chain, FanOut, Key
-from ensemble_serve.shared.voting import Candidate, ExactGrouper, outcome_groups
+from ensemble_serve.shared.voting import Candidate
 from ensemble_serve.shared.voting.adaptive import stop_reason, wave_order, waves
-from ensemble_serve.shared.voting.answers import is_free_form
 
 
 @dataclass
@@ -54,7 +53,7 @@ class Waves:
         samples: int,
         adaptive: AdaptiveOptions,
         trust: dict[str, float],
-        free_form: Any,
+        answer: Any,
     ) -> tuple[list[Chain], dict[Key, Candidate], WaveReport]:
         """The chains sampled (in trust order), their candidates, and the report."""
         order = wave_order(members, samples, trust)
@@ -72,7 +71,7 @@ class Waves:
             found = await asyncio.to_thread(lambda w=wave: [self.fan_out.candidate(chains[k]) for k in w])
             settled.update(zip(wave, found))
             queue = [k for k in queue if k[0] not in failed]
-            decision, p = await asyncio.to_thread(self._decide, list(settled.values()), len(queue), adaptive, free_form)
+            decision, p = await asyncio.to_thread(self._decide, list(settled.values()), len(queue), adaptive, answer)
             if decision is not None:
                 reason = decision
                 break
@@ -119,10 +118,9 @@ class Waves:
             await cancel_all(tasks)
 
     def _decide(
-        self, candidates: list[Candidate], remaining: int, adaptive: AdaptiveOptions, free_form: Any
+        self, candidates: list[Candidate], remaining: int, adaptive: AdaptiveOptions, answer: Any
     ) -> tuple[str | None, float]:
-        grouper = self.fan_out.grouper() if is_free_form(free_form) else ExactGrouper()
-        groups, _ = outcome_groups(candidates, grouper)
+        groups, _ = self.fan_out.outcome_groups(candidates, answer)
         return stop_reason([len(g) for g in groups], remaining, adaptive.confidence)
 
 
