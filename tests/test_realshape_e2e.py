@@ -34,6 +34,7 @@ from server_harness import (
     vllm_command,
     wait_healthy,
 )
+from test_evolve_e2e import SMALL
 
 from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
 from trainer.tasks.sandbox import generate_problems
@@ -404,23 +405,7 @@ def test_remote_mode_with_vllm_servers_holding_part_of_the_members_each(
 
 def test_one_generation_of_evolve(population: Path, data: Path, tmp_path: Path) -> None:
     config = tmp_path / "evolve.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "problems_per_generation": 6,
-                "samples_per_member": 2,
-                "max_tokens": 48,
-                "train_steps": 2,
-                "train_batch_size": 4,
-                "cross_eval_chains": 2,
-                "probe_chains": 2,
-                "heldout_per_domain": 1,
-                "fitness": {"correctness": 1.0, "cross_eval": 0.1, "contribution": 0.2},
-                "evolution": {"elite": 1, "offspring": 1, "rank_policy": "pad", "mutation": "svd"},
-                "gpu_memory_utilization": 0.1,
-            }
-        )
-    )
+    config.write_text(json.dumps(SMALL))  # the embedded default's small run, every fitness term included
     out = tmp_path / "evolved"
     _cli(
         "evolve",
