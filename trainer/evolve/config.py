@@ -10,6 +10,7 @@ brings in torch, so `--help` pays for it too; every command imports torch right 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -108,6 +109,89 @@ class LifecycleConfig(FrozenConfig):
     )
 
 
+class BackoffConfig(FrozenConfig):
+    """When the curriculum steps back a level: label-free signs that its labels went bad.
+
+    Each practised cell's self-play chains give three signals that need no answer: the mean
+    agreement (share of chains with the majority answer), the mean margin (majority share minus
+    the runner-up's) and the mean chain length. A cell whose signal moves past its limit between
+    two generations at the same level makes its domain step back one level and wait `cooldown`
+    generations before climbing again.
+    """
+
+    agreement_drop: float = Field(
+        0.15,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Back off when a cell's mean agreement falls by more than this.",
+    )
+    margin_drop: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Back off when a cell's mean consensus margin falls by more than this.",
+    )
+    length_drift: float = Field(
+        0.5,
+        gt=0,
+        allow_inf_nan=False,
+        description="Back off when a cell's mean chain length changes by more than this fraction.",
+    )
+    cooldown: int = Field(2, ge=0, description="Generations a domain that backed off waits before climbing again.")
+
+
+class CurriculumConfig(FrozenConfig):
+    """The curriculum: what each generation practises (names from :mod:`trainer.evolve.curriculum`).
+
+    Each generation the proposer probes candidate cells with a few problems (one chain per member)
+    and practises those whose score lies strictly between `low` and `high`: the consensus solve
+    rate with labels, the mean agreement with labels hidden (answers are never read then).
+    """
+
+    enabled: bool = Field(False, description="Choose each generation's problems with the proposer (off: a fixed mix).")
+    proposer: str = Field("frontier", description="The proposer (see trainer.evolve.curriculum.PROPOSERS).")
+    low: float = Field(0.2, ge=0, le=1, allow_inf_nan=False, description="A cell scoring at or below this is too hard.")
+    high: float = Field(
+        0.8, ge=0, le=1, allow_inf_nan=False, description="A cell scoring at or above this is mastered."
+    )
+    probe_problems: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Problems per probed cell (frontier) or pool rows per practised problem (agreement).",
+    )
+    replay: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Share of each batch drawn from mastered levels below the frontier.",
+    )
+    start_level: int | None = Field(
+        None,
+        description="Every domain's first frontier level (default: the level above the base model's "
+        "`trained_difficulties`, else the lowest of `difficulties`).",
+    )
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig, description="Label-free back-off.")
+
+    @field_validator("proposer")
+    @classmethod
+    def _proposer(cls, v: str) -> str:
+        from trainer.evolve.curriculum import PROPOSERS
+
+        return one_of("proposer", PROPOSERS)(v)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CurriculumConfig:
+        if not self.low < self.high:
+            raise ValueError(
+                f"curriculum bounds leave nothing learnable: low ({self.low}) must be below high ({self.high})"
+            )
+        return self
+
+
 class EvolveConfig(FrozenConfig):
     """`ensemble-train evolve`: population self-play (generate, score, train, evolve, commit)."""
 
@@ -160,10 +244,48 @@ class EvolveConfig(FrozenConfig):
     )
     train_steps: int = Field(12, ge=0, description="Gradient steps per member per generation (0: no gradient phase).")
     train_batch_size: int = Field(16, gt=0, description="Batch size of the gradient phase.")
+    train_epochs: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="At most this many passes over a member's examples per generation (steps = min(train_steps, "
+        "ceil(epochs x examples / batch)); None: always train_steps). Few self-labelled examples are not "
+        "worth many passes.",
+    )
     train_lr: float | None = Field(
         None, gt=0, description="Learning rate of the gradient phase (default: each member's own warm-up lr)."
     )
-    share_chains: bool = Field(True, description="Members also learn from other members' verified chains.")
+    share_chains: bool | Literal["niche"] = Field(
+        True,
+        description="Members also learn from other members' verified chains: true (all of them), false (none) or "
+        "niche (a member with a `focus_domain` learns only that domain, from its own and its niche peers' "
+        "chains; a member without one learns from every chain).",
+    )
+    label_rule: Literal["consensus", "leave_self_out"] = Field(
+        "consensus",
+        description="With labels hidden: consensus (the majority of every chain) or leave_self_out (a member's "
+        "chains are checked against the majority of the OTHER members' chains).",
+    )
+    label_peers: Literal["all", "niche"] = Field(
+        "all",
+        description="Whose chains label a problem (and score the curriculum's cells): all members, or niche (the "
+        "members whose `focus_domain` is the problem's domain, when it has any; all members otherwise).",
+    )
+    max_length_ratio: float | None = Field(
+        None,
+        gt=1,
+        allow_inf_nan=False,
+        description="Length filter of training chains: drop chains longer than this times the median length of "
+        "the chains that reach the same label, and chains cut off at `max_tokens` (None: no filter).",
+    )
+    niche: bool = Field(
+        False,
+        description="Niche-aware selection: the fittest member of each `focus_domain` is kept like an elite, a "
+        "child's parents come from the niche of the slot it takes, and it takes that focus domain.",
+    )
+    curriculum: CurriculumConfig = Field(
+        default_factory=CurriculumConfig, description="Frontier curriculum (off by default)."
+    )
     evolution: EvolutionConfig = Field(default_factory=EvolutionConfig, description="The evolutionary step.")
     lifecycle: LifecycleConfig = Field(
         default_factory=LifecycleConfig,
@@ -226,6 +348,15 @@ class EvolveConfig(FrozenConfig):
                 "labels: hidden never reads answers, so the `correctness` fitness term must have weight 0 "
                 "(use `consensus` instead)"
             )
+        if self.curriculum.enabled:
+            if self.curriculum.proposer == "frontier" and self.data is not None:
+                raise ValueError(
+                    "the frontier proposer climbs the sandbox's levels; a dataset has none: use "
+                    "curriculum.proposer: agreement"
+                )
+            start = self.curriculum.start_level
+            if start is not None and start not in self.difficulties:
+                raise ValueError(f"curriculum.start_level {start} is not one of difficulties {list(self.difficulties)}")
         if self.members is not None and self.out is None:
             raise ValueError("`members` selects a subset for a copy: it needs `out`")
         return self

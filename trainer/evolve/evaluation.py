@@ -2,20 +2,21 @@
 
 Every committed generation (and the starting one) is evaluated on the same held-out problems,
 never trained on: member accuracy (overall and per domain), the ensemble's majority-vote
-accuracy, and the oracle (any member right). The figures go into the generation's history
+accuracy, the oracle (any member right), the same per level (the vote, the best member overall,
+the mean member, the oracle) and the members' pairwise disagreement. The figures go into the generation's history
 record, and each member's per-domain accuracy into the manifest (``domain_scores``), where the
 router and the server can read it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import Population, load_population, read_manifest, write_manifest
-from ensemble_serve.shared.voting import vote
+from ensemble_serve.shared.voting import Candidate, vote
 from ensemble_serve.shared.voting.answers import answers_equal
 from trainer.evaluate import greedy_candidates
 from trainer.tasks.sandbox import Problem
@@ -25,9 +26,17 @@ HELDOUT_MAX_TOKENS = 160
 
 
 def evaluate_heldout(
-    engine: OfflineEngine, members: Sequence[str], problems: Sequence[Problem], answer: str, progress: bool = False
+    engine: OfflineEngine,
+    members: Sequence[str],
+    problems: Sequence[Problem],
+    answer: str,
+    progress: bool = False,
+    niches: Mapping[str, str | None] | None = None,
 ) -> dict:
-    """Greedy chains of every member on the held-out problems: member, ensemble-vote and oracle accuracy."""
+    """Greedy chains of every member on the held-out problems: member, ensemble-vote and oracle accuracy.
+
+    With `niches` ({member: focus domain}) also the niche vote: the majority of the members whose
+    focus domain is the problem's domain (every member's where none is)."""
     if not problems:
         return {}
     cands = greedy_candidates(engine, members, problems, HELDOUT_MAX_TOKENS, answer, progress)
@@ -50,17 +59,55 @@ def evaluate_heldout(
         vote_hits.append(result.answer is not None and answers_equal(result.answer, p.answer))
         agreement.append(round(result.agreement, 4))
     oracle = [any(member_hits[m][i] for m in members) for i in every]
+    niche_hits = None
+    if niches and any(niches.get(m) for m in members):
+        niche_hits = []
+        for i, p in enumerate(problems):
+            group = [m for m in members if niches.get(m) == p.domain] or list(members)
+            result = vote([cands[m][i] for m in group], "majority")
+            niche_hits.append(result.answer is not None and answers_equal(result.answer, p.answer))
     member_all = [per_member[m]["all"] for m in members]
+    levels = {
+        lv: [i for i, p in enumerate(problems) if p.difficulty == lv] for lv in sorted({p.difficulty for p in problems})
+    }
+    best = max(members, key=lambda m: per_member[m]["all"])  # the best member overall (first on ties)
+    per_level = {
+        str(lv): {
+            "problems": len(ix),
+            "ensemble_vote": acc(vote_hits, ix),
+            "best_member": acc(member_hits[best], ix),
+            "mean_member": round(sum(acc(member_hits[m], ix) for m in members) / len(members), 4),
+            "oracle": acc(oracle, ix),
+            **({"niche_vote": acc(niche_hits, ix)} if niche_hits is not None else {}),
+        }
+        for lv, ix in levels.items()
+        if lv > 0
+    }
     return {
         "problems": len(problems),
         "best_member": max(member_all),
         "mean_member": round(sum(member_all) / len(member_all), 4),
         "ensemble_vote": acc(vote_hits, every),
         "oracle": acc(oracle, every),
+        **({"niche_vote": acc(niche_hits, every)} if niche_hits is not None else {}),
         "vote_agreement": agreement,
         "ensemble_domains": {d: acc(vote_hits, ix) for d, ix in by_domain.items()},
+        **({"levels": per_level} if per_level else {}),
+        "disagreement": pairwise_disagreement([cands[m] for m in members]),
         "members": per_member,
     }
+
+
+def pairwise_disagreement(chains: Sequence[Sequence[Candidate]]) -> float:
+    """Mean over member pairs of the share of problems where their answers differ (no answer counts as one)."""
+    pairs = [(a, b) for i, a in enumerate(chains) for b in chains[i + 1 :]]
+    if not pairs or not chains[0]:
+        return 0.0
+    differ = [
+        sum(not (x.valid and y.valid and answers_equal(x.answer, y.answer)) for x, y in zip(a, b)) / len(a)
+        for a, b in pairs
+    ]
+    return round(sum(differ) / len(differ), 4)
 
 
 def heldout_summary(heldout: dict[str, Any]) -> dict[str, Any]:

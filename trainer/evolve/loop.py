@@ -32,6 +32,8 @@ generation that was committed but not yet recorded is completed on resume.
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -51,18 +53,20 @@ from ensemble_serve.shared.population import (
     append_history,
     load_population,
     prune_unreferenced,
+    read_history,
     read_manifest,
 )
 from ensemble_serve.shared.voting import Candidate
 from trainer.evolve import operators
 from trainer.evolve.commit import PENDING_FILE, has_record, read_pending, write_generation
 from trainer.evolve.config import EvolveConfig
+from trainer.evolve.curriculum import PROPOSERS, CurriculumError, Plan, ProposerContext, after_self_play
 from trainer.evolve.evaluation import add_heldout, evaluate_heldout, heldout_summary, record_domain_scores
 from trainer.evolve.executors import make_executor, score_member_task, train_member_task
 from trainer.evolve.fitness import Evidence, compute_fitness
 from trainer.evolve.lifecycle import LifecycleResult
 from trainer.evolve.nextgen import apply_lifecycle, next_manifest, run_lifecycle
-from trainer.evolve.problems import generation_problems, heldout_problems, load_dataset
+from trainer.evolve.problems import generation_problems, generation_truth, heldout_problems, load_dataset
 from trainer.evolve.records import (
     TensorBoardLog,
     fitness_summary,
@@ -71,6 +75,7 @@ from trainer.evolve.records import (
     progress_line,
     record_base,
     secs,
+    stats,
     timed,
     train_summary,
 )
@@ -78,7 +83,9 @@ from trainer.evolve.run import RUN_FILE, EvolveError, Interrupted, load_members,
 from trainer.evolve.selfplay import (
     add_scores,
     embed_chains,
-    pseudo_labels,
+    label_audit,
+    labelling_chains,
+    member_labels,
     score_calls,
     self_play,
     train_calls,
@@ -120,6 +127,11 @@ class Evolver:
         prune_unreferenced(root)
         self._check_members(self.population)
         check_operators(cfg.evolution, self.population)
+        if cfg.labels == "hidden" and cfg.label_rule == "leave_self_out" and len(self.population.names) < 2:
+            raise EvolveError(
+                "label_rule leave_self_out labels a member by the OTHER members' chains: it needs at least two "
+                "members (a single adapter: label_rule consensus, its own samples' majority)"
+            )
         # a caller's engine (same base model) saves vLLM's start-up when one process runs many evolve runs
         self.engine: OfflineEngine | None = engine
         if engine is not None:
@@ -152,8 +164,15 @@ class Evolver:
         record = record_base(self.run, cfg, g)
         seconds: dict[str, float] = {}
 
+        plan = None
+        if cfg.curriculum.enabled:  # 0. the curriculum: what this generation practises
+            with timed(seconds, "propose"):
+                plan = self._propose(g)
+            if plan.skipped:
+                return self._skip(g, plan, record, seconds)
+
         with timed(seconds, "generate"):  # 1. self-play
-            problems, candidates = self._self_play(g)
+            problems, candidates = self._self_play(g, plan)
 
         with timed(seconds, "score"):  # 2. scoring
             weights = self._check_members(pop)
@@ -164,12 +183,15 @@ class Evolver:
             result = compute_fitness(ev, cfg.fitness, cfg.fitness_scope)
 
         with timed(seconds, "train"):  # 3. gradient phase
-            labels = pseudo_labels(ev, cfg)
-            examples = training_examples(ev, labels, cfg)
+            labels = member_labels(ev, cfg, self._focus(pop))
+            examples = training_examples(ev, labels, cfg, self._focus(pop))
             trained, losses = self._train(pop, weights, examples, g)
 
         with timed(seconds, "evolve"):  # 4. evolution
-            elite, replaced, children = evolutionary_step(pop.names, trained, result.fitness, cfg, g, result.held_out)
+            niches = self._focus(pop) if cfg.niche else None
+            elite, replaced, children = evolutionary_step(
+                pop.names, trained, result.fitness, cfg, g, result.held_out, niches
+            )
             life = self._lifecycle(pop, g, trained, result.fitness, replaced, children)
 
         # 5. commit
@@ -182,14 +204,107 @@ class Evolver:
         record.update(
             seconds=seconds, **fitness_summary(result), train=train_summary(ev, labels, examples), members=members
         )
+        # reported only: the answers below are drawn apart from the batch and never read back
+        truth = plan.truth if plan is not None else generation_truth(cfg, g, self.dataset)
+        record["labels_audit"] = label_audit(ev, labels, truth)
+        if plan is not None:
+            chains = labelling_chains(candidates, problems, pop.names, cfg, self._focus(pop))
+            record["curriculum"] = after_self_play(plan, chains, cfg.curriculum.backoff, self._ladder)
         self._commit(manifest, adapters, record)
         return self._finish_pending()
 
+    # -- the curriculum
+
+    @property
+    def _ladder(self) -> tuple[int, ...]:
+        return tuple(sorted(self.cfg.difficulties))
+
+    def _start_level(self) -> int:
+        """`curriculum.start_level`, else the level above the base's `trained_difficulties`, else the lowest."""
+        if self.cfg.curriculum.start_level is not None:
+            return self.cfg.curriculum.start_level
+        info = self.population.base_model_path / "substrate.json"
+        trained = json.loads(info.read_text()).get("trained_difficulties") if info.is_file() else None
+        above = max(trained) + 1 if trained else None
+        return above if above in self._ladder else self._ladder[0]
+
+    def _curriculum_state(self, g: int) -> dict[str, Any]:
+        """The proposer's state after the last generation of this run (empty at its start)."""
+        for record in reversed(read_history(self.root)):
+            if (
+                record.get("run_id") == self.run["run_id"]
+                and record.get("generation", g) < g
+                and "curriculum" in record
+            ):
+                return record["curriculum"]["state"]
+        return {}
+
+    def _propose(self, g: int) -> Plan:
+        """Generation `g`'s plan from the configured proposer (it probes with the current members)."""
+        cfg, cur = self.cfg, self.cfg.curriculum
+        engine = self._synced_engine()
+        names = self.population.names
+
+        def probe(problems: Sequence[Problem]) -> list[list[Candidate]]:
+            cands = self_play(engine, names, problems, cfg, g, progress=False, purpose="probe-sample")
+            return labelling_chains(cands, problems, names, cfg, self._focus(self.population))
+
+        ctx = ProposerContext(
+            generation=g,
+            seed=cfg.seed,
+            n_problems=cfg.problems_per_generation,
+            domains=tuple(cfg.domains),
+            ladder=self._ladder,
+            start_level=self._start_level(),
+            low=cur.low,
+            high=cur.high,
+            probe_problems=cur.probe_problems,
+            replay=cur.replay,
+            labels_visible=cfg.labels != "hidden",
+            state=self._curriculum_state(g),
+            probe=probe,
+            dataset=self.dataset,
+        )
+        try:
+            plan = PROPOSERS[cur.proposer](ctx)
+        except CurriculumError as e:
+            raise EvolveError(str(e)) from None
+        if self.progress and not plan.skipped:
+            cells = ", ".join(f"{d}:{lv}" for d, lv in plan.cells)
+            tqdm.write(f"generation {g}: curriculum practises {cells} (+{plan.replay} replay)")
+        return plan
+
+    def _skip(self, g: int, plan: Plan, record: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any] | None:
+        """Commit generation `g` unchanged (nothing learnable): the members as they were, the reason recorded."""
+        tqdm.write(
+            f"generation {g}: curriculum: {plan.skipped}; generation {g} is skipped (nothing trained)", file=sys.stderr
+        )
+        pop = self.population
+        weights = self._check_members(pop)
+        fitness = {m.name: float(m.fitness or 0.0) for m in pop.manifest.members}
+        manifest, adapters, members = self._next_manifest(
+            pop, g, weights, {m: [] for m in pop.names}, fitness, [], [], []
+        )
+        record.update(
+            seconds=seconds,
+            skipped=plan.skipped,
+            fitness=stats(list(fitness.values())),
+            members=members,
+            curriculum=after_self_play(plan, [], self.cfg.curriculum.backoff, self._ladder),
+        )
+        self._commit(manifest, adapters, record)
+        return self._finish_pending()
+
+    @staticmethod
+    def _focus(pop: Population) -> dict[str, str | None]:
+        """Each member's niche: the `focus_domain` its manifest entry records (set at init, kept by its slot)."""
+        return {m.name: m.info.get("focus_domain") for m in pop.manifest.members}
+
     # -- the phases of a generation
 
-    def _self_play(self, g: int) -> tuple[list[Problem], dict[str, list[list[Candidate]]]]:
-        """Generation `g`'s problems and every member's sampled chains for them."""
-        problems = generation_problems(self.cfg, g, self.dataset)
+    def _self_play(self, g: int, plan: Plan | None = None) -> tuple[list[Problem], dict[str, list[list[Candidate]]]]:
+        """Generation `g`'s problems (the curriculum's, when it runs) and every member's sampled chains for them."""
+        problems = plan.problems if plan is not None else generation_problems(self.cfg, g, self.dataset)
         engine = self._synced_engine()
         names = self.population.names
         if self.progress:
@@ -297,7 +412,9 @@ class Evolver:
     def _evaluate(self) -> dict[str, Any]:
         """The current generation on the held-out problems (see :func:`evaluate_heldout`)."""
         engine = self._synced_engine()
-        return evaluate_heldout(engine, self.population.names, self.heldout, self.cfg.answer, self.progress)
+        return evaluate_heldout(
+            engine, self.population.names, self.heldout, self.cfg.answer, self.progress, self._focus(self.population)
+        )
 
     # -- the engine and the executor
 

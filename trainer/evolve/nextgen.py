@@ -45,7 +45,7 @@ def next_manifest(
     for i, m in enumerate(pop.manifest.members):
         if i in child_for:
             child = child_for[i]
-            member = _child_member(child, m.name, pop.member(child.fitter), fitness, g, seed)
+            member = _child_member(child, m, pop.member(child.fitter), fitness, g, seed)
             adapters[child.name] = child.weights
             status, ops = "child", child.operators
         else:
@@ -79,9 +79,10 @@ def next_manifest(
 
 
 def _child_member(
-    child: Offspring, replaced: str, parent: Member, fitness: dict[str, float], g: int, seed: int
+    child: Offspring, replaced: Member, parent: Member, fitness: dict[str, float], g: int, seed: int
 ) -> Member:
-    """The manifest entry of a child: its parents' mean fitness, the fitter parent's learning rate."""
+    """The manifest entry of a child: its parents' mean fitness, the fitter parent's learning rate,
+    the focus domain (niche) of the slot it takes."""
     inherited = sum(fitness[p] for p in child.parents) / len(child.parents)
     return Member(
         name=child.name,
@@ -94,7 +95,8 @@ def _child_member(
         info={
             **({"lr": parent.info["lr"]} if parent.info.get("lr") is not None else {}),
             "operators": child.operators,
-            "replaced": replaced,
+            "replaced": replaced.name,
+            **({"focus_domain": replaced.info["focus_domain"]} if replaced.info.get("focus_domain") else {}),
             "fitness_inherited": True,
             **({"selected_with_held_out": child.held_out} if child.held_out else {}),
         },
@@ -210,6 +212,7 @@ def _newborn(
             **({"lr": source.info["lr"]} if source.info.get("lr") is not None else {}),
             "lifecycle": "reallocated",
             "replaced": dead.name,
+            **({"focus_domain": dead.info["focus_domain"]} if dead.info.get("focus_domain") else {}),
             **({"fitness_inherited": True} if parents else {}),
         },
     )

@@ -54,6 +54,14 @@ def generation_problems(cfg: EvolveConfig, generation: int, dataset: Sequence[Pr
     return problems
 
 
+def generation_truth(cfg: EvolveConfig, generation: int, dataset: Sequence[Problem] | None) -> list[str | None]:
+    """The answers of generation `generation`'s batch, for the label audit only (the loop's batch has none
+    when labels are hidden; this draws the same problems again with their answers)."""
+    return [
+        p.answer for p in generation_problems(cfg.model_copy(update={"labels": "ground_truth"}), generation, dataset)
+    ]
+
+
 def heldout_problems(cfg: EvolveConfig) -> list[Problem]:
     """The held-out problems every generation is evaluated on (none when switched off)."""
     if cfg.eval_data is not None:

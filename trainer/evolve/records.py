@@ -11,7 +11,7 @@ member (status, parents, operators, held-out accuracy). Lines are plain JSON val
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,21 +67,21 @@ def fitness_summary(result: FitnessResult) -> dict[str, Any]:
 
 
 def train_summary(
-    ev: Evidence, labels: Sequence[str | None], examples: dict[str, list[tuple[str, str]]]
+    ev: Evidence, labels: Mapping[str, Sequence[str | None]], examples: dict[str, list[tuple[str, str]]]
 ) -> dict[str, Any]:
     """What the gradient phase saw: chains, how many parsed and were verified, examples per member."""
     chains = [c for row in ev.candidates.values() for r in row for c in r]
     verified = sum(
         c.valid and lab is not None and answers_equal(c.answer, lab)
         for m in ev.members
-        for lab, row in zip(labels, ev.candidates[m])
+        for lab, row in zip(labels[m], ev.candidates[m])
         for c in row
     )
     return {
         "problems": len(ev.problems),
         "chains": len(chains),
         "parsed": round(sum(c.valid for c in chains) / max(1, len(chains)), 4),
-        "labelled": sum(label is not None for label in labels),
+        "labelled": sum(any(labels[m][i] is not None for m in ev.members) for i in range(len(ev.problems))),
         "verified": round(verified / max(1, len(chains)), 4),
         "examples": {m: len(x) for m, x in examples.items()},
         "mean_agreement": round(float(np.mean(ev.agreement)) if ev.agreement else 0.0, 4),

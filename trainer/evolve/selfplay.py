@@ -7,7 +7,9 @@
   as a probe subject (:func:`score_calls`, :func:`add_scores`), and sentence embeddings of the
   chains (:func:`embed_chains`); the fitness terms (:mod:`trainer.evolve.fitness`) read them.
 * the gradient phase's data: :func:`pseudo_labels` (the truth where known, else a confident
-  consensus), :func:`training_examples` (chains that reach the label), and the per-member
+  consensus), :func:`member_labels` (the same, or each member's leave-self-out peer labels),
+  :func:`training_examples` (chains that reach the label, filtered), :func:`label_audit`
+  (label precision against hidden answers, reported only), and the per-member
   training calls (:func:`train_calls`, seeded per generation and member; each starts a fresh
   optimizer, so nothing but the weights carries over between generations).
 
@@ -16,7 +18,8 @@ These are plain functions of plain data; the loop runs the task calls on its exe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,7 @@ from ensemble_serve.shared.embeddings import default_embedder
 from ensemble_serve.shared.lora import LoraWeights, lora_from_bytes, lora_to_bytes
 from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import Population
-from ensemble_serve.shared.voting import Candidate, candidate_from_text
+from ensemble_serve.shared.voting import Candidate, candidate_from_text, vote
 from ensemble_serve.shared.voting.answers import answers_equal
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.fitness import Evidence
@@ -45,8 +48,12 @@ def self_play(
     cfg: EvolveConfig,
     generation: int,
     progress: bool = False,
+    purpose: str = "sample",
 ) -> dict[str, list[list[Candidate]]]:
-    """Every member x problem x sample in one multi-LoRA batch; returns the candidates (answers extracted)."""
+    """Every member x problem x sample in one multi-LoRA batch; returns the candidates (answers extracted).
+
+    Sample seeds derive from (seed, `purpose`, generation, member, problem): the curriculum's probe
+    uses its own purpose, so its chains are not the self-play's."""
     from vllm import SamplingParams
 
     prompts, owners, params, index = [], [], [], []
@@ -60,7 +67,7 @@ def self_play(
                     n=cfg.samples_per_member,
                     temperature=cfg.temperature,
                     max_tokens=cfg.max_tokens,
-                    seed=derive_seed(cfg.seed, "sample", generation, m, i),
+                    seed=derive_seed(cfg.seed, purpose, generation, m, i),
                 )
             )
             index.append((m, i))
@@ -144,26 +151,174 @@ def pseudo_labels(ev: Evidence, cfg: EvolveConfig) -> list[str | None]:
     return labels
 
 
-def training_examples(
-    ev: Evidence, labels: Sequence[str | None], cfg: EvolveConfig
-) -> dict[str, list[tuple[str, str]]]:
-    """Verified chains per member: its own, plus (share_chains) the other members'."""
-    verified: dict[str, list[tuple[str, str]]] = {m: [] for m in ev.members}
+def labellers(ev: Evidence, cfg: EvolveConfig, focus: Mapping[str, str | None] | None = None) -> list[list[str]]:
+    """Per problem, the members whose chains label it: every member, or with ``label_peers: niche``
+    the members whose focus domain is the problem's domain (every member when none is)."""
+    everyone = list(ev.members)
+    if cfg.label_peers != "niche" or not focus:
+        return [everyone for _ in ev.problems]
+    out = []
+    for p in ev.problems:
+        niche = [m for m in ev.members if focus.get(m) == p.domain]
+        out.append(niche or everyone)
+    return out
+
+
+def labelling_chains(
+    candidates: Mapping[str, Sequence[Sequence[Candidate]]],
+    problems: Sequence[Problem],
+    members: Sequence[str],
+    cfg: EvolveConfig,
+    focus: Mapping[str, str | None] | None = None,
+) -> list[list[Candidate]]:
+    """Per problem, the chains of its labelling members (:func:`labellers`): what the curriculum scores."""
+    ev = Evidence(members=list(members), problems=list(problems), candidates=dict(candidates), labels_visible=False)
+    groups = labellers(ev, cfg, focus)
+    return [[c for m in group for c in candidates[m][i]] for i, group in enumerate(groups)]
+
+
+def _majority(ev: Evidence, i: int, group: Sequence[str], min_agreement: float) -> str | None:
+    pool = [c for m in group for c in ev.candidates[m][i]]
+    if not pool:
+        return None
+    result = vote(pool, "majority")
+    if result.answer is None or result.agreement <= 0 or result.agreement < min_agreement:
+        return None
+    return result.answer
+
+
+def member_labels(
+    ev: Evidence, cfg: EvolveConfig, focus: Mapping[str, str | None] | None = None
+) -> dict[str, list[str | None]]:
+    """Each member's labels: the truth with labels visible; with labels hidden the confident majority
+    of the labelling members' chains (:func:`labellers`), all of them (``label_rule: consensus``) or
+    all but the member itself (``leave_self_out``: a member never grades its own chains)."""
+    if cfg.labels == "ground_truth":
+        shared = pseudo_labels(ev, cfg)
+        return {m: shared for m in ev.members}
+    groups = labellers(ev, cfg, focus)
+    if cfg.label_rule == "consensus" and cfg.label_peers == "all":
+        shared = pseudo_labels(ev, cfg)
+        return {m: shared for m in ev.members}
+    out: dict[str, list[str | None]] = {}
     for m in ev.members:
-        for p, label, row in zip(ev.problems, labels, ev.candidates[m]):
+        labels = []
+        for i, group in enumerate(groups):
+            if cfg.label_rule == "leave_self_out":  # a niche of one: its member is labelled by everyone else
+                peers = [o for o in group if o != m] or [o for o in ev.members if o != m]
+            else:
+                peers = list(group)
+            labels.append(_majority(ev, i, peers, cfg.min_agreement))
+        out[m] = labels
+    return out
+
+
+def _per_member(
+    labels: Sequence[str | None] | Mapping[str, Sequence[str | None]], members: Sequence[str]
+) -> Mapping[str, Sequence[str | None]]:
+    return labels if isinstance(labels, Mapping) else {m: labels for m in members}
+
+
+def training_examples(
+    ev: Evidence,
+    labels: Sequence[str | None] | Mapping[str, Sequence[str | None]],
+    cfg: EvolveConfig,
+    focus: Mapping[str, str | None] | None = None,
+) -> dict[str, list[tuple[str, str]]]:
+    """Verified chains per member: its own, plus the other members' (``share_chains: true``); with
+    ``share_chains: niche`` a member with a focus domain learns only that domain, from its own and
+    its niche peers' chains (a member without one learns from every chain).
+
+    `labels`: one list for every member, or one per member (:func:`member_labels`). With
+    ``max_length_ratio``, chains cut off at ``max_tokens`` and chains longer than that ratio times
+    the median length of the chains reaching the same label are left out (the length filter).
+    """
+    per = _per_member(labels, ev.members)
+    medians: dict[tuple[int, str], float] = {}
+
+    def median_length(i: int, label: str) -> float:
+        if (i, label) not in medians:
+            lengths = [
+                c.tokens for m in ev.members for c in ev.candidates[m][i] if c.valid and answers_equal(c.answer, label)
+            ]
+            medians[(i, label)] = float(np.median(lengths)) if lengths else 0.0
+        return medians[(i, label)]
+
+    def keep(i: int, c: Candidate, label: str) -> bool:
+        if not (c.valid and answers_equal(c.answer, label) and c.text.strip()):
+            return False
+        if cfg.max_length_ratio is None:
+            return True
+        return c.tokens < cfg.max_tokens and c.tokens <= cfg.max_length_ratio * median_length(i, label)
+
+    verified: dict[str, list[tuple[int, tuple[str, str]]]] = {m: [] for m in ev.members}
+    for m in ev.members:
+        for i, (p, label, row) in enumerate(zip(ev.problems, per[m], ev.candidates[m])):
             if label is None:
                 continue
-            for c in row:
-                if c.valid and answers_equal(c.answer, label) and c.text.strip():
-                    verified[m].append((p.prompt, c.text.strip()))
+            verified[m] += [(i, (p.prompt, c.text.strip())) for c in row if keep(i, c, label)]
     out = {}
     for m in ev.members:
-        pool = list(verified[m])
-        if cfg.share_chains:
-            pool += [ex for other in ev.members if other != m for ex in verified[other]]
+        niche = (focus or {}).get(m) if cfg.share_chains == "niche" else None
+        if niche is not None:  # a specialist keeps to its niche: its own and its niche peers' chains there
+            pool = [
+                ex
+                for o in ev.members
+                if (focus or {}).get(o) == niche
+                for i, ex in verified[o]
+                if ev.problems[i].domain == niche
+            ]
+            pool = [ex for i, ex in verified[m] if ev.problems[i].domain == niche] + pool
+        else:
+            pool = [ex for _, ex in verified[m]]
+            if cfg.share_chains is not False:  # true, or niche for a member without a focus domain
+                pool += [ex for other in ev.members if other != m for _, ex in verified[other]]
         seen: set[tuple[str, str]] = set()
         out[m] = [ex for ex in pool if not (ex in seen or seen.add(ex))]
     return out
+
+
+def label_audit(
+    ev: Evidence, labels: Mapping[str, Sequence[str | None]], truth: Sequence[str | None]
+) -> dict[str, Any] | None:
+    """Label precision and recall against the hidden answers, for the record only (None without answers).
+
+    Over (member, problem) pairs whose answer is known: coverage = labelled / pairs; precision =
+    right labels / labels; recall = right labels / pairs where some chain of the population reached
+    the answer (what a perfect judge of these chains could label). Also per cell (domain:level).
+    Nothing reads it back: it is reported, never trained on, never used to choose.
+    """
+    if not truth or all(t is None for t in truth):
+        return None
+    reached = [
+        t is not None and any(c.valid and answers_equal(c.answer, t) for m in ev.members for c in ev.candidates[m][i])
+        for i, t in enumerate(truth)
+    ]
+    cells: dict[str, list[int]] = {}
+    for i, p in enumerate(ev.problems):
+        cells.setdefault(f"{p.domain}:{p.difficulty}", []).append(i)
+
+    def figures(rows: Sequence[int]) -> dict[str, Any]:
+        pairs = [(m, i) for m in ev.members for i in rows if truth[i] is not None]
+        given = [(m, i) for m, i in pairs if labels[m][i] is not None]
+        right = sum(answers_equal(labels[m][i], truth[i]) for m, i in given)
+        reachable = sum(reached[i] for _, i in pairs)
+        return {
+            "pairs": len(pairs),
+            "labelled": len(given),
+            "coverage": round(len(given) / len(pairs), 4) if pairs else None,
+            "precision": round(right / len(given), 4) if given else None,
+            "recall": round(right / reachable, 4) if reachable else None,
+        }
+
+    return {**figures(range(len(truth))), "cells": {k: figures(v) for k, v in sorted(cells.items())}}
+
+
+def train_steps(cfg: EvolveConfig, n_examples: int) -> int:
+    """The gradient steps of a member with `n_examples` examples: `train_steps`, capped at `train_epochs` passes."""
+    if cfg.train_epochs is None:
+        return cfg.train_steps
+    return min(cfg.train_steps, math.ceil(cfg.train_epochs * n_examples / cfg.train_batch_size))
 
 
 def train_calls(
@@ -183,7 +338,7 @@ def train_calls(
                 base=base,
                 adapter=lora_to_bytes(weights[m.name]),
                 examples=examples[m.name],
-                steps=cfg.train_steps,
+                steps=train_steps(cfg, len(examples[m.name])),
                 batch_size=cfg.train_batch_size,
                 lr=lr,
                 seed=derive_seed(cfg.seed, "train", generation, m.name),

@@ -43,13 +43,18 @@ def evolutionary_step(
     cfg: EvolveConfig,
     generation: int,
     held_out: Mapping[str, Mapping[str, float]] | None = None,
+    niches: Mapping[str, str | None] | None = None,
 ) -> tuple[list[int], list[int], list[Offspring]]:
     """Elites, the indices the children replace, and the children (crossover + mutation).
 
     With ``held_out`` ({domain: fitness with that domain held out}, the domain_loo scope), child
     k of generation g is assigned domain ``sorted(held_out)[(g * offspring + k) % D]`` and its
     parents are selected (and crossed, weighted) on that fitness; elites and replacement use
-    ``fitness``. Pure given its inputs and (seed, generation): the same call makes the same children.
+    ``fitness``. With ``niches`` ({member: its focus domain or None}, the `niche` setting), the
+    fittest member of every niche is kept like an elite, and a child's parents come from the niche
+    of the slot it takes (when that niche has two members or more), so no specialist's slot goes to
+    a copy of the best generalist. Pure given its inputs and (seed, generation): the same call makes the
+    same children.
     """
     evo = cfg.evolution
     n = len(names)
@@ -57,6 +62,8 @@ def evolutionary_step(
         return [], [], []
     fit = [fitness[m] for m in names]
     elite = operators.elites(fit, min(evo.elite, n))
+    if niches:
+        elite = sorted(set(elite) | set(niche_keepers(names, fit, niches)))
     n_off = min(evo.offspring, n - len(elite))
     if n_off <= 0:
         return elite, [], []
@@ -71,7 +78,16 @@ def evolutionary_step(
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "child", generation, k))
         domain = held_domains[(generation * len(replaced) + k) % len(held_domains)] if held_domains else None
         fit = [fitness[m] for m in names] if domain is None else [held_out[domain][m] for m in names]
-        picks = select(fit, 2, rng, **evo.selection_options)
+        pool = niche_pool(names, replaced[k], niches)
+        if len(pool) == n:
+            picks = select(fit, 2, rng, **evo.selection_options)
+        elif len(pool) <= 2:  # a niche of two: its two members are the parents
+            picks = sorted(pool, key=lambda i: (-fit[i], i))
+        else:  # a niche smaller than the population: a tournament no larger than the niche
+            options = dict(evo.selection_options)
+            if "size" in options:
+                options["size"] = min(int(options["size"]), len(pool))
+            picks = [pool[i] for i in select([fit[i] for i in pool], 2, rng, **options)]
         parents = [names[i] for i in picks]
         fitter = max(picks, key=lambda i: (fit[i], -i))
         pw = weights[names[fitter]]
@@ -92,6 +108,27 @@ def evolutionary_step(
             Offspring(f"g{generation}c{k}", child, sorted(set(parents), key=parents.index), ops, names[fitter], domain)
         )
     return elite, replaced, children
+
+
+def niche_keepers(names: Sequence[str], fit: Sequence[float], niches: Mapping[str, str | None]) -> list[int]:
+    """The index of the fittest member of each niche (ties: the lower index); members without a niche have none."""
+    best: dict[str, int] = {}
+    for i, m in enumerate(names):
+        niche = niches.get(m)
+        if niche is not None and (niche not in best or fit[i] > fit[best[niche]]):
+            best[niche] = i
+    return sorted(best.values())
+
+
+def niche_pool(names: Sequence[str], slot: int, niches: Mapping[str, str | None] | None) -> list[int]:
+    """The members a child for `slot` may descend from: the slot's niche when it has two members or more,
+    else everyone (so a niche's slot is refilled from that niche, not from a generalist)."""
+    everyone = list(range(len(names)))
+    niche = (niches or {}).get(names[slot])
+    if niche is None:
+        return everyone
+    pool = [i for i, m in enumerate(names) if niches.get(m) == niche]
+    return pool if len(pool) >= 2 else everyone
 
 
 def check_operators(evo: EvolutionConfig, population: Population) -> None:

@@ -27,6 +27,8 @@ __all__ = [
     "plot_diversity",
     "plot_domains",
     "plot_fitness",
+    "plot_labels",
+    "plot_levels",
     "plot_votes",
 ]
 
@@ -150,3 +152,38 @@ def plot_votes(records: Sequence[GenerationRecord]) -> bytes | None:
     ax.set_title(f"vote agreement, generation {last.generation} ({len(last.vote_agreement)} problems)")
     ax.grid(True, alpha=0.3)
     return to_png(fig)
+
+
+def plot_levels(records: Sequence[GenerationRecord]) -> bytes | None:
+    """Held-out accuracy per level over generations: the population vote (solid), the best member (dashed)."""
+    levels = sorted({lv for r in records for lv in r.levels}, key=int)
+    if not levels:
+        return None
+    colors = [f"C{i % 10}" for i in range(len(levels))]
+    lines = []
+    for lv, color in zip(levels, colors):
+        lines.append((f"level {lv} vote", (lambda r, k=lv: r.levels.get(k, {}).get("ensemble_vote")), {"color": color}))
+        lines.append(
+            (
+                f"level {lv} best member",
+                (lambda r, k=lv: r.levels.get(k, {}).get("best_member")),
+                {"color": color, "linestyle": "--", "alpha": 0.5},
+            )
+        )
+    return _line_plot(records, lines, "held-out accuracy per level", "accuracy")
+
+
+def plot_labels(records: Sequence[GenerationRecord]) -> bytes | None:
+    """Label precision, recall and coverage against the hidden answers; back-offs marked on the x axis."""
+    png_lines = [
+        ("precision", lambda r: r.label_audit.get("precision"), {"color": "tab:red", "linewidth": 2}),
+        ("recall", lambda r: r.label_audit.get("recall"), {"color": "tab:blue"}),
+        ("coverage", lambda r: r.label_audit.get("coverage"), {"color": "tab:gray", "linestyle": ":"}),
+    ]
+    if not any(r.label_audit for r in records):
+        return None
+    backoffs = [r.generation for r in records if r.backoffs]
+    title = "training labels against the hidden answers (reported only)"
+    if backoffs:
+        title += f"; back-offs at generation(s) {', '.join(map(str, backoffs))}"
+    return _line_plot(records, png_lines, title, "share")

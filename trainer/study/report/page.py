@@ -15,7 +15,15 @@ from pathlib import Path
 
 from ensemble_serve.shared.fsutil import atomic_write_bytes, atomic_write_text
 from ensemble_serve.shared.population import Manifest
-from trainer.study.report.figures import plot_accuracy, plot_diversity, plot_domains, plot_fitness, plot_votes
+from trainer.study.report.figures import (
+    plot_accuracy,
+    plot_diversity,
+    plot_domains,
+    plot_fitness,
+    plot_labels,
+    plot_levels,
+    plot_votes,
+)
 from trainer.study.report.lineage import build_lineage, plot_lineage
 from trainer.study.report.records import HELDOUT_KEYS, GenerationRecord, load_records, read_manifest_or_none
 from trainer.study.report.tables import MISSING, DomainTable, diversity_keys, domain_table, fmt
@@ -25,7 +33,7 @@ __all__ = ["HTML_FILE", "PLOT_NAMES", "REPORT_DIR", "write_report"]
 REPORT_DIR = "report"
 HTML_FILE = "report.html"
 #: Plot names in page order; each is written as ``<name>.png`` when it has data.
-PLOT_NAMES = ("fitness", "accuracy", "diversity", "domains", "lineage", "votes")
+PLOT_NAMES = ("fitness", "accuracy", "levels", "labels", "diversity", "domains", "lineage", "votes")
 #: Fitness statistics, in column order.
 FITNESS_KEYS = ("best", "mean", "min")
 
@@ -42,6 +50,8 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 _PLOT_TITLES = {
     "fitness": "Fitness",
     "accuracy": "Held-out accuracy",
+    "levels": "Held-out accuracy per level",
+    "labels": "Label precision (against answers the run never read)",
     "diversity": "Diversity",
     "domains": "Accuracy by domain",
     "lineage": "Lineage",
@@ -167,6 +177,8 @@ def write_report(
     drawers: dict[str, Callable[[], bytes | None]] = {
         "fitness": lambda: plot_fitness(records),
         "accuracy": lambda: plot_accuracy(records),
+        "levels": lambda: plot_levels(records),
+        "labels": lambda: plot_labels(records),
         "diversity": lambda: plot_diversity(records),
         "domains": lambda: plot_domains(domains),
         "lineage": lambda: plot_lineage(build_lineage(records, manifest)),

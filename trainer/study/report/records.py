@@ -76,6 +76,13 @@ class GenerationRecord:
     heldout: dict[str, float] = field(default_factory=dict)
     vote_agreement: tuple[float, ...] = ()
     ensemble_domains: dict[str, float] = field(default_factory=dict)
+    levels: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Held-out figures per level ("3" -> {"ensemble_vote": ..., "best_member": ...})."""
+    label_audit: dict[str, float] = field(default_factory=dict)
+    """Label precision, recall and coverage against the hidden answers (reported only)."""
+    backoffs: int = 0
+    """Curriculum back-offs this generation."""
+    skipped: bool = False
 
 
 class _Checker:
@@ -196,6 +203,22 @@ def _parse_record(raw: Mapping[str, Any], index: int, previous: int | None) -> G
         heldout=heldout,
         vote_agreement=tuple(v for v in votes if v is not None),
         ensemble_domains=c.number_map(heldout_raw.get("ensemble_domains"), "heldout.ensemble_domains"),
+        levels={
+            str(lv): c.number_map(v, f"heldout.levels.{lv}")
+            for lv, v in c.mapping(heldout_raw.get("levels"), "heldout.levels").items()
+        },
+        label_audit={
+            k: v
+            for k, v in c.number_map(
+                {k: v for k, v in c.mapping(raw.get("labels_audit"), "labels_audit").items() if k != "cells"},
+                "labels_audit",
+            ).items()
+        },
+        backoffs=sum(
+            "back off" in str(e)
+            for e in c.sequence(c.mapping(raw.get("curriculum"), "curriculum").get("events"), "curriculum.events")
+        ),
+        skipped=raw.get("skipped") is not None,
     )
 
 

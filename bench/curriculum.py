@@ -1,0 +1,223 @@
+"""Evidence for curriculum self-play (issue 15): does the population lift itself on harder levels?
+
+Three arms, each from the embedded population through the CLI exactly as a user would run it, for
+every seed, into runs/bench-curriculum/<arm>-s<seed>/:
+
+* ``hidden``    configs/evolve-curriculum.yaml: answers hidden; frontier curriculum, leave-self-out
+                niche peer labels, niche sharing and selection, evolution on;
+* ``verifier``  configs/evolve-curriculum-verifier.yaml: the same with the answers visible;
+* ``control``   configs/evolve-curriculum-control.yaml --members m07: one adapter (the best member
+                on validation, BENCHMARKS section 10) on the same curriculum, self-consistency labels
+                over the population's chain count, the population's gradient budget.
+
+Measured from each run's history.jsonl: held-out accuracy per level and generation (greedy chains,
+the same problems for every run) of the population vote (majority of every member), the niche vote
+(majority of the members whose focus domain is the problem's), the best and the mean member; label
+precision and recall per generation (against the hidden answers, recorded, never used); how the
+label-free signals of each practised cell tracked its label precision (Spearman); the back-offs.
+The target levels are the two above the substrate's `trained_difficulties`. Intervals are 95%
+t-intervals over the seeds (the held-out problems are the same, so differences are paired by seed).
+
+    python bench/curriculum.py [--seeds 0,1,2] [--generations 3] [--arms hidden,verifier,control]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scipy import stats
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
+from _common import EMBEDDED_POPULATION, ROOT, md_table, rel, write_json  # noqa: E402
+
+OUT = ROOT / "runs" / "bench-curriculum"
+ARMS = {
+    "hidden": ("configs/evolve-curriculum.yaml", None),
+    "verifier": ("configs/evolve-curriculum-verifier.yaml", None),
+    "control": ("configs/evolve-curriculum-control.yaml", "m07"),
+}
+FIGURES = ("ensemble_vote", "niche_vote", "best_member", "mean_member")
+
+
+def trained_levels() -> list[int]:
+    info = json.loads((EMBEDDED_POPULATION.parent / "substrate" / "substrate.json").read_text())
+    return list(info["trained_difficulties"])
+
+
+def run_one(arm: str, seed: int, generations: int) -> dict:
+    config, members = ARMS[arm]
+    out = OUT / f"{arm}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "trainer.cli", "evolve", "--config", config, "--seed", str(seed),
+        "--population", str(EMBEDDED_POPULATION), "--out", str(out), "--generations", str(generations),
+    ]  # fmt: skip
+    if members:
+        cmd += ["--members", members]
+    print(
+        f"[bench] {arm} seed {seed}: {' '.join(rel(Path(c)) if c.startswith('/') else c for c in cmd[1:])}", flush=True
+    )
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
+    return {"arm": arm, "seed": seed, "wall_s": round(wall, 1), "history": [slim(r) for r in history]}
+
+
+def slim(rec: dict) -> dict:
+    """What the bench keeps of a history line."""
+    h = rec.get("heldout") or {}
+    cur = rec.get("curriculum") or {}
+    return {
+        "generation": rec["generation"],
+        "skipped": rec.get("skipped"),
+        "seconds": rec.get("seconds"),
+        "levels": h.get("levels", {}),
+        "oracle": h.get("oracle"),
+        "disagreement": h.get("disagreement"),
+        "labels_audit": rec.get("labels_audit"),
+        "cells": cur.get("cells"),
+        "signals": cur.get("signals"),
+        "events": cur.get("events"),
+        "train_steps": [m.get("train_steps") for m in rec.get("members", [])],
+        "examples": (rec.get("train") or {}).get("examples"),
+    }
+
+
+def pooled(levels: dict, wanted: list[int], figure: str) -> float | None:
+    """A figure over several levels, weighted by their problem counts."""
+    rows = [levels[str(lv)] for lv in wanted if str(lv) in levels and figure in levels[str(lv)]]
+    n = sum(r["problems"] for r in rows)
+    return sum(r[figure] * r["problems"] for r in rows) / n if n else None
+
+
+def interval(xs: list[float]) -> dict:
+    """Mean and 95% t-interval over seeds."""
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return {"mean": round(m, 4), "low": None, "high": None, "per_seed": [round(x, 4) for x in xs]}
+    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=m, scale=stats.sem(xs)) if statistics.pstdev(xs) > 0 else (m, m)
+    return {"mean": round(m, 4), "low": round(lo, 4), "high": round(hi, 4), "per_seed": [round(x, 4) for x in xs]}
+
+
+def fmt(ci: dict) -> str:
+    if ci["low"] is None:
+        return f"{ci['mean']:+.3f}"
+    return f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
+
+
+def signal_tracking(runs: list[dict]) -> dict:
+    """Spearman correlation of each label-free signal with the label precision of the same cell and generation."""
+    pairs: dict[str, list[tuple[float, float]]] = {"agreement": [], "margin": [], "length": []}
+    for run in runs:
+        for rec in run["history"]:
+            audit = (rec.get("labels_audit") or {}).get("cells", {})
+            for cell, sig in (rec.get("signals") or {}).items():
+                precision = (audit.get(cell) or {}).get("precision")
+                if precision is None:
+                    continue
+                for k in pairs:
+                    pairs[k].append((sig[k], precision))
+    out = {}
+    for k, xy in pairs.items():
+        if len(xy) >= 3:
+            rho, p = stats.spearmanr([x for x, _ in xy], [y for _, y in xy])
+            out[k] = {"rho": round(float(rho), 3), "p": round(float(p), 4), "cells": len(xy)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--generations", type=int, default=3)
+    ap.add_argument("--arms", default=",".join(ARMS), help="Comma-separated subset of: " + ", ".join(ARMS))
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for a in arms:
+        if a not in ARMS:
+            raise SystemExit(f"unknown arm {a!r}; known: {', '.join(ARMS)}")
+    target = [max(trained_levels()) + 1, max(trained_levels()) + 2]
+    started = time.perf_counter()
+    runs = [run_one(a, s, args.generations) for s in seeds for a in arms]
+    total = time.perf_counter() - started
+
+    levels = sorted({int(lv) for r in runs for rec in r["history"] for lv in rec["levels"]})
+    summary: dict = {"target_levels": target, "arms": {}}
+    for a in arms:
+        mine = [r for r in runs if r["arm"] == a]
+        entry: dict = {"wall_s": [r["wall_s"] for r in mine]}
+        for fig in FIGURES:
+            start = [pooled(r["history"][0]["levels"], target, fig) for r in mine]
+            end = [pooled(r["history"][-1]["levels"], target, fig) for r in mine]
+            if None in start or None in end:
+                continue
+            entry[fig] = {
+                "start": interval(start),
+                "end": interval(end),
+                "gain": interval([e - s for s, e in zip(start, end)]),
+            }
+        entry["per_level"] = {
+            fig: {
+                str(lv): [
+                    round(statistics.fmean(r["history"][g]["levels"].get(str(lv), {}).get(fig, 0.0) for r in mine), 4)
+                    for g in range(len(mine[0]["history"]))
+                ]
+                for lv in levels
+            }
+            for fig in FIGURES
+            if all(fig in r["history"][0]["levels"].get(str(levels[0]), {}) for r in mine)
+        }
+        entry["precision"] = [
+            [(rec.get("labels_audit") or {}).get("precision") for rec in r["history"][1:]] for r in mine
+        ]
+        entry["recall"] = [[(rec.get("labels_audit") or {}).get("recall") for rec in r["history"][1:]] for r in mine]
+        entry["backoffs"] = sum(
+            sum("back off" in e for e in (rec.get("events") or [])) for r in mine for rec in r["history"]
+        )
+        entry["signal_tracking"] = signal_tracking(mine)
+        summary["arms"][a] = entry
+    if "hidden" in arms and "control" in arms:
+        h = [r for r in runs if r["arm"] == "hidden"]
+        c = [r for r in runs if r["arm"] == "control"]
+        summary["hidden_vote_minus_control"] = interval(
+            [
+                pooled(x["history"][-1]["levels"], target, "ensemble_vote")
+                - pooled(y["history"][-1]["levels"], target, "best_member")
+                for x, y in zip(h, c)
+            ]
+        )
+        summary["hidden_niche_vote_minus_control"] = interval(
+            [
+                pooled(x["history"][-1]["levels"], target, "niche_vote")
+                - pooled(y["history"][-1]["levels"], target, "best_member")
+                for x, y in zip(h, c)
+            ]
+        )
+    path = write_json(
+        "curriculum",
+        {"seeds": seeds, "generations": args.generations, "wall_s": round(total, 1), "summary": summary, "runs": runs},
+    )
+    rows = []
+    for a, e in summary["arms"].items():
+        for fig in FIGURES:
+            if fig in e:
+                rows.append(
+                    [a, fig, f"{e[fig]['start']['mean']:.3f}", f"{e[fig]['end']['mean']:.3f}", fmt(e[fig]["gain"])]
+                )
+    print(md_table(["arm", "figure", f"levels {target} start", "end", "gain [95% CI over seeds]"], rows))
+    for k in ("hidden_vote_minus_control", "hidden_niche_vote_minus_control"):
+        if k in summary:
+            print(f"{k}: {fmt(summary[k])}")
+    print(f"wall time: {total / 60:.1f} min; results: {rel(path)}")
+
+
+if __name__ == "__main__":
+    main()
