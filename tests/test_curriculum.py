@@ -314,6 +314,9 @@ def test_label_audit_reports_precision_and_recall_against_hidden_answers():
     assert audit["precision"] == 0.75 and audit["recall"] == 0.5 and audit["coverage"] == pytest.approx(0.6667)
     assert audit["cells"]["sub:3"]["precision"] is None
     assert label_audit(ev, labels, [None, None, None]) is None  # no answers: nothing to report
+    # truth labels where no chain reached the answer (the verifier arm) do not count toward recall
+    verifier = label_audit(ev, {"a": ["1", "6", "7"], "b": ["1", "6", "7"]}, ["1", "6", "7"])
+    assert verifier["precision"] == 1.0 and verifier["recall"] == 1.0
 
 
 # --------------------------------------------------------------------------- niches in selection, epochs
@@ -367,6 +370,7 @@ def test_train_epochs_caps_the_steps():
         ({"share_chains": "everyone"}, "share_chains"),
         ({"max_length_ratio": 0.5}, "max_length_ratio"),
         ({"train_epochs": 0}, "train_epochs"),
+        ({"temperature": 50.0}, "temperature"),
     ],
 )
 def test_bad_curriculum_settings_are_refused(settings, message):
@@ -387,3 +391,14 @@ def test_a_niche_of_one_is_labelled_by_everyone_else():
     cfg = EvolveConfig(**HIDDEN, label_rule="leave_self_out", label_peers="niche", min_agreement=0.6)
     labels = member_labels(ev, cfg, focus)
     assert labels == {"a": ["4"], "b": ["4"], "c": ["4"]}  # a by b and c; b and c by a
+
+
+def test_expert_sharing_teaches_every_family_by_its_specialists():
+    focus = {"a": "add", "c": "sub", "d": None}
+    ev = _evidence({"a": ["1", "7"], "c": ["1", "7"], "d": ["1", "7"]}, ["add", "sub"])
+    for m in ev.members:
+        ev.candidates[m] = [[dataclasses.replace(c, text=f"{m}: {c.text}") for c in row] for row in ev.candidates[m]]
+    got = training_examples(ev, ["1", "7"], EvolveConfig(**HIDDEN, share_chains="experts"), focus)
+    authors = {m: sorted(text.split(":")[0] for _, text in ex) for m, ex in got.items()}
+    assert authors["d"] == ["a", "c", "d", "d"]  # add from a, sub from c, and its own
+    assert authors["a"] == ["a", "a", "c"]  # its own two, and sub from c (not d's chains)

@@ -70,7 +70,13 @@ def record(generation: int, members: list[dict[str, Any]], *, heldout: bool = Tr
             "oracle": 0.7,
             "vote_agreement": [1.0, 0.75, 0.5, 1.0, 0.25, 0.75],
             "ensemble_domains": {d: 0.6 for d in DOMAINS},
+            "levels": {
+                str(lv): {"problems": 6, "ensemble_vote": 0.9 - 0.3 * lv + 0.05 * generation, "best_member": 0.5}
+                for lv in (1, 2)
+            },
         }
+        rec["labels_audit"] = {"pairs": 96, "labelled": 40, "coverage": 0.42, "precision": 0.9, "recall": 0.5}
+        rec["curriculum"] = {"events": ["add: back off from level 2 (agreement fell)"] if generation == 3 else []}
     else:
         for m in members:
             m.pop("heldout")
@@ -192,7 +198,7 @@ def test_single_generation_single_member(tmp_path: Path) -> None:
     pop = write_population(tmp_path / "pop", [rec], manifest=False)
     paths = write_report(pop)
     assert {"html", "fitness", "lineage"} <= set(paths)
-    assert not {"accuracy", "diversity", "domains", "votes"} & set(paths)
+    assert not {"accuracy", "levels", "labels", "diversity", "domains", "votes"} & set(paths)
     for name, path in paths.items():
         if name != "html":
             assert path.read_bytes().startswith(PNG_MAGIC)
@@ -279,6 +285,10 @@ def test_missing_history(tmp_path: Path) -> None:
         (lambda r: r["heldout"].__setitem__("ensemble_vote", True), "heldout.ensemble_vote"),
         (lambda r: r["heldout"]["vote_agreement"].append("yes"), "heldout.vote_agreement[6]"),
         (lambda r: r["diversity"].__setitem__("embedding", {"mean": 1}), "diversity.embedding"),
+        (lambda r: r["heldout"]["levels"]["1"].__setitem__("ensemble_vote", "x"), "heldout.levels.1.ensemble_vote"),
+        (lambda r: r["heldout"].__setitem__("levels", [0.5]), "heldout.levels"),
+        (lambda r: r["labels_audit"].__setitem__("precision", "high"), "labels_audit.precision"),
+        (lambda r: r["curriculum"].__setitem__("events", "backed off"), "curriculum.events"),
     ],
 )
 def test_bad_field_names_generation(tmp_path: Path, change: Any, field: str) -> None:

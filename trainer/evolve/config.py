@@ -219,7 +219,9 @@ class EvolveConfig(FrozenConfig):
     difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Sandbox difficulty levels.")
     problems_per_generation: int = Field(48, ge=1, description="Fresh problems each generation.")
     samples_per_member: int = Field(1, ge=1, le=64, description="Chains each member samples per problem.")
-    temperature: float = Field(0.8, ge=0, description="Sampling temperature of the self-play chains.")
+    temperature: float = Field(
+        0.8, ge=0, le=2, allow_inf_nan=False, description="Sampling temperature of the self-play chains (vLLM: 0-2)."
+    )
     max_tokens: int = Field(128, gt=0, description="Generation limit per chain.")
     answer: str = Field("auto", description="Answer extractor for chains (as the server's `answer` option).")
     fitness: dict[str, float] = Field(
@@ -255,11 +257,12 @@ class EvolveConfig(FrozenConfig):
     train_lr: float | None = Field(
         None, gt=0, description="Learning rate of the gradient phase (default: each member's own warm-up lr)."
     )
-    share_chains: bool | Literal["niche"] = Field(
+    share_chains: Literal["niche", "experts"] | bool = Field(
         True,
-        description="Members also learn from other members' verified chains: true (all of them), false (none) or "
+        description="Members also learn from other members' verified chains: true (all of them), false (none), "
         "niche (a member with a `focus_domain` learns only that domain, from its own and its niche peers' "
-        "chains; a member without one learns from every chain).",
+        "chains; a member without one learns from every chain) or experts (every member learns each family "
+        "from its own chains and those of the members whose `focus_domain` it is).",
     )
     label_rule: Literal["consensus", "leave_self_out"] = Field(
         "consensus",

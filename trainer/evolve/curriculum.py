@@ -265,8 +265,9 @@ def frontier(ctx: ProposerContext) -> Plan:
     )
     if not practise:
         plan.skipped = (
-            f"no learnable cell: every probed cell scored <= low ({ctx.low}) or >= high ({ctx.high}) "
-            f"({', '.join(f'{cell_key(c)} {score[c]:.2f}' for c in probed)})"
+            f"no learnable cell: no family's level (or the level it moves to) scores strictly between "
+            f"low ({ctx.low}) and high ({ctx.high}); probed: "
+            f"{', '.join(f'{cell_key(c)} {score[c]:.2f}' for c in probed)}"
         )
         return plan
     replay_pool = sorted({c for c in mastered if c not in practise})

@@ -227,7 +227,8 @@ def training_examples(
 ) -> dict[str, list[tuple[str, str]]]:
     """Verified chains per member: its own, plus the other members' (``share_chains: true``); with
     ``share_chains: niche`` a member with a focus domain learns only that domain, from its own and
-    its niche peers' chains (a member without one learns from every chain).
+    its niche peers' chains (a member without one learns from every chain); with ``experts`` every
+    member learns each family from its own chains and those of the family's niche members.
 
     `labels`: one list for every member, or one per member (:func:`member_labels`). With
     ``max_length_ratio``, chains cut off at ``max_tokens`` and chains longer than that ratio times
@@ -261,17 +262,25 @@ def training_examples(
     for m in ev.members:
         niche = (focus or {}).get(m) if cfg.share_chains == "niche" else None
         if niche is not None:  # a specialist keeps to its niche: its own and its niche peers' chains there
-            pool = [
+            pool = [ex for i, ex in verified[m] if ev.problems[i].domain == niche]
+            pool += [
                 ex
                 for o in ev.members
-                if (focus or {}).get(o) == niche
+                if o != m and (focus or {}).get(o) == niche
                 for i, ex in verified[o]
                 if ev.problems[i].domain == niche
             ]
-            pool = [ex for i, ex in verified[m] if ev.problems[i].domain == niche] + pool
         else:
             pool = [ex for _, ex in verified[m]]
-            if cfg.share_chains is not False:  # true, or niche for a member without a focus domain
+            if cfg.share_chains == "experts":  # each family taught by its niche's members
+                pool += [
+                    ex
+                    for o in ev.members
+                    if o != m
+                    for i, ex in verified[o]
+                    if (focus or {}).get(o) == ev.problems[i].domain
+                ]
+            elif cfg.share_chains is not False:  # true, or niche for a member without a focus domain
                 pool += [ex for other in ev.members if other != m for _, ex in verified[other]]
         seen: set[tuple[str, str]] = set()
         out[m] = [ex for ex in pool if not (ex in seen or seen.add(ex))]
@@ -301,14 +310,14 @@ def label_audit(
     def figures(rows: Sequence[int]) -> dict[str, Any]:
         pairs = [(m, i) for m in ev.members for i in rows if truth[i] is not None]
         given = [(m, i) for m, i in pairs if labels[m][i] is not None]
-        right = sum(answers_equal(labels[m][i], truth[i]) for m, i in given)
+        right = [(m, i) for m, i in given if answers_equal(labels[m][i], truth[i])]
         reachable = sum(reached[i] for _, i in pairs)
         return {
             "pairs": len(pairs),
             "labelled": len(given),
             "coverage": round(len(given) / len(pairs), 4) if pairs else None,
-            "precision": round(right / len(given), 4) if given else None,
-            "recall": round(right / reachable, 4) if reachable else None,
+            "precision": round(len(right) / len(given), 4) if given else None,
+            "recall": round(sum(reached[i] for _, i in right) / reachable, 4) if reachable else None,
         }
 
     return {**figures(range(len(truth))), "cells": {k: figures(v) for k, v in sorted(cells.items())}}
