@@ -164,9 +164,7 @@ def test_no_learnable_cell_skips_the_generation(tiny_population: Path, tmp_path:
 def test_every_label_below_the_threshold_trains_nothing(tiny_population: Path, tmp_path: Path, engine):
     # one-token chains cannot reach an answer, so no label reaches the threshold (the curriculum is off here:
     # with no answers every cell would score 0 and the generation would be skipped before any label)
-    root, records = _run(
-        tiny_population, tmp_path / "nolabels", engine, max_tokens=1, curriculum={"enabled": False}
-    )
+    root, records = _run(tiny_population, tmp_path / "nolabels", engine, max_tokens=1, curriculum={"enabled": False})
     rec = records[-1]
     assert rec["generation"] == 1 and "skipped" not in rec
     assert rec["train"]["labelled"] == 0 and set(rec["train"]["examples"].values()) == {0}
