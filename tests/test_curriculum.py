@@ -261,7 +261,7 @@ def test_niche_peers_label_their_domain():
     focus = {"a": "add", "b": "add", "c": "sub", "d": "sub"}
     ev = _evidence({"a": ["1"], "b": ["1"], "c": ["9"], "d": ["9"]}, ["add"])
     cfg = EvolveConfig(**HIDDEN, label_rule="leave_self_out", label_peers="niche", min_agreement=0.7)
-    assert labellers(ev, cfg, focus) == [["a", "b"]]
+    assert labellers(ev.problems, ev.members, cfg, focus) == [["a", "b"]]
     labels = member_labels(ev, cfg, focus)
     # the add members label each other; the sub members are labelled by the add members, not by each other
     assert labels == {"a": ["1"], "b": ["1"], "c": ["1"], "d": ["1"]}

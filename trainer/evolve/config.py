@@ -146,8 +146,9 @@ class CurriculumConfig(FrozenConfig):
     """The curriculum: what each generation practises (names from :mod:`trainer.evolve.curriculum`).
 
     Each generation the proposer probes candidate cells with a few problems (one chain per member)
-    and practises those whose score lies strictly between `low` and `high`: the consensus solve
-    rate with labels, the mean agreement with labels hidden (answers are never read then).
+    and practises those whose score lies strictly between `low` and `high`: the labelling members'
+    consensus solve rate with labels, their mean agreement with labels hidden (answers are never
+    read then).
     """
 
     enabled: bool = Field(False, description="Choose each generation's problems with the proposer (off: a fixed mix).")

@@ -13,10 +13,11 @@ mastered ones, and its state for the next generation. Two are built in:
 * ``agreement`` (a dataset, or any problems without levels): a pool of rows is probed and the
   rows whose agreement is learnable are practised, so a user's JSONL file needs no levels.
 
-**Scores.** With labels the score of a cell is the consensus solve rate (the majority answer of
-the probe chains is right); with labels hidden it is the mean agreement (the share of chains
-that give the majority answer). The hidden arm's problems carry no answers, so nothing here can
-read one.
+**Scores.** The probe's chains of a problem are those of its labelling members (every member, or
+with ``label_peers: niche`` its family's specialists). With labels the score of a cell is their
+consensus solve rate (their majority answer is right); with labels hidden it is their mean
+agreement (the share of chains that give the majority answer). The hidden arm's problems carry no
+answers, so nothing here can read one.
 
 **Back-off** (:func:`after_self_play`). After self-play, every practised cell's chains give
 three label-free signals: mean agreement, mean consensus margin (majority share minus
@@ -277,7 +278,7 @@ def frontier(ctx: ProposerContext) -> Plan:
         full += _cell_problems(ctx, c, k, "problems")
     for c, k in zip(replay_pool, _spread(n_replay, replay_pool)):
         full += _cell_problems(ctx, c, k, "replay")
-    plan.problems = _strip([p for p in full], ctx.labels_visible)
+    plan.problems = _strip(full, ctx.labels_visible)
     plan.truth = [p.answer for p in full]
     plan.replay = n_replay
     return plan

@@ -151,17 +151,18 @@ def pseudo_labels(ev: Evidence, cfg: EvolveConfig) -> list[str | None]:
     return labels
 
 
-def labellers(ev: Evidence, cfg: EvolveConfig, focus: Mapping[str, str | None] | None = None) -> list[list[str]]:
+def labellers(
+    problems: Sequence[Problem],
+    members: Sequence[str],
+    cfg: EvolveConfig,
+    focus: Mapping[str, str | None] | None = None,
+) -> list[list[str]]:
     """Per problem, the members whose chains label it: every member, or with ``label_peers: niche``
     the members whose focus domain is the problem's domain (every member when none is)."""
-    everyone = list(ev.members)
+    everyone = list(members)
     if cfg.label_peers != "niche" or not focus:
-        return [everyone for _ in ev.problems]
-    out = []
-    for p in ev.problems:
-        niche = [m for m in ev.members if focus.get(m) == p.domain]
-        out.append(niche or everyone)
-    return out
+        return [everyone for _ in problems]
+    return [[m for m in members if focus.get(m) == p.domain] or everyone for p in problems]
 
 
 def labelling_chains(
@@ -172,8 +173,7 @@ def labelling_chains(
     focus: Mapping[str, str | None] | None = None,
 ) -> list[list[Candidate]]:
     """Per problem, the chains of its labelling members (:func:`labellers`): what the curriculum scores."""
-    ev = Evidence(members=list(members), problems=list(problems), candidates=dict(candidates), labels_visible=False)
-    groups = labellers(ev, cfg, focus)
+    groups = labellers(problems, members, cfg, focus)
     return [[c for m in group for c in candidates[m][i]] for i, group in enumerate(groups)]
 
 
@@ -196,7 +196,7 @@ def member_labels(
     if cfg.labels == "ground_truth":
         shared = pseudo_labels(ev, cfg)
         return {m: shared for m in ev.members}
-    groups = labellers(ev, cfg, focus)
+    groups = labellers(ev.problems, ev.members, cfg, focus)
     if cfg.label_rule == "consensus" and cfg.label_peers == "all":
         shared = pseudo_labels(ev, cfg)
         return {m: shared for m in ev.members}
@@ -293,8 +293,9 @@ def label_audit(
     """Label precision and recall against the hidden answers, for the record only (None without answers).
 
     Over (member, problem) pairs whose answer is known: coverage = labelled / pairs; precision =
-    right labels / labels; recall = right labels / pairs where some chain of the population reached
-    the answer (what a perfect judge of these chains could label). Also per cell (domain:level).
+    right labels / labels; recall = right labels on pairs where some chain of the population reached
+    the answer / those pairs (what a perfect judge of these chains could label). Also per cell
+    (domain:level).
     Nothing reads it back: it is reported, never trained on, never used to choose.
     """
     if not truth or all(t is None for t in truth):
