@@ -183,7 +183,7 @@ def plot_labels(records: Sequence[GenerationRecord]) -> bytes | None:
     if not any(r.label_audit for r in records):
         return None
     backoffs = [r.generation for r in records if r.backoffs]
-    title = "training labels against the hidden answers (reported only)"
+    title = "training labels against the answers"
     if backoffs:
-        title += f"; back-offs at generation(s) {', '.join(map(str, backoffs))}"
+        title += f" (back-off in generation {', '.join(map(str, backoffs))})"
     return _line_plot(records, png_lines, title, "share")
