@@ -127,10 +127,12 @@ def engine(tiny_population: Path):
     from ensemble_serve.shared.engine_config import EngineConfig
     from ensemble_serve.shared.offline_engine import OfflineEngine
 
-    return OfflineEngine(
+    eng = OfflineEngine(
         load_population(tiny_population),
         EngineConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=8, gpu_memory_utilization=0.1, max_num_seqs=64),
     )
+    yield eng
+    del eng
 
 
 def _run(tiny_population: Path, out: Path, engine, **overrides):
