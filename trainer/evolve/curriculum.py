@@ -44,6 +44,7 @@ from typing import Any
 
 from ensemble_serve.shared.voting import Candidate
 from ensemble_serve.shared.voting.answers import answers_equal
+from ensemble_serve.shared.voting.grouping import outcome_groups
 from trainer.evolve.seeds import derive_seed
 from trainer.tasks.sandbox import Problem, generate_problems
 
@@ -133,20 +134,17 @@ def cell_stats(problems: Sequence[Problem], chains: Sequence[Sequence[Candidate]
     """Agreement, margin and length of the chains of some problems; the solve rate only with labels visible."""
     agreement, margin, length, solved = [], [], [], []
     for p, row in zip(problems, chains):
-        counts: dict[str, int] = {}
-        for c in row:
-            if c.valid:
-                key = next((k for k in counts if answers_equal(k, c.answer)), c.answer)
-                counts[key] = counts.get(key, 0) + 1
-        top = sorted(counts.items(), key=lambda kv: -kv[1])
+        groups, reps = outcome_groups(row)  # the vote's own grouping of equal answers
+        sizes = sorted((len(g) for g in groups), reverse=True)
         n = max(1, len(row))
-        first = top[0][1] / n if top else 0.0
-        second = top[1][1] / n if len(top) > 1 else 0.0
+        first = sizes[0] / n if sizes else 0.0
+        second = sizes[1] / n if len(sizes) > 1 else 0.0
         agreement.append(first)
         margin.append(first - second)
         length.append(statistics.fmean(c.tokens for c in row) if row else 0.0)
         if labels_visible:
-            solved.append(bool(top) and p.answer is not None and answers_equal(top[0][0], p.answer))
+            top = max(range(len(groups)), key=lambda g: (len(groups[g]), -g)) if groups else None
+            solved.append(top is not None and p.answer is not None and answers_equal(reps[top], p.answer))
     k = len(agreement)
     return CellStats(
         problems=k,

@@ -19,6 +19,7 @@ from ensemble_serve.shared.population import Population, load_population, read_m
 from ensemble_serve.shared.voting import Candidate, vote
 from ensemble_serve.shared.voting.answers import answers_equal
 from trainer.evaluate import greedy_candidates
+from trainer.evolve.selfplay import niche_group
 from trainer.tasks.sandbox import Problem
 
 HELDOUT_MAX_TOKENS = 160
@@ -63,8 +64,7 @@ def evaluate_heldout(
     if niches and any(niches.get(m) for m in members):
         niche_hits = []
         for i, p in enumerate(problems):
-            group = [m for m in members if niches.get(m) == p.domain] or list(members)
-            result = vote([cands[m][i] for m in group], "majority")
+            result = vote([cands[m][i] for m in niche_group(members, niches, p.domain)], "majority")
             niche_hits.append(result.answer is not None and answers_equal(result.answer, p.answer))
     member_all = [per_member[m]["all"] for m in members]
     levels = {

@@ -183,12 +183,13 @@ class Evolver:
             result = compute_fitness(ev, cfg.fitness, cfg.fitness_scope)
 
         with timed(seconds, "train"):  # 3. gradient phase
-            labels = member_labels(ev, cfg, self._focus(pop))
-            examples = training_examples(ev, labels, cfg, self._focus(pop))
+            focus = self._focus(pop)
+            labels = member_labels(ev, cfg, focus)
+            examples = training_examples(ev, labels, cfg, focus)
             trained, losses = self._train(pop, weights, examples, g)
 
         with timed(seconds, "evolve"):  # 4. evolution
-            niches = self._focus(pop) if cfg.niche else None
+            niches = focus if cfg.niche else None
             elite, replaced, children = evolutionary_step(
                 pop.names, trained, result.fitness, cfg, g, result.held_out, niches
             )
@@ -208,7 +209,7 @@ class Evolver:
         truth = plan.truth if plan is not None else generation_truth(cfg, g, self.dataset)
         record["labels_audit"] = label_audit(ev, labels, truth)
         if plan is not None:
-            chains = labelling_chains(candidates, problems, pop.names, cfg, self._focus(pop))
+            chains = labelling_chains(candidates, problems, pop.names, cfg, focus)
             record["curriculum"] = after_self_play(plan, chains, cfg.curriculum.backoff, self._ladder)
         self._commit(manifest, adapters, record)
         return self._finish_pending()

@@ -144,11 +144,19 @@ def pseudo_labels(ev: Evidence, cfg: EvolveConfig) -> list[str | None]:
     for p, answer, agreement in zip(ev.problems, ev.consensus, ev.agreement):
         if cfg.labels == "ground_truth" and p.answer is not None:
             labels.append(p.answer)
-        elif answer is not None and agreement >= cfg.min_agreement and agreement > 0:
-            labels.append(answer)
         else:
-            labels.append(None)
+            labels.append(confident(answer, agreement, cfg.min_agreement))
     return labels
+
+
+def confident(answer: str | None, agreement: float, min_agreement: float) -> str | None:
+    """A consensus answer as a label: only when some chain agreed and the agreement reaches the threshold."""
+    return answer if answer is not None and agreement > 0 and agreement >= min_agreement else None
+
+
+def niche_group(members: Sequence[str], focus: Mapping[str, str | None], domain: str) -> list[str]:
+    """The members whose focus domain is `domain`, or every member when none is."""
+    return [m for m in members if focus.get(m) == domain] or list(members)
 
 
 def labellers(
@@ -159,10 +167,9 @@ def labellers(
 ) -> list[list[str]]:
     """Per problem, the members whose chains label it: every member, or with ``label_peers: niche``
     the members whose focus domain is the problem's domain (every member when none is)."""
-    everyone = list(members)
     if cfg.label_peers != "niche" or not focus:
-        return [everyone for _ in problems]
-    return [[m for m in members if focus.get(m) == p.domain] or everyone for p in problems]
+        return [list(members) for _ in problems]
+    return [niche_group(members, focus, p.domain) for p in problems]
 
 
 def labelling_chains(
@@ -182,9 +189,7 @@ def _majority(ev: Evidence, i: int, group: Sequence[str], min_agreement: float) 
     if not pool:
         return None
     result = vote(pool, "majority")
-    if result.answer is None or result.agreement <= 0 or result.agreement < min_agreement:
-        return None
-    return result.answer
+    return confident(result.answer, result.agreement, min_agreement)
 
 
 def member_labels(

@@ -207,13 +207,10 @@ def _parse_record(raw: Mapping[str, Any], index: int, previous: int | None) -> G
             str(lv): c.number_map(v, f"heldout.levels.{lv}")
             for lv, v in c.mapping(heldout_raw.get("levels"), "heldout.levels").items()
         },
-        label_audit={
-            k: v
-            for k, v in c.number_map(
-                {k: v for k, v in c.mapping(raw.get("labels_audit"), "labels_audit").items() if k != "cells"},
-                "labels_audit",
-            ).items()
-        },
+        label_audit=c.number_map(
+            {k: v for k, v in c.mapping(raw.get("labels_audit"), "labels_audit").items() if k != "cells"},
+            "labels_audit",
+        ),
         backoffs=sum(
             "back off" in str(e)
             for e in c.sequence(c.mapping(raw.get("curriculum"), "curriculum").get("events"), "curriculum.events")
