@@ -11,19 +11,22 @@ install:
 serve: install
 	$(BIN)/ensemble-serve up
 
-# The import boundaries (ARCHITECTURE.md), then the whole suite, end-to-end tests with the real vLLM engine included.
+# The import boundaries (ARCHITECTURE.md), then the whole suite, end-to-end tests with the real vLLM engine
+# included; the 40 slowest steps are listed at the end.
 test: install
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=40
 
-# Unit tests only (no engine start).
+# The fast tier: no engine, no Ray cluster, no subprocess (tests/conftest.py fails a test that starts one).
+# One tier alone: $(BIN)/python -m pytest -m engine (or evolve, packaging, realshape).
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Build the real-shaped test model (a Qwen2 with a byte-level BPE tokenizer, ChatML template and three plain
-# PEFT adapters; tests/realshape.py) into .cache/: a few minutes on 2 cores, then reused by the tests.
+# PEFT adapters; trainer/testing/realshape.py) into ~/.cache/ensemble-serve/: a few minutes on 2 cores, then
+# reused by every checkout and CI run on this machine while its cache key holds.
 realshape: install
-	$(BIN)/python tests/realshape.py
+	$(BIN)/python -m trainer.testing.realshape
 
 # Rebuild the embedded default (about 35 minutes on 2 cores): the substrate (levels 1-2 of every family,
 # with and without a system message), 12 specialists (two per family, on its levels 3-4), their held-out

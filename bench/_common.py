@@ -1,8 +1,8 @@
 """Shared helpers for the benchmarks in this folder: the servers they start, interleaved rounds, statistics,
 tables, JSON.
 
-Servers are launched and measured with the tests' helper (tests/server_harness.py; the scripts
-put tests/ on sys.path): :class:`ServerSet` starts them with the benchmarks' settings and stops
+Servers are launched and measured with the harness the tests use (`ensemble_serve.testing.servers`);
+each script runs as `python bench/NAME.py`, which puts this folder first on the path: :class:`ServerSet` starts them with the benchmarks' settings and stops
 every one of them on exit, even on error, Ctrl-C or SIGTERM.
 """
 
@@ -22,7 +22,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server_harness import (
+from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
+from ensemble_serve.shared.voting import candidate_from_text, vote
+from ensemble_serve.testing.servers import (
     ROOT,
     Server,
     ServerProcess,
@@ -33,9 +35,6 @@ from server_harness import (
     vllm_command,
     wait_healthy,
 )
-
-from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
-from ensemble_serve.shared.voting import candidate_from_text, vote
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"

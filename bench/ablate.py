@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent.parent)]
-
-from bench._common import RESULTS, ROOT, rel, write_json  # noqa: E402
+from _common import RESULTS, ROOT, rel, write_json
 
 CONFIGS = ("configs/ablate.yaml", "configs/ablate-regime.yaml", "configs/ablate-router-mixture.yaml")
 

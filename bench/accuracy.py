@@ -34,12 +34,9 @@ import json
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-
-import openai  # noqa: E402
-from _common import (  # noqa: E402
+import openai
+from _common import (
     EMBEDDED_POPULATION,
     ENSEMBLE_NAME,
     ForeignLoad,
@@ -56,10 +53,10 @@ from _common import (  # noqa: E402
     wait_quiet,
     write_results,
 )
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from ensemble_serve.shared.voting import candidate_from_text, vote  # noqa: E402
-from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
+from ensemble_serve.shared.voting import candidate_from_text, vote
+from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify
 
 
 class Runner:

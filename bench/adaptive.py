@@ -23,19 +23,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
+import numpy as np
+import openai
+from _common import ServerSet, add_common_args, md_table, wait_quiet, write_results
+from specialists import Runner, balanced, interval, paired
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import openai  # noqa: E402
-from _common import ServerSet, add_common_args, md_table, wait_quiet, write_results  # noqa: E402
-from specialists import Runner, balanced, interval, paired  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from trainer.tasks.sandbox import Problem  # noqa: E402
+from trainer.tasks.sandbox import Problem
 
 SETTINGS = {
     "adaptive c=0.95 w=4": {"confidence": 0.95, "wave_size": 4},

@@ -12,13 +12,11 @@ greedy held-out accuracy (transformers generation) before and after.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-from _common import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE, rel, write_json  # noqa: E402
+from _common import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE, rel, write_json
 
 
 def main() -> None:

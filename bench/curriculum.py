@@ -32,10 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import EMBEDDED_POPULATION, ROOT, md_table, rel, write_json
 from scipy import stats
-
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-from _common import EMBEDDED_POPULATION, ROOT, md_table, rel, write_json  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-curriculum"
 ARMS = {

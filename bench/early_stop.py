@@ -25,12 +25,9 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-
-import openai  # noqa: E402
-from _common import (  # noqa: E402
+import openai
+from _common import (
     ENSEMBLE_NAME,
     RESULTS,
     ForeignLoad,
@@ -46,9 +43,9 @@ from _common import (  # noqa: E402
     wait_quiet,
     write_results,
 )
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from trainer.tasks.sandbox import Problem, generate_problems, verify  # noqa: E402
+from trainer.tasks.sandbox import Problem, generate_problems, verify
 
 
 async def ask(

@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-from _common import EMBEDDED_POPULATION, ROOT, md_table, rel, write_json  # noqa: E402
+from _common import EMBEDDED_POPULATION, ROOT, md_table, rel, write_json
 
 OUT = ROOT / "runs" / "bench-evolve"
 RUNS = {

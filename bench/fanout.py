@@ -22,12 +22,9 @@ import asyncio
 import random
 import sys
 import time
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-
-import openai  # noqa: E402
-from _common import (  # noqa: E402
+import openai
+from _common import (
     ENSEMBLE_NAME,
     ForeignLoad,
     ServerSet,
@@ -44,7 +41,7 @@ from _common import (  # noqa: E402
     wait_quiet,
     write_results,
 )
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
 BASELINE = "m00 n=8"
 TARGET = "ensemble 8x1"

@@ -22,13 +22,9 @@ import argparse
 import asyncio
 import os
 import random
-import sys
 import time
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-
-from _common import (  # noqa: E402
+from _common import (
     EMBEDDED_POPULATION,
     add_common_args,
     fmt_spread,
@@ -41,7 +37,7 @@ from _common import (  # noqa: E402
     wait_quiet,
     write_results,
 )
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
 BASELINE = "m00 n=8"
 VARIANTS = [BASELINE, "m00 n=8 +logprobs", "m00..m07 x1", "m00..m07 x1 +logprobs"]

@@ -51,11 +51,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-
-import httpx  # noqa: E402
-import openai  # noqa: E402
-from _common import (  # noqa: E402
+import httpx
+import openai
+from _common import (
     ENSEMBLE_NAME,
     LOGS,
     ROOT,
@@ -69,10 +67,10 @@ from _common import (  # noqa: E402
     wait_quiet,
     write_json,
 )
-from server_harness import copy_embedded, server_env  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
+from ensemble_serve.testing.servers import copy_embedded, server_env
+from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify
 
 MODES = ("vote unrouted", "vote routed", "mixture cold", "mixture warm")
 

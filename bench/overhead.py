@@ -33,12 +33,9 @@ import asyncio
 import random
 import sys
 import time
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-
-import openai  # noqa: E402
-from _common import (  # noqa: E402
+import openai
+from _common import (
     ENSEMBLE_NAME,
     ForeignLoad,
     ServerSet,
@@ -55,9 +52,9 @@ from _common import (  # noqa: E402
     wait_quiet,
     write_results,
 )
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from ensemble_serve.shared.voting import candidate_from_text, vote  # noqa: E402
+from ensemble_serve.shared.voting import candidate_from_text, vote
 
 TARGET = "ensemble-serve: ensemble 8x1"
 BASELINE = "vLLM: 8 x n=1 +logprobs, client vote"

@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-
-from _common import (  # noqa: E402
+from _common import (
     ServerSet,
     fmt_spread,
     interleaved,
@@ -40,10 +37,10 @@ from _common import (  # noqa: E402
     spread,
     write_results,
 )
-from realshape import build_realshape  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from ensemble_serve.shared.bring_your_own import AdapterSpec, import_adapters  # noqa: E402
+from ensemble_serve.shared.bring_your_own import AdapterSpec, import_adapters
+from trainer.testing.realshape import build_realshape
 
 VARIANTS = ["member n=1", "member n=3", "ensemble k=1", "ensemble k=2", "ensemble k=3", "ensemble k=3 adaptive"]
 ADAPTIVE = {"confidence": 0.85, "wave_size": 1}  # one member at a time; two agreeing members stop it (P = 0.875)

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-from _common import EMBEDDED_POPULATION, md_table, rel, write_json  # noqa: E402
+from _common import EMBEDDED_POPULATION, md_table, rel, write_json
 
 
 def main() -> None:

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
+import psutil
+from _common import ServerSet, add_common_args, member_names, wait_quiet, write_results
 
-import psutil  # noqa: E402
-from _common import ServerSet, add_common_args, member_names, wait_quiet, write_results  # noqa: E402
-from soak import run_soak  # noqa: E402
+from ensemble_serve.testing.soak import run_soak
 
 
 def main() -> None:

@@ -40,17 +40,14 @@ import asyncio
 import json
 import math
 import random
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-
-import numpy as np  # noqa: E402
-import openai  # noqa: E402
-from _common import (  # noqa: E402
+import numpy as np
+import openai
+from _common import (
     EMBEDDED_POPULATION,
     ENSEMBLE_NAME,
     RESULTS,
@@ -65,16 +62,16 @@ from _common import (  # noqa: E402
     wait_quiet,
     write_results,
 )
-from scipy import stats  # noqa: E402
-from server_harness import ROOT  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from scipy import stats
+from tqdm import tqdm
 
-from ensemble_serve.shared.cliutil import load_config  # noqa: E402
-from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE  # noqa: E402
-from trainer.models.config import InitConfig  # noqa: E402
-from trainer.models.init_population import focus_stream, member_plan, warm_up_member  # noqa: E402
-from trainer.plotting import new_figure, to_png  # noqa: E402
-from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify  # noqa: E402
+from ensemble_serve.shared.cliutil import load_config
+from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE
+from ensemble_serve.testing.servers import ROOT
+from trainer.models.config import InitConfig
+from trainer.models.init_population import focus_stream, member_plan, warm_up_member
+from trainer.plotting import new_figure, to_png
+from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify
 
 LEVELS = (1, 2, 3, 4)
 SYSTEM = "You are a helpful assistant. Answer the question."

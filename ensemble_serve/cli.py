@@ -18,6 +18,7 @@ from ensemble_serve.http.shutdown import Drain, GracefulServer
 from ensemble_serve.protocol import EnsembleOptions
 from ensemble_serve.shared.bring_your_own import import_adapters
 from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_options, load_config, nargs_flags
+from ensemble_serve.shared.engine_config import ContextSizeError, on_cpu, size_context
 from ensemble_serve.shared.population import PopulationError, load_population, write_manifest
 
 
@@ -48,8 +49,10 @@ def up(config_file: Path | None, **overrides: Any) -> None:
         if cfg.model is not None:
             cfg = _import_for_serving(cfg, Path(scratch) / "population")
         try:
-            load_population(cfg.population_dir)  # fail fast, before the engine starts
-        except PopulationError as e:
+            population = load_population(cfg.population_dir)  # fail fast, before the engine starts
+            if not cfg.remote and on_cpu():
+                size_context(population, cfg.engine_config())  # a context that cannot fit: one line, no trace
+        except (PopulationError, ContextSizeError) as e:
             raise click.ClickException(str(e)) from None
         _serve(cfg)
 

@@ -6,12 +6,13 @@ Names follow `vllm serve` where they overlap.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ensemble_serve.shared.bring_your_own import AdapterSpec, parse_lora_module
 from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION
-from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS, EngineConfig
+from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS, EngineConfig, parse_bytes
 
 API_KEY_ENV = "ENSEMBLE_SERVE_API_KEY"
 BYO_NAME = "ensemble"  # the ensemble's default name when serving --model with --lora-modules
@@ -93,12 +94,20 @@ class ServeConfig(BaseModel):
     max_cpu_loras: int | None = Field(
         None, ge=1, description="vLLM: adapters cached in host memory (default: all members)."
     )
-    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's).")
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="vLLM: context length (default: the model's; on the CPU, at most what the KV cache holds).",
+    )
     gpu_memory_utilization: float = Field(
         0.2,
         gt=0,
         le=1,
-        description="vLLM: memory fraction (on the CPU backend, of NUMA node 0's memory; vLLM's 0.92 refuses to start there).",
+        description="vLLM: memory fraction on a GPU (on the CPU the KV cache is sized by --kv-cache-memory-bytes).",
+    )
+    kv_cache_memory_bytes: str | None = Field(
+        None,
+        description="vLLM: KV cache size, bytes or with a binary K/M/G suffix as vLLM's flag (on the CPU, default 1G).",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: tensor parallelism.")
     pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline parallelism.")
@@ -158,6 +167,14 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be mp, ray, uni or external_launcher, got {v!r}")
         return v
 
+    @field_validator("kv_cache_memory_bytes", mode="before")
+    @classmethod
+    def _kv_bytes(cls, v: Any) -> str | None:
+        if v is None:
+            return None
+        parse_bytes(str(v))  # refused here, with the flag's name, rather than when the engine starts
+        return str(v)
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -192,6 +209,7 @@ class ServeConfig(BaseModel):
             max_cpu_loras=self.max_cpu_loras,
             max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=parse_bytes(self.kv_cache_memory_bytes),
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
             distributed_executor_backend=self.distributed_executor_backend,

@@ -6,7 +6,11 @@ by `ensemble-train substrate`'s code, and the population is real PEFT adapters.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.process
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,11 +59,11 @@ def tiny_population(tiny_substrate: Path, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="session")
 def realshape():
-    """The real-shaped Qwen2 test model and its three PEFT adapters (tests/realshape.py).
+    """The real-shaped Qwen2 test model and its three PEFT adapters (trainer/testing/realshape.py).
 
     Built once into <repo>/.cache/ (a few minutes on 2 cores; `make realshape` does it ahead), then reused.
     """
-    from realshape import build_realshape
+    from trainer.testing.realshape import build_realshape
 
     return build_realshape()
 
@@ -71,3 +75,72 @@ def embedded_population() -> Path:
     if not (path / "population.json").is_file():
         pytest.fail(f"the embedded population is missing at {path}; run `make embedded`")
     return path
+
+
+# ---------------------------------------------------------------- tiers
+
+# A test in a tier (pyproject's markers) is slow: `make test-fast` (-m "not slow") leaves it out.
+TIERS = ("engine", "evolve", "packaging", "realshape")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(t) for t in TIERS) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
+# What libraries run to look at the machine (vLLM's import asks `file` about the interpreter through
+# `platform.architecture()`; `ctypes.util.find_library` runs ldconfig or gcc): allowed in the fast tier.
+SYSTEM_PROBES = frozenset({"file", "uname", "ldconfig", "gcc", "cc", "ld", "lscpu", "objdump", "nvidia-smi"})
+
+
+class FastTierViolation(AssertionError):
+    """A test outside every tier started a process: it belongs to a tier (and so out of `make test-fast`)."""
+
+
+@contextlib.contextmanager
+def _no_process(test: str) -> Iterator[None]:
+    """Starting a subprocess or a multiprocessing process raises FastTierViolation, naming the test."""
+
+    def refuse(what: str):
+        raise FastTierViolation(f"{test} starts {what}; mark it with a tier ({', '.join(TIERS)}) or keep it in-process")
+
+    def guarded_popen(self, args, *a, **kw):
+        argv = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+        program = os.path.basename(os.fsdecode(argv[0]).split()[0]) if argv else ""
+        if program in SYSTEM_PROBES:  # libraries asking the system about itself, not a program of ours
+            return popen_init(self, args, *a, **kw)
+        refuse(f"a subprocess ({' '.join(map(os.fsdecode, argv))[:120]})")
+
+    def guarded_start(self):
+        refuse(f"a process ({type(self).__name__} {self.name})")
+
+    popen_init = subprocess.Popen.__init__
+    saved = popen_init, multiprocessing.process.BaseProcess.start
+    subprocess.Popen.__init__ = guarded_popen
+    multiprocessing.process.BaseProcess.start = guarded_start
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start = saved
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    """The fast tier starts no engine (vLLM's engine core is a process), no Ray cluster and no CLI subprocess.
+
+    A test without a tier that starts a process, in its fixtures (set up here) or its body, fails with the
+    name of what it started, so the fast tier stays fast by construction rather than by review.
+    """
+    if item.get_closest_marker("slow"):
+        return (yield)
+    with _no_process(item.nodeid):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    if item.get_closest_marker("slow"):
+        return (yield)
+    with _no_process(item.nodeid):
+        return (yield)

@@ -1,4 +1,4 @@
-"""schemathesis hooks for tests/test_fuzz_e2e.py.
+"""schemathesis hooks for tests/hostile/test_fuzz_e2e.py.
 
 - Cost bound: generated requests keep every field, but the knobs that multiply work (`max_tokens`,
   `n`, `samples_per_member`) are capped, so one example costs well under a second on 2 CPU cores and

@@ -21,7 +21,7 @@ import yaml
 
 from ensemble_serve.shared.population import load_population
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.evolve
 
 ROOT = Path(__file__).resolve().parent.parent
 

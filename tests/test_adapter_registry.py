@@ -6,11 +6,11 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from server_harness import plain_embedded
 
 from ensemble_serve.engine.inprocess import AsyncEngine
 from ensemble_serve.shared.adapters import AdapterRegistry
 from ensemble_serve.shared.population import load_population
+from ensemble_serve.testing.servers import plain_embedded
 
 
 @pytest.fixture(scope="module")

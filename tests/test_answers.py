@@ -214,7 +214,7 @@ def test_unknown_mode_lists_valid_modes():
 
 
 def test_registry_and_text_type():
-    assert set(MODES) == {"auto", "marked", "boxed", "number", "choice", "text"}
+    assert set(MODES) == {"auto", "marked", "boxed", "number", "choice", "text", "natural"}
     assert get_extractor("marked")("#### 5").value == "5"
     with pytest.raises(TypeError):
         extract_answer(None)  # type: ignore[arg-type]
@@ -235,6 +235,49 @@ def test_auto_missing_and_malformed():
     assert extract_answer("").status == "missing"
     assert extract_answer("work\n#### ").status == "malformed"
     assert extract_answer(r"\boxed{12").status == "malformed"
+
+
+# --- natural --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "value"),
+    [
+        ("#### 843", "843"),  # the sandbox's marked answers, read as `auto` reads them
+        ("work\n#### 1,000", "1000"),
+        (r"so \boxed{4}", "4"),
+        ("The answer is 42 apples.", "42"),  # a number inside the stated answer
+        ("The answer is: Mount Everest.", "Mount Everest"),
+        ("The answer is (B).", "B"),
+        ("The answer is 4, 17, 52.", "4 17 52"),
+        ("17 + 25 = 32.", "32"),  # natural replies: the last number of the last two sentences
+        ("So the total is 1,204 apples.", "1204"),
+        ("12 + 7 = 9", "9"),
+        ("To find the total, add 17 and 25. 17 + 25 = 42. I hope this helps!", "42"),
+        ("Step 1: 3 x 4 = 12\nStep 2: 12 + 5 = 17\nSo she has 17 apples.", "17"),
+        ("The sorted list is 4, 17, 52 and 83.", "4 17 52 83"),
+        ("4 17 52 83", "4 17 52 83"),
+        ("The capital of France is Paris.", "Paris"),  # short text: what follows the copula
+        ("Paris.", "Paris"),
+        ("Sure! The capital of France is Paris. It is known for the Eiffel Tower.", "Paris"),
+        ("Monsieur L'Hippel", "Monsieur L'Hippel"),
+    ],
+)
+def test_natural_reads_what_instruct_models_write(reply: str, value: str):
+    assert extract_answer(reply, "natural").value == value
+
+
+def test_natural_missing_and_malformed():
+    assert extract_answer("", "natural").status == "missing"
+    assert extract_answer("   \n  ", "natural").status == "missing"
+    long_prose = " ".join(["words"] * 40) + "."
+    assert extract_answer(long_prose, "natural").status == "missing"  # no number, no short statement
+    assert extract_answer("work\n#### ", "natural").status == "malformed"  # a broken marker stays broken
+
+
+def test_natural_agrees_with_auto_wherever_auto_finds_a_marker():
+    for text in ("a\n#### 7", r"\boxed{x+1}", "#### 12 13", "the answer is 3, so \\boxed{4}"):
+        assert extract_answer(text, "natural") == extract_answer(text, "auto")
 
 
 def test_long_text_only_tail_searched():

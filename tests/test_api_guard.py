@@ -3,7 +3,7 @@
 `build_app` runs with its real middleware, routes and error mapping on the embedded population;
 only the engine is replaced, by one whose generations raise or hang, so an internal failure,
 a deadline and the drain can be triggered exactly. The real engine's paths are in
-test_robustness_e2e.py.
+hostile/test_robustness_e2e.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from server_harness import plain_embedded
 from transformers import AutoTokenizer
 
 from ensemble_serve.config import ServeConfig
@@ -24,6 +23,7 @@ from ensemble_serve.http.app import build_app
 from ensemble_serve.http.errors import INTERNAL_ERROR_MESSAGE
 from ensemble_serve.http.shutdown import Drain
 from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE
+from ensemble_serve.testing.servers import plain_embedded
 
 
 class BrokenBackend:

@@ -9,7 +9,6 @@ import random
 from pathlib import Path
 
 import pytest
-from server_harness import copy_embedded
 
 from ensemble_serve.protocol import ChatCompletionRequest
 from ensemble_serve.service.calibration import Calibration
@@ -28,6 +27,7 @@ from ensemble_serve.shared.population.reliability import (
     write_reliability,
 )
 from ensemble_serve.shared.voting import Candidate, VoteContext, vote
+from ensemble_serve.testing.servers import copy_embedded
 from trainer.calibration.agreement import fit_one_coin
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "ensemble_serve" / "embedded"

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from server_harness import ROOT, copy_embedded, start_server
 
 from ensemble_serve.shared.population import read_manifest
+from ensemble_serve.testing.servers import ROOT, copy_embedded, start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 
 def test_calibrate_without_labels_then_vote_with_the_table(tmp_path):

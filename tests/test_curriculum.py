@@ -15,6 +15,8 @@ from lora_factories import make_lora
 from pydantic import ValidationError
 
 from ensemble_serve.shared.voting import candidate_from_text
+from trainer.evolve.audit import label_audit
+from trainer.evolve.calls import train_steps
 from trainer.evolve.config import BackoffConfig, EvolveConfig
 from trainer.evolve.curriculum import (
     PROPOSERS,
@@ -26,7 +28,7 @@ from trainer.evolve.curriculum import (
     register_proposer,
 )
 from trainer.evolve.fitness import Evidence
-from trainer.evolve.selfplay import label_audit, labellers, member_labels, train_steps, training_examples
+from trainer.evolve.labels import labellers, member_labels, training_examples
 from trainer.evolve.step import evolutionary_step, niche_keepers, niche_pool
 from trainer.tasks.sandbox import Problem
 

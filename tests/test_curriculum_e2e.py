@@ -27,7 +27,7 @@ from test_evolve_e2e import _cli, _finish, _snapshot, _wait_for_generation
 
 from ensemble_serve.shared.population import load_population, read_history
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.evolve
 
 ROOT = Path(__file__).resolve().parent.parent
 

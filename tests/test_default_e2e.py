@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server_harness import copy_embedded, start_server
 
 from ensemble_serve.shared.population import read_manifest
+from ensemble_serve.testing.servers import copy_embedded, start_server
 from trainer.tasks.sandbox import generate_problems, verify
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 ENSEMBLE = "sandbox-ensemble"
 

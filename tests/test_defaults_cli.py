@@ -60,6 +60,7 @@ def test_set_and_clear_together_and_a_missing_population(pop: Path, tmp_path: Pa
     assert r.exit_code == 1 and "nowhere" in r.output
 
 
+@pytest.mark.packaging
 def test_the_command_also_runs_as_a_module(pop: Path) -> None:
     """`python -m ensemble_serve.cli defaults` (the form the test harness uses for `up`) knows the command."""
     r = subprocess.run(

@@ -14,7 +14,7 @@ import pytest
 
 from ensemble_serve.shared.population import load_population
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")

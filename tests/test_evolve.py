@@ -47,10 +47,11 @@ from trainer.evolve.fitness import (
     term_diversity_hidden,
     term_diversity_output,
 )
+from trainer.evolve.labels import pseudo_labels, training_examples
 from trainer.evolve.loop import Evolver, run_evolve
+from trainer.evolve.nextgen import next_manifest
 from trainer.evolve.problems import generation_problems, load_dataset
-from trainer.evolve.run import RUN_FILE, EvolveError, prepare_run
-from trainer.evolve.selfplay import pseudo_labels, training_examples
+from trainer.evolve.run import RUN_FILE, EvolveError, load_members, prepare_run
 from trainer.evolve.step import evolutionary_step
 from trainer.tasks.sandbox import Problem, generate_problems
 
@@ -457,6 +458,16 @@ def no_engine(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return started
 
 
+def test_a_tournament_larger_than_the_population_is_refused_before_any_work(
+    pop_copy: Path, tmp_path: Path, no_engine: list[str]
+) -> None:
+    evo = EvolutionConfig(elite=1, offspring=1, selection_options={"size": 4})
+    cfg, root, run = prepare_run(cfg_for(pop_copy, tmp_path / "run", evolution=evo), resume=False)
+    with pytest.raises(EvolveError, match=r"selection_options.size 4 is larger than the population \(3 members\)"):
+        Evolver(cfg, root, run, progress=False)
+    assert no_engine == []
+
+
 @pytest.mark.parametrize("crossover", ["svd_interpolate", "layer_wise"])
 def test_rank_policy_error_refused_before_any_work(
     pop_copy: Path, tmp_path: Path, no_engine: list[str], crossover: str
@@ -797,7 +808,8 @@ def test_next_generation_manifest_and_commit(evolver: Evolver, pop_weights: dict
     trained = dict(pop_weights)
     trained["m00"] = operators.gaussian(pop_weights["m00"], 0.1, torch.Generator().manual_seed(1))
     losses = {"m00": [1.0, 0.5], "m01": [], "m02": [0.7]}
-    manifest, adapters, info = evolver._next_manifest(pop, 1, trained, losses, fitness, elite, replaced, children)
+    seed, config = evolver.cfg.seed, evolver.run["config_hash"]
+    manifest, adapters, info = next_manifest(pop, 1, trained, losses, fitness, elite, replaced, children, seed, config)
     assert manifest.generation == 1
     assert manifest.names == ["m00", "m01", "g1c0"]
     m00, m01, born = manifest.members
@@ -821,7 +833,7 @@ def test_next_generation_manifest_and_commit(evolver: Evolver, pop_weights: dict
 
     # the next gradient phase trains every member of generation 1 with its own lr and a derived seed
     evolver.executor = RecordingExecutor()
-    weights = evolver._check_members(loaded)
+    weights = load_members(loaded)
     new, got_losses = evolver._train(loaded, weights, {m: [("q", "#### 1")] for m in loaded.names}, 2)
     lrs = [c["lr"] for c in evolver.executor.calls]
     assert lrs == [m.info["lr"] for m in loaded.manifest.members]
@@ -842,10 +854,13 @@ def test_child_of_a_member_without_lr_can_be_trained(
         fitness = {"m00": 0.9, "m01": 0.5, "m02": 0.1}
         elite, replaced, children = evolutionary_step(pop.names, pop_weights, fitness, evolver.cfg, 1)
         losses = {m: [] for m in MEMBERS}
-        manifest, adapters, _ = evolver._next_manifest(pop, 1, pop_weights, losses, fitness, elite, replaced, children)
+        seed, config = evolver.cfg.seed, evolver.run["config_hash"]
+        manifest, adapters, _ = next_manifest(
+            pop, 1, pop_weights, losses, fitness, elite, replaced, children, seed, config
+        )
         evolver._commit(manifest, adapters, {"generation": 1})
         evolver.executor = RecordingExecutor()
-        weights = evolver._check_members(evolver.population)
+        weights = load_members(evolver.population)
         evolver._train(evolver.population, weights, {m: [] for m in manifest.names}, 2)
         assert [c["lr"] for c in evolver.executor.calls] == [2e-3] * 3
     finally:
@@ -917,6 +932,7 @@ def ray_executor():
         executor.shutdown()
 
 
+@pytest.mark.evolve  # starts a local Ray cluster
 def test_local_and_ray_executors_agree(
     tiny_substrate: Path, pop_weights: dict[str, LoraWeights], ray_executor: RayExecutor
 ) -> None:

@@ -23,10 +23,18 @@ from ensemble_serve.shared.lora import LoraWeights, check_compatible, load_lora
 from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
 from ensemble_serve.shared.voting import candidate_from_text
 from trainer.evolve import operators
-from trainer.evolve.config import EvolutionConfig, EvolveConfig, LifecycleConfig
+from trainer.evolve.config import EvolutionConfig, EvolveConfig
 from trainer.evolve.fitness import Evidence, compute_fitness, term_consensus, term_correctness
-from trainer.evolve.lifecycle import LifecycleResult, choose_deaths, fresh_adapter, lifecycle_step, update_distance
+from trainer.evolve.lifecycle import (
+    LifecycleConfig,
+    LifecycleResult,
+    choose_deaths,
+    fresh_adapter,
+    lifecycle_step,
+    update_distance,
+)
 from trainer.evolve.loop import Evolver
+from trainer.evolve.nextgen import apply_lifecycle, next_manifest, run_lifecycle
 from trainer.evolve.records import lifecycle_summary
 from trainer.evolve.run import config_hash, prepare_run
 from trainer.evolve.step import evolutionary_step
@@ -306,7 +314,7 @@ def test_lifecycle_in_the_next_generation(pop_copy: Path, tmp_path: Path, pop_we
         fitness = {"m00": 0.9, "m01": 0.5, "m02": 0.1}
         elite, replaced, children = evolutionary_step(pop.names, pop_weights, fitness, cfg, 1)
         assert (elite, replaced, [c.name for c in children]) == ([0], [2], ["g1c0"])
-        life = evolver._lifecycle(pop, 1, pop_weights, fitness, replaced, children)
+        life = run_lifecycle(pop, 1, pop_weights, fitness, replaced, children, cfg)
         # m01 (0.5 < 0.6, age 1) dies; the child g1c0 is below the threshold too but was born now; m00 is elite
         assert life.deaths == ["m01"]
         assert life.mutated == ["g1c0"]
@@ -317,10 +325,10 @@ def test_lifecycle_in_the_next_generation(pop_copy: Path, tmp_path: Path, pop_we
         assert (born.slot, born.name, born.parents) == (1, "g1r0", ["m00"])
 
         losses = {m: [] for m in MEMBERS}
-        manifest, adapters, info = evolver._next_manifest(
-            pop, 1, pop_weights, losses, fitness, elite, replaced, children
+        manifest, adapters, info = next_manifest(
+            pop, 1, pop_weights, losses, fitness, elite, replaced, children, cfg.seed, evolver.run["config_hash"]
         )
-        manifest, adapters, info = evolver._apply_lifecycle(manifest, adapters, info, life, 1)
+        manifest, adapters, info = apply_lifecycle(manifest, adapters, info, life, 1, cfg)
         assert manifest.names == ["m00", "g1r0", "g1c0"]
         m00, newborn, child = manifest.members
         assert m00.path == ("members/m00-g1" if neighbour == "m00" else "members/m00")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from server_harness import plain_embedded
 
 from ensemble_serve.shared.lora import load_lora, save_lora
 from ensemble_serve.shared.mixture import mix_exact
 from ensemble_serve.shared.population import load_population
 from ensemble_serve.shared.router import normalised_weights, top_k
+from ensemble_serve.testing.servers import plain_embedded
 from trainer.models.mixture_lm import (
     MixtureLM,
     MixtureLMError,

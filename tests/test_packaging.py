@@ -69,7 +69,7 @@ def _run(args: list[str], step: str, cwd: Path, env: dict[str, str], timeout: fl
     return proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.packaging
 @pytest.mark.timeout(1800)
 def test_cpu_and_train_extras_alone_in_a_fresh_venv(tmp_path: Path) -> None:
     venv = tmp_path / "venv"

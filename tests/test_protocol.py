@@ -37,6 +37,7 @@ from ensemble_serve.http.errors import (
 )
 from ensemble_serve.protocol import (
     MAX_PROMPTS,
+    MIN_TIMEOUT_S,
     VOTE_RULES,
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -395,7 +396,7 @@ CHAT_CASES = [
         {"ensemble": {"answer": "fuzzy"}},
         "ensemble.answer",
         (
-            "ensemble.answer: unknown answer mode 'fuzzy'; valid modes: auto, marked, boxed, number, choice, text, "
+            "ensemble.answer: unknown answer mode 'fuzzy'; valid modes: auto, marked, boxed, number, choice, text, natural, "
             "or {'regex': PATTERN}"
         ),
     ),
@@ -478,6 +479,27 @@ def test_invalid_completion_requests_are_400s(
 ) -> None:
     error = api_error(client.post("/v1/completions", json=completion_body(**fields)), 400)
     assert error == {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+
+
+@pytest.mark.parametrize("timeout", [5e-324, 0.0, 0.000999, -1.0])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_timeout_below_the_minimum_is_a_400_naming_it(client: TestClient, route: str, timeout: float) -> None:
+    # found by fuzzing: 5e-324 s was schema-valid and answered 504, a deadline no request can meet
+    body = chat_body if route == "/v1/chat/completions" else completion_body
+    error = api_error(client.post(route, json=body(timeout=timeout)), 400)
+    got = json.dumps(timeout)
+    assert error == {
+        "message": f"timeout: Input should be greater than or equal to {MIN_TIMEOUT_S:g} (got {got})",
+        "type": "invalid_request_error",
+        "param": "timeout",
+        "code": None,
+    }
+    assert client.post(route, json=body(timeout=MIN_TIMEOUT_S)).status_code == 200  # the minimum itself is valid
+    for model in (ChatCompletionRequest, CompletionRequest):
+        (number,) = [
+            s for s in model.model_json_schema()["properties"]["timeout"]["anyOf"] if s.get("type") == "number"
+        ]
+        assert number["minimum"] == MIN_TIMEOUT_S == 0.001
 
 
 def test_missing_fields_are_named(client: TestClient) -> None:

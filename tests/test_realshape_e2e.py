@@ -1,6 +1,6 @@
 """Every path on a real-shaped model: a Qwen2 with a byte-level BPE tokenizer (numbers split across
 several tokens), ChatML template with a system role, a 2048-token context, and adapters made with
-plain PEFT outside this project (tests/realshape.py builds them, cached).
+plain PEFT outside this project (trainer/testing/realshape.py builds them, cached).
 
 The adapters come in the way a user's would: `ensemble-train import`, then `eval`, `router` and
 `calibrate` on a JSONL file; the population is served with the real server and driven with the real
@@ -23,7 +23,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_harness import (
+from test_evolve_e2e import SMALL
+
+from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
+from ensemble_serve.testing.servers import (
     VLLM_KEY,
     Server,
     VLLMServer,
@@ -34,13 +37,10 @@ from server_harness import (
     vllm_command,
     wait_healthy,
 )
-from test_evolve_e2e import SMALL
-
-from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
 from trainer.tasks.sandbox import generate_problems
 
 # the first test also builds the model when .cache/ has none (a few minutes), inside its setup
-pytestmark = [pytest.mark.slow, pytest.mark.realshape, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.realshape, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
 ENSEMBLE = "ensemble"

@@ -1,7 +1,7 @@
-"""The real-shaped test model (tests/realshape.py): what it is made of, and how its build is cached.
+"""The real-shaped test model (trainer/testing/realshape.py): what it is made of, and how its build is cached.
 
 The tests on the built model are slow the first time (the build takes a few minutes on 2 cores,
-then it is reused from .cache/); the tests of the cache itself stub the build and are fast.
+then it is reused from the user cache, ~/.cache/ensemble-serve/); the tests of the cache itself stub the build and are fast.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import realshape as rs
 
-pytestmark = [pytest.mark.realshape, pytest.mark.timeout(1800)]  # the first built test may build it
-built = pytest.mark.slow  # needs the built model
+import trainer.testing.realshape as rs
+
+pytestmark = pytest.mark.timeout(1800)  # the first built test may build it
+built = pytest.mark.realshape  # needs the built model
 
 EXPECTED_ADAPTERS = {
     "qv8": (8, 16, {"q_proj", "v_proj"}),

@@ -4,7 +4,7 @@ A server goes down on a connection error or timeout, a 5xx answer or an engine-d
 stream; a down server is retried with capped exponential backoff and re-discovered when its
 /health answers 200 again; `servers_of` offers only up servers; `unavailable_members()`,
 `health()` and the metrics gauges report the state. The real thing (two vLLM servers, one killed)
-is tests/test_remote_health_e2e.py.
+is tests/remote/test_remote_health_e2e.py.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import plain_embedded
 
 from ensemble_serve.engine.remote import RemoteBackend, RemoteDiscoveryError, RemoteError
 from ensemble_serve.errors import BadRequestError, MemberUnavailableError
 from ensemble_serve.http.errors import error_response
 from ensemble_serve.service.metrics import Metrics
 from ensemble_serve.shared.population import Population, load_population
+from ensemble_serve.testing.servers import plain_embedded
 
 MEMBERS = [f"m0{i}" for i in range(8)]
 A, B = "http://node-a:8001", "http://node-b:8001"

@@ -261,7 +261,7 @@ def _copy_population(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_router_command_trains_evaluates_and_installs(
     tiny_population: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -289,10 +289,14 @@ def test_router_command_trains_evaluates_and_installs(
     real_generate = route.generate_answers
 
     def spy(
-        population: Population, problems: Sequence[Problem], cfg: RouterCommandConfig, progress: bool = False
+        population: Population,
+        problems: Sequence[Problem],
+        cfg: RouterCommandConfig,
+        progress: bool = False,
+        engine: Any = None,
     ) -> list[list[Candidate]]:
         recorded["problems"] = list(problems)
-        recorded["answers"] = real_generate(population, problems, cfg, progress)
+        recorded["answers"] = real_generate(population, problems, cfg, progress, engine)
         return recorded["answers"]
 
     monkeypatch.setattr(route, "generate_answers", spy)
@@ -332,7 +336,11 @@ def test_router_command_trains_evaluates_and_installs(
     fresh_manifest = (fresh / "population.json").read_bytes()
 
     def replay(
-        population: Population, problems: Sequence[Problem], cfg: RouterCommandConfig, progress: bool = False
+        population: Population,
+        problems: Sequence[Problem],
+        cfg: RouterCommandConfig,
+        progress: bool = False,
+        engine: Any = None,
     ) -> list[list[Candidate]]:
         assert list(problems) == recorded["problems"]
         return recorded["answers"]

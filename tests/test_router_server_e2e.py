@@ -14,11 +14,11 @@ import httpx
 import openai
 import pytest
 import torch
-from server_harness import copy_embedded, start_server
 
 from ensemble_serve.shared.population import read_manifest, write_manifest
+from ensemble_serve.testing.servers import copy_embedded, start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 ENSEMBLE = "sandbox-ensemble"
 

@@ -238,6 +238,7 @@ def test_determinism_and_seed_sensitivity():
     assert generate_problems(0, seed=5) == []
 
 
+@pytest.mark.packaging
 def test_determinism_does_not_depend_on_hash_seed():
     code = "import json; from trainer.tasks.sandbox import generate_problems as g; print(json.dumps([p.prompt for p in g(24, 7)]))"
     expected = [p.prompt for p in generate_problems(24, 7)]

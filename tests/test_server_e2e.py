@@ -11,16 +11,17 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_harness import start_server
 
-pytestmark = pytest.mark.slow
+from ensemble_serve.testing.servers import start_server
+
+pytestmark = pytest.mark.engine
 
 PROBLEM = "add 478+365"  # answer 843
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    from server_harness import copy_embedded
+    from ensemble_serve.testing.servers import copy_embedded
 
     root = tmp_path_factory.mktemp("served")
     population = copy_embedded(root)

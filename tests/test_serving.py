@@ -7,10 +7,9 @@ and response assembly can be checked exactly, including a member whose generatio
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
-from server_harness import plain_embedded
 from transformers import AutoTokenizer
 
 from ensemble_serve.engine.base import Engine
@@ -20,6 +19,7 @@ from ensemble_serve.service.metrics import Metrics
 from ensemble_serve.service.service import EnsembleService, ServeSettings
 from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE
 from ensemble_serve.shared.population import load_population
+from ensemble_serve.testing.servers import plain_embedded
 
 
 @dataclass
@@ -194,7 +194,7 @@ def test_routing_picks_top_k_and_weights_the_vote_by_gates():
     chains = dict(ANSWERS, m00="1+2=4\n#### 4", m01="1+2=4\n#### 4")
     service = _service(ScriptedBackend(chains))
     gates = {f"m0{i}": 0.1 for i in range(8)} | {"m00": 0.9, "m01": 0.8, "m05": 0.3}
-    service.routing = _FixedGates(gates)
+    service.served = replace(service.served, routing=_FixedGates(gates))
     resp = asyncio.run(service.chat(_req(vote="weighted")))
     ens = resp.ensemble
     assert ens.members == ["m00", "m01", "m05"] and ens.routing["used"] is True and ens.routing["top_k"] == 3
@@ -205,7 +205,7 @@ def test_routing_picks_top_k_and_weights_the_vote_by_gates():
 
 def test_unusable_gates_fall_back_to_unrouted_voting_and_say_so():
     service = _service(ScriptedBackend(ANSWERS))
-    service.routing = _FixedGates({f"m0{i}": float("nan") for i in range(8)})
+    service.served = replace(service.served, routing=_FixedGates({f"m0{i}": float("nan") for i in range(8)}))
     resp = asyncio.run(service.chat(_req()))
     assert resp.ensemble.routing["used"] is False and "NaN" in resp.ensemble.routing["reason"]
     assert len(resp.ensemble.members) == 8 and resp.ensemble.answer == "3"
@@ -216,7 +216,7 @@ def test_mixture_mode_needs_a_router_and_the_in_process_engine():
     service = _service(ScriptedBackend(ANSWERS))
     with pytest.raises(BadRequestError, match="needs the population's router"):
         asyncio.run(service.chat(_req(mode="mixture")))
-    service.routing = _FixedGates({f"m0{i}": 0.5 for i in range(8)})
+    service.served = replace(service.served, routing=_FixedGates({f"m0{i}": 0.5 for i in range(8)}))
     with pytest.raises(BadRequestError, match="in-process engine"):  # the scripted backend cannot load adapters
         asyncio.run(service.chat(_req(mode="mixture")))
 
@@ -240,10 +240,12 @@ def test_mixture_cache_size_comes_from_the_settings_and_bounds_the_registered_ad
     try:
         names = []
         for top in ("m00", "m01", "m02", "m00"):
-            service.routing = _FixedGates({f"m0{i}": 0.1 for i in range(8)} | {top: 0.9})
+            service.served = replace(
+                service.served, routing=_FixedGates({f"m0{i}": 0.1 for i in range(8)} | {top: 0.9})
+            )
             resp = asyncio.run(service.chat(_req(mode="mixture")))
             names.append(resp.ensemble.routing["mixture"]["adapter"])
-        assert service._mixtures.capacity == 2 and len(service._mixtures) == 2
+        assert service.mixtures.cache.capacity == 2 and len(service.mixtures.cache) == 2
         assert len(set(names[:3])) == 3  # three distinct routes, three mixed adapters
         assert names[3] == names[0]  # the same gates again: the same route name
         # m00's route was evicted by the time it came back (capacity 2), so it was mixed again

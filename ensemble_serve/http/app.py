@@ -26,7 +26,8 @@ from ensemble_serve.http.openapi import describe_api
 from ensemble_serve.http.routes import api_routes, open_routes
 from ensemble_serve.http.shutdown import Drain
 from ensemble_serve.service.metrics import Metrics
-from ensemble_serve.service.service import EnsembleService, ServeSettings
+from ensemble_serve.service.served import ServeSettings
+from ensemble_serve.service.service import EnsembleService
 from ensemble_serve.service.watcher import PopulationWatcher
 from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.population import Population, load_population

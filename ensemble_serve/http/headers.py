@@ -12,7 +12,8 @@ A non-streamed ensemble response (a chat completion, or a completion of one prom
 * `x-ensemble-answer-truncated`: `true` when the answer was longer than that;
 * `x-ensemble-agreement`: the share of the vote the answer got, 0..1; absent with the answer;
 * `x-ensemble-members`: the members that answered, comma-separated, each percent-encoded;
-* `x-ensemble-rule`: the vote rule.
+* `x-ensemble-rule`: the vote rule;
+* `x-ensemble-population`: the version of the population that answered (as `ensemble.population.version`).
 
 Streams send their headers before any chain has finished, and a completion of several prompts has
 one vote per prompt: neither carries these headers (the body's `ensemble` objects do).
@@ -34,6 +35,9 @@ HEADERS: dict[str, str] = {
     "x-ensemble-agreement": "Share of the vote the winning answer got, 0..1; absent when no chain had an answer.",
     "x-ensemble-members": "The members that answered, comma-separated, each percent-encoded.",
     "x-ensemble-rule": "The vote rule that chose the answer.",
+    "x-ensemble-population": (
+        "The version of the population that answered, `<generation>-<12 hex digits>` (ensemble.population.version)."
+    ),
 }
 """Each header and what it holds (also the text of /openapi.json)."""
 
@@ -54,4 +58,6 @@ def ensemble_headers(response: Any) -> dict[str, str]:
             headers["x-ensemble-answer-truncated"] = "true"
     if info.agreement is not None:
         headers["x-ensemble-agreement"] = f"{float(info.agreement):.4g}"
+    if info.population is not None:
+        headers["x-ensemble-population"] = quote(info.population.version, safe="")
     return headers

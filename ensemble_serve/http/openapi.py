@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
+from ensemble_serve.engine.base import Engine
 from ensemble_serve.errors import ErrorResponse
 from ensemble_serve.http.headers import HEADERS
 from ensemble_serve.protocol import (
@@ -33,12 +34,14 @@ from ensemble_serve.protocol import (
     INT64_MIN,
     MAX_SAMPLES_PER_MEMBER,
     MAX_STOP_SEQUENCES,
+    MIN_TIMEOUT_S,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ModelList,
 )
+from ensemble_serve.service.served import Served
 from ensemble_serve.shared.voting import VOTE_RULES
 from ensemble_serve.shared.voting.answers import MAX_REGEX_CHARS, MODES
 
@@ -49,7 +52,11 @@ _ERRORS = {
     413: "Request body larger than --max-request-bytes.",
     500: "A failure on the server's side; the message carries the request id.",
     503: "The engine is not running, no member can be reached, or the server is shutting down.",
-    504: "The request ran past its deadline (its `timeout` or --request-timeout).",
+    504: (
+        f"The request was still running at its deadline (its own `timeout`, at least {MIN_TIMEOUT_S:g} s, or the "
+        "server's --request-timeout) and its engine work was aborted (code `request_timeout`). A `timeout` below "
+        f"{MIN_TIMEOUT_S:g} s is refused with a 400 naming `timeout` instead."
+    ),
 }
 _GENERATION = (400, 401, 404, 413, 500, 503, 504)
 _STATUSES = {
@@ -181,21 +188,27 @@ _N_NEEDS_SAMPLING = {
 
 
 def _limit_requests(schemas: dict[str, Any], service: Any) -> None:
-    """The limits the server enforces that pydantic's types do not carry."""
+    """The limits the server enforces that pydantic's types do not carry.
+
+    The served population is read once (`service.served`, one snapshot), so a refresh while the document
+    is built cannot mix two populations' names in it.
+    """
+    served = service.served if service is not None else None
+    engine = service.backend if service is not None else None
     if "ChatMessage" in schemas:
         _message_rules(schemas["ChatMessage"])
     for name, model in (("ChatCompletionRequest", ChatCompletionRequest), ("CompletionRequest", CompletionRequest)):
         if name in schemas:
-            _generation_rules(schemas[name], service)
+            _generation_rules(schemas[name], served, engine)
             _unsupported_rules(schemas[name], model.unsupported)
     if service is not None:
-        _ensemble_rules(schemas, service)
+        _ensemble_rules(schemas, served, service.mixtures.can_mix(served))
     if "ChatCompletionRequest" in schemas:
         _chat_rules(schemas["ChatCompletionRequest"])
     if "CompletionRequest" in schemas:
-        _completion_rules(schemas["CompletionRequest"], service)
+        _completion_rules(schemas["CompletionRequest"], engine)
     if "EnsembleOptions" in schemas:
-        _options_rules(schemas["EnsembleOptions"], service)
+        _options_rules(schemas["EnsembleOptions"], served)
 
 
 def _message_rules(message: dict[str, Any]) -> None:
@@ -208,16 +221,16 @@ def _message_rules(message: dict[str, Any]) -> None:
     )
 
 
-def _generation_rules(req: dict[str, Any], service: Any) -> None:
+def _generation_rules(req: dict[str, Any], served: Served | None, engine: Engine | None) -> None:
     """What chat and text completions share: the served model names, the seed's range, stop strings, n."""
     props = req["properties"]
     # int64, written exactly (pydantic writes the bounds as floats, and 2**63 - 1 rounds up to 2**63)
     props["seed"] = {"anyOf": [{"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}, {"type": "null"}]}
     props["model"] = {"type": "string", "pattern": r"\S", "description": "The ensemble, a member or the base."}
-    if service is not None:  # the served names, as /v1/models lists them (other names: 404)
-        props["model"]["enum"] = [service.settings.ensemble_name, *service.population.names, service.base_name]
+    if served is not None:  # the served names, as /v1/models lists them (other names: 404)
+        props["model"]["enum"] = [served.settings.ensemble_name, *served.population.names, served.base_name]
         props["max_tokens"] = {
-            "anyOf": [{"type": "integer", "minimum": 1, "maximum": service.backend.max_model_len}, {"type": "null"}],
+            "anyOf": [{"type": "integer", "minimum": 1, "maximum": engine.max_model_len}, {"type": "null"}],
             "description": "At most the context length, less the prompt's tokens (else a 400, context_length_exceeded).",
         }
     props["stop"] = _STOP
@@ -251,9 +264,9 @@ def _chat_rules(chat: dict[str, Any]) -> None:
     chat["allOf"].append(_needs("top_logprobs", {"logprobs": {"const": True}}, when={"minimum": 1}))
 
 
-def _completion_rules(completion: dict[str, Any], service: Any) -> None:
+def _completion_rules(completion: dict[str, Any], engine: Engine | None) -> None:
     """Prompts: text with something in it, or token ids inside the vocabulary; echo only false."""
-    vocab = len(service.backend.tokenizer) if service is not None else None
+    vocab = len(engine.tokenizer) if engine is not None else None
     token = {"type": "integer", "minimum": 0, **({"maximum": vocab - 1} if vocab else {})}
     token_ids = {"type": "array", "items": token, "minItems": 1}
     completion["properties"]["prompt"] = {
@@ -267,7 +280,7 @@ def _completion_rules(completion: dict[str, Any], service: Any) -> None:
     completion["properties"]["echo"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "Only false."}
 
 
-def _options_rules(options: dict[str, Any], service: Any) -> None:
+def _options_rules(options: dict[str, Any], served: Served | None) -> None:
     """The registered vote rules and answer modes, and at most as many members as there are."""
     props = options["properties"]
     props["vote"] = {"anyOf": [{"enum": list(VOTE_RULES)}, {"type": "null"}]}
@@ -279,7 +292,7 @@ def _options_rules(options: dict[str, Any], service: Any) -> None:
             {"type": "null"},
         ]
     }
-    count = len(service.population.names) if service is not None else None
+    count = len(served.population.names) if served is not None else None
     props["members"] = {
         "anyOf": [
             {"type": "integer", "minimum": 1, **({"maximum": count} if count else {})},
@@ -314,10 +327,10 @@ def _options_rules(options: dict[str, Any], service: Any) -> None:
     )
 
 
-def _ensemble_rules(schemas: dict[str, Any], service: Any) -> None:
+def _ensemble_rules(schemas: dict[str, Any], served: Served, can_mix: bool) -> None:
     """What only the ensemble takes (`ensemble` options), what it refuses (n > 1, logprobs), and what needs a router."""
-    ensemble = service.settings.ensemble_name
-    has_router = service.routing.router is not None
+    ensemble = served.settings.ensemble_name
+    has_router = served.routing.router is not None
     for name, no_logprobs in (
         ("ChatCompletionRequest", {"anyOf": [{"const": False}, {"type": "null"}]}),
         ("CompletionRequest", {"type": "null"}),
@@ -367,7 +380,7 @@ def _ensemble_rules(schemas: dict[str, Any], service: Any) -> None:
                 "then": {"properties": {"members": {"not": {"type": "array"}}, "route": {"not": {"const": False}}}},
             }
         )
-    if not service.can_mix():
+    if not can_mix:
         props["mode"] = {"anyOf": [{"const": "vote"}, {"type": "null"}]}
 
 

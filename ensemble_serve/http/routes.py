@@ -91,10 +91,12 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
 async def reload(request: Request) -> JSONResponse:
     """Re-read the population directory now; 400 (and the old population keeps serving) if it is broken."""
     try:
-        population = await request.app.state.watcher.reload()
+        served = await request.app.state.watcher.reload()
     except (ValueError, OSError) as e:  # a broken generation: the population's fault, reported as such
         raise BadRequestError(f"population refused, still serving the previous one: {e}") from None
-    return JSONResponse({"generation": population.manifest.generation, "members": population.names})
+    return JSONResponse(
+        {"generation": served.generation, "version": served.version, "members": served.population.names}
+    )
 
 
 @api_routes.get("/admin/population")

@@ -39,6 +39,7 @@ MAX_STOP_SEQUENCES = 8
 MAX_LOGPROBS = 20
 MAX_PROMPTS = 1024  # prompts in one text completion request (each fans out to n choices)
 MAX_TIMEOUT_S = 86_400.0  # the largest per-request `timeout` accepted (the server's own cap is lower)
+MIN_TIMEOUT_S = 0.001  # the smallest per-request `timeout` accepted: a deadline below 1 ms is no deadline to meet
 GREEDY_TEMPERATURE = 1e-5  # below this vLLM samples greedily, which allows only n == 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Known OpenAI/vLLM fields of each endpoint that would change the output but are not implemented:
@@ -293,9 +294,16 @@ class _GenerationRequest(_Strict):
     user: str | None = None
     ignore_eos: bool = False
     """vLLM extension."""
-    timeout: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT_S)
-    """Seconds this request may take at most (an extension); the server's --request-timeout caps it.
-    Past it, the request's engine work is aborted and it is answered with a 504."""
+    timeout: float | None = Field(
+        None,
+        ge=MIN_TIMEOUT_S,
+        le=MAX_TIMEOUT_S,
+        description=(
+            f"Seconds this request may take at most (an extension), from {MIN_TIMEOUT_S:g} (1 ms; less is a 400 "
+            f"naming `timeout`) to {MAX_TIMEOUT_S:g}; the server's --request-timeout caps it. A request still "
+            "running at its deadline has its engine work aborted and is answered 504 (`request_timeout`)."
+        ),
+    )  # the description is the document's (/openapi.json)
     ensemble: EnsembleOptions | None = None
 
     unsupported: ClassVar[Mapping[str, Callable[[Any], bool]]] = {}

@@ -11,7 +11,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from ensemble_serve.errors import register_server_model
 
@@ -166,8 +174,23 @@ class FailedChain(_Response):
     reason: str
 
 
+class PopulationVersion(_Response):
+    """Which population answered: every member, weight, rule and default of one answer comes from it."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    generation: int
+    """The manifest's generation."""
+    version: str
+    """`<generation>-<12 hex digits of the manifest's sha256>`: changes whenever `population.json` changes
+    (new members, weights or defaults), also within one generation."""
+
+
 class EnsembleInfo(_Response):
     """How the ensemble reached its answer."""
+
+    # `answer` and `agreement` are always written (see the serializer below), so the document says so
+    model_config = ConfigDict(use_attribute_docstrings=True, json_schema_extra={"required": ["answer", "agreement"]})
 
     answer: str | None = None
     agreement: Score = None
@@ -193,10 +216,17 @@ class EnsembleInfo(_Response):
     """With `ensemble.adaptive`: {"waves", "chains", "full_chains", "stopped" (confident | decided |
     exhausted), "leader_probability", "confidence", "wave_size", "tokens_saved" (estimated: the
     sampled chains' mean length times the chains not sampled)}."""
+    population: PopulationVersion | None = None
+    """The population that answered: the request's members, their weights, the vote rule and the defaults
+    all come from this one version, even when the population is refreshed while the request runs."""
 
     @model_serializer(mode="wrap")
-    def _always_answer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """`answer` and `agreement` are always present (null when no chain had an answer), even with exclude_none."""
+    def _always_answer(self, handler: SerializerFunctionWrapHandler):
+        """`answer` and `agreement` are always present (null when no chain had an answer), even with exclude_none.
+
+        No return annotation: with one, pydantic would document the serialized object as that type (an
+        opaque object) instead of the fields above, and /openapi.json would not show them.
+        """
         data = handler(self)
         data.setdefault("answer", None)
         data.setdefault("agreement", None)

@@ -3,6 +3,7 @@
     request -> plan (members, routing, mixture) -> fan-out (engine) -> vote (extraction, grouping, rule) -> response
 
 Several prompts of one text completion request are planned and voted on separately, concurrently.
+A request reads the population only through the :class:`Served` snapshot it is given.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
+from ensemble_serve.engine.base import Engine
 from ensemble_serve.errors import BadRequestError
 from ensemble_serve.protocol import (
     ChatCompletionRequest,
@@ -22,33 +23,33 @@ from ensemble_serve.protocol import (
 )
 from ensemble_serve.service.aio import all_or_none
 from ensemble_serve.service.fanout import Chain, FanOut
+from ensemble_serve.service.metrics import Metrics
+from ensemble_serve.service.mixtures import Mixtures
 from ensemble_serve.service.plan import EnsemblePlan, Planner
 from ensemble_serve.service.respond import ensemble_response, stream_ensemble
+from ensemble_serve.service.served import Served
 from ensemble_serve.service.vote import EnsembleOutcome, Voting
 from ensemble_serve.service.waves import WaveReport, Waves
 from ensemble_serve.shared.voting import get_vote_rule
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ensemble_serve.service.service import EnsembleService
 
 Request = ChatCompletionRequest | CompletionRequest
 
 
 class EnsembleRequests:
-    """Answers requests for the ensemble model."""
+    """Answers requests for the ensemble model: the engine, the metrics and the mixed adapters, nothing else."""
 
-    def __init__(self, service: EnsembleService):
-        self.service = service
-        self.planner = Planner(service)
-        self.voting = Voting(service.backend, service.metrics, service.settings.semantic_threshold)
+    def __init__(self, engine: Engine, metrics: Metrics, mixtures: Mixtures, semantic_threshold: float):
+        self.engine, self.metrics = engine, metrics
+        self.planner = Planner(engine, metrics, mixtures)
+        self.voting = Voting(engine, metrics, semantic_threshold)
 
     async def answer(
-        self, req: Request, prompts: list[list[int]], texts: list[str], chat: bool
+        self, served: Served, req: Request, prompts: list[list[int]], texts: list[str], chat: bool
     ) -> ChatCompletionResponse | CompletionResponse | AsyncIterator[str]:
         """Fan each prompt out to the chosen members and vote; several prompts are voted on separately."""
-        opts = self.service.options(req.ensemble, greedy=req.asks_greedy)
+        opts = served.options(req.ensemble, greedy=req.asks_greedy)
         check(req, opts)
-        plans = [await self.planner.plan(req, ids, text, opts) for ids, text in zip(prompts, texts)]
+        plans = [await self.planner.plan(served, req, ids, text, opts) for ids, text in zip(prompts, texts)]
         for plan in plans:
             check_plan(plan, opts)
         if req.stream:
@@ -61,21 +62,24 @@ class EnsembleRequests:
 
     async def run(self, plan: EnsemblePlan, opts: EnsembleOptions) -> EnsembleOutcome:
         """One prompt: fan out, extract the answers (off the event loop), vote."""
-        weights = (
-            plan.vote_weights if plan.vote_weights is not None else (plan.weights or self.service.member_weights())
-        )
+        weights = plan.vote_weights
         fan_out = FanOut(
-            self.service.backend,
-            self.service.metrics,
+            self.engine,
+            self.metrics,
             lambda c: self.voting.candidate(c, opts),
             lambda: self.voting.grouper(opts),
         )
         counted = weights if get_vote_rule(opts.vote).weighs_members else {}
         members, report = plan.members, None
         if opts.adaptive is not None:
-            trust = plan.weights or plan.vote_weights or self.service.member_weights()
             chains, settled, waves = await Waves(fan_out).run(
-                plan.prompt_ids, plan.params, plan.members, opts.samples_per_member, opts.adaptive, trust, opts.answer
+                plan.prompt_ids,
+                plan.params,
+                plan.members,
+                opts.samples_per_member,
+                opts.adaptive,
+                plan.trust,
+                opts.answer,
             )
             members = [m for m in plan.members if any(c.member == m for c in chains)]
             report = waves.as_dict()
@@ -88,20 +92,29 @@ class EnsembleRequests:
         _raise_if_the_client_is_at_fault(chains)
         result, scores = await self.voting.vote(plan.prompt_ids, chains, candidates, opts, weights)
         if opts.mode != "mixture":  # per-member vote metrics are for members, not for mixed adapters
-            self.service.metrics.observe_vote(result, candidates)
+            self.metrics.observe_vote(result, candidates)
         return EnsembleOutcome(
-            members, chains, candidates, result, scores, plan.routing, plan.unavailable, plan.calibration, report
+            members=members,
+            chains=chains,
+            candidates=candidates,
+            result=result,
+            scores=scores,
+            routing=plan.routing,
+            unavailable=plan.unavailable,
+            calibration=plan.calibration,
+            adaptive=report,
+            population=plan.population,
         )
 
     def _observe_waves(self, waves: WaveReport) -> None:
-        m = self.service.metrics
+        m = self.metrics
         m.adaptive_waves.inc(waves.waves)
         m.adaptive_chains.labels(kind="spent").inc(waves.chains)
         m.adaptive_chains.labels(kind="saved").inc(waves.full_chains - waves.chains)
         m.adaptive_stops.labels(reason=waves.stopped).inc()
 
     def _observe(self, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
-        self.service.metrics.observe_request("ensemble", seconds, prompt_tokens, completion_tokens)
+        self.metrics.observe_request("ensemble", seconds, prompt_tokens, completion_tokens)
 
 
 def check(req: Request, opts: EnsembleOptions) -> None:

@@ -76,6 +76,7 @@ def ensemble_info(outcome: EnsembleOutcome, opts: EnsembleOptions) -> EnsembleIn
         routing=outcome.routing,
         calibration=outcome.calibration,
         adaptive=outcome.adaptive,
+        population=outcome.population,
     )
 
 

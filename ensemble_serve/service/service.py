@@ -12,64 +12,54 @@ exception types of `ensemble_serve.errors`; they become HTTP only at the boundar
 - a member (`single.py`): behaves like a plain vLLM LoRA model;
 - the base model: no adapter.
 
-The service holds what a population refresh replaces: the population and its router. The engine is
-an `ensemble_serve.engine.base.Engine`; whether it can load mixed adapters is checked once, here.
+The service holds what a population refresh replaces as one :class:`Served` snapshot (the population,
+its router, reliability table and request defaults, the settings, the population's version). A request
+takes the snapshot once, when it starts, and passes it to everything it does; a refresh builds the next
+snapshot and swaps it in with one assignment. The parts below the service (`SingleModel`,
+`EnsembleRequests`, its `Planner` and fan-out) get the engine, the metrics and the mixed adapters, never
+the service. The engine is an `ensemble_serve.engine.base.Engine`; whether it can load mixed adapters is
+checked once, here (`Mixtures`).
+
+A refresh and the engine: the engine is told first (`Engine.set_population`), then the snapshot is
+swapped. The engine resolves a member's name to its adapter when each engine request starts, so a
+request that planned on the old snapshot and starts a chain after the engine switched gets the adapter
+registered under that name now: the same one when the member's files did not change (the usual case: an
+evolved generation's surviving members keep their folders), the new content when they did (the
+in-process engine registers new content under a new LoRA id; remote servers serve what they loaded),
+and a chain that fails (recorded in `ensemble.failed`, the others vote) when the member is gone.
+Engine requests already running keep the adapter they started with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from ensemble_serve.engine.base import AdapterMixing, Engine
-from ensemble_serve.errors import BadRequestError, NotFoundError
+from ensemble_serve.engine.base import Engine
+from ensemble_serve.errors import BadRequestError
 from ensemble_serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    EnsembleOptions,
     ModelCard,
     ModelList,
 )
 from ensemble_serve.service.calibration import Calibration
 from ensemble_serve.service.ensemble import EnsembleRequests
 from ensemble_serve.service.metrics import Metrics
+from ensemble_serve.service.mixtures import Mixtures
 from ensemble_serve.service.prompts import chat_prompt_ids, completion_prompts, routing_text, sampling_params
 from ensemble_serve.service.routing import Routing
+from ensemble_serve.service.served import Served, ServeSettings, ensemble_defaults
 from ensemble_serve.service.single import SingleModel
-from ensemble_serve.shared.mixture import MixtureCache
 from ensemble_serve.shared.population import Population
 from ensemble_serve.shared.voting import VOTE_RULES
 
+__all__ = ["EnsembleService", "ServeSettings", "Served", "ensemble_defaults"]
+
 log = logging.getLogger("ensemble_serve")
-
-
-def ensemble_defaults(population: Population) -> EnsembleOptions:
-    """The manifest's `ensemble_defaults` as options; a set the server cannot use is ignored, with a warning."""
-    raw = population.manifest.ensemble_defaults
-    if not raw:
-        return EnsembleOptions()
-    try:
-        return EnsembleOptions.model_validate(raw)
-    except (ValueError, TypeError) as e:
-        log.warning("the manifest's ensemble_defaults are not usable (%s); requests get the built-in defaults", e)
-        return EnsembleOptions()
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Names and defaults of what is served."""
-
-    ensemble_name: str
-    default_members: int | None = None  # None: all members
-    semantic_threshold: float = 0.8
-    route: bool = True  # use the population's router (when it has one) to pick and weight members
-    mixture_cache: int = 32  # mixed adapters kept (ensemble.mode mixture)
 
 
 class EnsembleService:
@@ -77,134 +67,105 @@ class EnsembleService:
 
     def __init__(self, backend: Engine, population: Population, settings: ServeSettings, metrics: Metrics):
         self.backend = backend
-        self.population = population
         self.settings = settings
         self.metrics = metrics
-        self.routing = Routing.load(population) if settings.route else Routing()
-        self.calibration = Calibration.load(population, self.routing.features)
-        self.defaults = ensemble_defaults(population)
-        # a capability, checked once: only an engine that loads adapters can serve `mode: mixture`
-        self.mixing: AdapterMixing | None = backend if isinstance(backend, AdapterMixing) else None
-        self._mixtures: MixtureCache | None = None
-        self.single = SingleModel(self)
-        self.ensemble = EnsembleRequests(self)
+        self.served: Served = Served.load(population, settings)
+        """What is served now; a request reads it once (see the module docstring)."""
+        self.mixtures = Mixtures(backend, settings.mixture_cache)
+        self.single = SingleModel(backend, metrics)
+        self.ensemble = EnsembleRequests(backend, metrics, self.mixtures, settings.semantic_threshold)
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ the current snapshot
+    # for what is not a request (/health, /metrics, the watcher's log, /admin/population); a request
+    # reads its own snapshot instead
 
     @property
-    def base_name(self) -> str:
-        return self.population.manifest.base_model.name
+    def population(self) -> Population:
+        return self.served.population
+
+    @property
+    def routing(self) -> Routing:
+        return self.served.routing
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.served.calibration
 
     def kind_of(self, model: str) -> str:
-        """ "ensemble", "member" or "base"; NotFoundError for anything else."""
-        if model == self.settings.ensemble_name:
-            return "ensemble"
-        if model in self.population.names:
-            return "member"
-        if model == self.base_name:
-            return "base"
-        raise NotFoundError(
-            f"The model `{model}` does not exist. Served: {self.settings.ensemble_name} (ensemble), "
-            f"{', '.join(self.population.names)} (members), {self.base_name} (base).",
-            param="model",
-            code="model_not_found",
-        )
+        """ "ensemble", "member" or "base" in the current population; NotFoundError for anything else."""
+        return self.served.kind_of(model)
 
     def list_models(self) -> ModelList:
-        manifest = self.population.manifest
+        served = self.served
+        manifest = served.population.manifest
+        base = served.base_name
         context = self.backend.max_model_len
         ensemble = {
-            "members": self.population.names,
+            "members": served.population.names,
             "generation": manifest.generation,
+            "population": served.about.model_dump(),
             "vote_rules": list(VOTE_RULES),
-            "router": self.routing.status,
-            "calibration": self.calibration.status,
+            "router": served.routing.status,
+            "calibration": served.calibration.status,
         }
         cards = [
-            ModelCard(id=self.settings.ensemble_name, root=self.base_name, max_model_len=context, ensemble=ensemble),
-            ModelCard(id=self.base_name, root=self.base_name, max_model_len=context),
+            ModelCard(id=served.settings.ensemble_name, root=base, max_model_len=context, ensemble=ensemble),
+            ModelCard(id=base, root=base, max_model_len=context),
         ]
-        cards += [
-            ModelCard(id=m.name, root=m.path, parent=self.base_name, max_model_len=context) for m in manifest.members
-        ]
+        cards += [ModelCard(id=m.name, root=m.path, parent=base, max_model_len=context) for m in manifest.members]
         return ModelList(data=cards)
 
-    def options(self, requested: EnsembleOptions | None, *, greedy: bool = False) -> EnsembleOptions:
-        """The request's `ensemble` options, with the population's defaults for what it leaves unset.
-
-        A default of several samples per member does not apply to a greedy request (temperature 0):
-        greedy samples of one member are identical, so it gets one chain per member instead of a 400.
-        A default `adaptive` does not apply to a request that asks for early stop or a mixture.
-        """
-        asked = requested.model_dump(include=requested.model_fields_set) if requested is not None else {}
-        defaults = self.defaults.model_dump(include=self.defaults.model_fields_set)
-        if greedy and "samples_per_member" not in asked and defaults.get("samples_per_member", 1) > 1:
-            defaults["samples_per_member"] = 1
-        if "adaptive" not in asked and (asked.get("early_stop") or asked.get("mode") == "mixture"):
-            defaults.pop("adaptive", None)  # a default must not turn the request's own choice into a 400
-        if not defaults:
-            return requested if requested is not None else self.defaults
-        return EnsembleOptions.model_validate({**defaults, **asked})
-
-    def member_weights(self) -> dict[str, float]:
-        """A `weighted` vote's member weights when no router weights them: the manifest's, else fitness."""
-        manifest = self.population.manifest
-        if manifest.voting_weights:
-            return dict(manifest.voting_weights)
-        return {m.name: max(m.fitness, 0.0) for m in manifest.members if m.fitness is not None}
-
     def can_mix(self) -> bool:
-        """Whether `ensemble.mode: mixture` can be served: a router, and an engine that loads mixed adapters."""
-        return self.routing.router is not None and self.mixing is not None
-
-    def mixture_cache(self) -> MixtureCache:
-        """The mixed adapters this server wrote (created at the first mixture request)."""
-        if self._mixtures is None:
-            root = tempfile.mkdtemp(prefix="ensemble-serve-mixtures-")
-            self._mixtures = MixtureCache(root, capacity=self.settings.mixture_cache)
-        return self._mixtures
+        """Whether `ensemble.mode: mixture` can be served now: a router, and an engine that loads mixed adapters."""
+        return self.mixtures.can_mix(self.served)
 
     def close(self) -> None:
         """Remove the mixed adapters this server wrote."""
-        if self._mixtures is not None:
-            shutil.rmtree(self._mixtures.root, ignore_errors=True)
+        self.mixtures.close()
 
-    def set_population(self, population: Population) -> None:
-        routing = Routing.load(population, self.routing) if self.settings.route else Routing()
-        calibration = Calibration.load(population, routing.features or self.calibration.features)
+    def set_population(self, population: Population) -> Served:
+        """Serve `population` from now on: the engine first, then the new snapshot in one assignment.
+
+        Raises (and keeps serving the old one) when the engine cannot take it; requests already
+        running keep the snapshot they started with.
+        """
+        served = Served.load(population, self.settings, self.served)
         self.backend.set_population(population)
-        self.population, self.routing, self.calibration = population, routing, calibration
-        self.defaults = ensemble_defaults(population)
+        self.served = served
+        return served
 
     # ------------------------------------------------------------------ requests
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
-        kind = self.kind_of(req.model)
+        served = self.served  # the request's one snapshot
+        kind = served.kind_of(req.model)
         tokenizer = self.backend.tokenizer
         prompt_ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, req)  # templates and tokenizers cost CPU
         if kind == "ensemble":
-            return await self.ensemble.answer(req, [prompt_ids], [routing_text(req)], chat=True)
-        member = self._single_model(req, kind)
+            return await self.ensemble.answer(served, req, [prompt_ids], [routing_text(req)], chat=True)
+        member = _single_model(served, req, kind)
         params = sampling_params(req, prompt_ids, self.backend.max_model_len)
         if req.stream:
             return self.single.stream_chat(req, prompt_ids, params, member)
         return await self.single.chat(req, prompt_ids, params, member)
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        kind = self.kind_of(req.model)
+        served = self.served  # the request's one snapshot
+        kind = served.kind_of(req.model)
         prompts, texts = await asyncio.to_thread(completion_prompts, self.backend.tokenizer, req.prompts)
         if kind == "ensemble":
-            return await self.ensemble.answer(req, prompts, texts, chat=False)
-        member = self._single_model(req, kind)
+            return await self.ensemble.answer(served, req, prompts, texts, chat=False)
+        member = _single_model(served, req, kind)
         params = [sampling_params(req, ids, self.backend.max_model_len) for ids in prompts]
         if req.stream:
             return self.single.stream_completion(req, prompts, params, member)
         return await self.single.completion(req, prompts, params, member)
 
-    def _single_model(self, req: ChatCompletionRequest | CompletionRequest, kind: str) -> str | None:
-        """The member asked for (None: the base model); `ensemble` options are only for the ensemble."""
-        if req.ensemble is not None:
-            raise BadRequestError(
-                f"`ensemble` options need the ensemble model ({self.settings.ensemble_name})", param="ensemble"
-            )
-        return req.model if kind == "member" else None
+
+def _single_model(served: Served, req: ChatCompletionRequest | CompletionRequest, kind: str) -> str | None:
+    """The member asked for (None: the base model); `ensemble` options are only for the ensemble."""
+    if req.ensemble is not None:
+        raise BadRequestError(
+            f"`ensemble` options need the ensemble model ({served.settings.ensemble_name})", param="ensemble"
+        )
+    return req.model if kind == "member" else None

@@ -1,12 +1,17 @@
-"""One member, or the base model, answering like a plain vLLM model: sampling, `n`, stop, logprobs, streaming."""
+"""One member, or the base model, answering like a plain vLLM model: sampling, `n`, stop, logprobs, streaming.
+
+It needs the engine and the metrics, nothing of the population: the service has already told, from the
+request's snapshot, which member (or the base, None) the request names.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ensemble_serve.engine.base import Engine
 from ensemble_serve.errors import InternalServerError
 from ensemble_serve.protocol import (
     ChatCompletionChoice,
@@ -25,10 +30,8 @@ from ensemble_serve.protocol import (
 )
 from ensemble_serve.service.aio import cancel_all
 from ensemble_serve.service.logprobs import chat_logprobs, completion_logprobs
+from ensemble_serve.service.metrics import Metrics
 from ensemble_serve.service.sse import SSE_DONE, sse
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ensemble_serve.service.service import EnsembleService
 
 Delta = tuple[int, str, list[int], Any, str | None]  # (choice index, new text, new token ids, new logprobs, finish)
 
@@ -36,12 +39,8 @@ Delta = tuple[int, str, list[int], Any, str | None]  # (choice index, new text, 
 class SingleModel:
     """Requests for one model: a member (its adapter) or the base (member None)."""
 
-    def __init__(self, service: EnsembleService):
-        self.service = service
-
-    @property
-    def engine(self) -> Any:
-        return self.service.backend
+    def __init__(self, engine: Engine, metrics: Metrics):
+        self.engine, self.metrics = engine, metrics
 
     def token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
@@ -63,7 +62,7 @@ class SingleModel:
             for o in outs
         ]
         usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=sum(len(o.token_ids) for o in outs))
-        self._observe(req.model, started, usage)
+        self._observe(member, started, usage)
         return ChatCompletionResponse(model=req.model, choices=choices, usage=usage)
 
     async def completion(
@@ -85,7 +84,7 @@ class SingleModel:
                     )
                 )
         usage = UsageInfo(prompt_tokens=sum(map(len, prompts)), completion_tokens=completion_tokens)
-        self._observe(req.model, started, usage)
+        self._observe(member, started, usage)
         return CompletionResponse(model=req.model, choices=choices, usage=usage)
 
     async def run(self, prompt_ids: list[int], params: Any, member: str | None) -> list[Any]:
@@ -136,7 +135,7 @@ class SingleModel:
         usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=generated)
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], usage)
-        self._observe(req.model, started, usage)
+        self._observe(member, started, usage)
         yield SSE_DONE
 
     async def stream_completion(
@@ -175,10 +174,9 @@ class SingleModel:
         usage = UsageInfo(prompt_tokens=sum(map(len, prompts)), completion_tokens=generated)
         if req.stream_options and req.stream_options.include_usage:
             yield sse(CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
-        self._observe(req.model, started, usage)
+        self._observe(member, started, usage)
         yield SSE_DONE
 
-    def _observe(self, model: str, started: float, usage: UsageInfo) -> None:
-        self.service.metrics.observe_request(
-            self.service.kind_of(model), time.perf_counter() - started, usage.prompt_tokens, usage.completion_tokens
-        )
+    def _observe(self, member: str | None, started: float, usage: UsageInfo) -> None:
+        kind = "base" if member is None else "member"
+        self.metrics.observe_request(kind, time.perf_counter() - started, usage.prompt_tokens, usage.completion_tokens)

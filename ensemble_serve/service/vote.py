@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ensemble_serve.protocol import EnsembleOptions
+from ensemble_serve.protocol import EnsembleOptions, PopulationVersion
 from ensemble_serve.service.fanout import Chain
 from ensemble_serve.shared.embeddings import default_embedder
 from ensemble_serve.shared.voting import (
@@ -28,9 +28,9 @@ from ensemble_serve.shared.voting.answers import is_free_form
 log = logging.getLogger("ensemble_serve")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EnsembleOutcome:
-    """One prompt's chains and their vote."""
+    """One prompt's chains and their vote (built by keyword: most fields are lists or dicts of one kind)."""
 
     members: list[str]
     chains: list[Chain]
@@ -41,6 +41,7 @@ class EnsembleOutcome:
     unavailable: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     adaptive: dict[str, Any] | None = None  # the waves' report (ensemble.adaptive), None for a full fan-out
+    population: PopulationVersion | None = None  # the population the plan was made from
 
     @property
     def completion_tokens(self) -> int:

@@ -14,7 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ensemble_serve.shared.population import Population, load_population
+from ensemble_serve.service.served import Served
+from ensemble_serve.shared.population import load_population
 
 log = logging.getLogger("ensemble_serve")
 
@@ -35,29 +36,26 @@ class PopulationWatcher:
             return None
         return st.st_mtime_ns, st.st_size
 
-    async def reload(self) -> Population:
+    async def reload(self) -> Served:
+        """Load the directory, check it, and serve it; the new snapshot. Raises (the old one keeps serving) if refused."""
         async with self._lock:
             service = self.app.state.service
             metrics = service.metrics
             self._stamp = self._current_stamp()
             try:
                 population = await asyncio.to_thread(load_population, self.root)
-                await asyncio.to_thread(service.set_population, population)  # copies and checks adapters
+                served = await asyncio.to_thread(service.set_population, population)  # copies and checks adapters
                 await service.backend.warm()
             except Exception as e:
                 self.last_error = str(e)
                 metrics.reloads.labels(result="refused").inc()
-                log.error(
-                    "population refresh refused, still serving generation %s: %s",
-                    service.population.manifest.generation,
-                    e,
-                )
+                log.error("population refresh refused, still serving %s: %s", service.served.version, e)
                 raise
             self.last_error = None
             metrics.reloads.labels(result="ok").inc()
             metrics.generation.set(population.manifest.generation)
-            log.info("serving generation %s: %s", population.manifest.generation, ", ".join(population.names))
-            return population
+            log.info("serving generation %s (%s): %s", served.generation, served.version, ", ".join(population.names))
+            return served
 
     async def run(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from pathlib import Path
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
+    "cache_dir",
     "copy_file_durable",
     "fsync_dir",
     "remove_tree",
@@ -106,3 +107,15 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
         p.unlink(missing_ok=True)
     elif p.exists():
         shutil.rmtree(p)
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under the user's cache for things built once and reused across checkouts and runs.
+
+    `ENSEMBLE_SERVE_CACHE` if set, else `$XDG_CACHE_HOME/ensemble-serve`, else `~/.cache/ensemble-serve`.
+    What lives there is keyed by content (a hash in its name), so a stale entry is never reused.
+    """
+    root = os.environ.get("ENSEMBLE_SERVE_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ensemble-serve")
+    return Path(root, *parts)

@@ -43,9 +43,9 @@ from ensemble_serve.shared.population.reliability import (
 from ensemble_serve.shared.router import DEFAULT_FEATURE, RouterFeatures
 from ensemble_serve.shared.voting import Candidate, VoteContext, vote
 from trainer.calibration.agreement import fit_one_coin
-from trainer.evaluate import greedy_candidates
+from trainer.scoring import answer_is_right, greedy_answers, is_right
 from trainer.settings import ALL_DOMAINS, FrozenConfig, check_difficulties, check_domains
-from trainer.tasks.sandbox import Problem, generate_problems, load_jsonl, verify
+from trainer.tasks.sandbox import Problem, generate_problems, load_jsonl
 
 ALL = "all"
 
@@ -98,7 +98,7 @@ def labelled_estimates(
         for p, c in zip(problems, row):
             for d in (p.domain, ALL):
                 count[member, d] += 1
-                right[member, d] += verify(p, c.text).correct
+                right[member, d] += is_right(p, c)
     return _as_tables(cands, problems, lambda m, d: smoothed(right[m, d], count[m, d]), count)
 
 
@@ -154,7 +154,7 @@ def vote_accuracy(problems: Sequence[Problem], cands: dict[str, list[Candidate]]
     for i, p in enumerate(problems):
         weights = {m: log_odds_weight(e.p) for m, e in per_domain[p.domain].items()}
         result = vote([cands[m][i] for m in cands], "calibrated", VoteContext(member_weights=weights))
-        right += result.answer is not None and verify(p, "#### " + result.answer).correct
+        right += answer_is_right(result.answer, p)
     return right / len(problems)
 
 
@@ -166,16 +166,21 @@ def compare(labelled: dict, agreement: dict) -> dict[str, float]:
     return {"mean_abs_difference": round(float(np.abs(a - b).mean()), 4), "correlation": round(corr, 4)}
 
 
-def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
+def run_calibrate(cfg: CalibrateConfig, engine: OfflineEngine | None = None) -> dict[str, Any]:
+    """The reliability table of `cfg.population` (written unless `cfg.dry_run`) and the report.
+
+    ``engine``: an :class:`OfflineEngine` on the population's base model to use instead of starting
+    one (checked, synced to this population and left running).
+    """
     population = load_population(cfg.population)
     problems = calibration_problems(cfg)
     if cfg.labels == "hidden":
         problems = [Problem(p.prompt, None, None, p.domain, p.difficulty) for p in problems]
     elif any(p.answer is None for p in problems):
         raise ValueError("labels: ground_truth needs an answer on every problem (or use labels: hidden)")
-    engine = OfflineEngine(population, EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization))
-    cands = {m: row for m, row in greedy_candidates(engine, population.names, problems, cfg.max_tokens).items()}
-    del engine
+    ecfg = EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization)
+    answers = greedy_answers(population, population.names, problems, cfg.max_tokens, ecfg, engine=engine)
+    cands: dict[str, list[Candidate]] = {m: row for m, row in answers.items() if m is not None}
     method: Method = "labelled" if cfg.labels == "ground_truth" else "agreement"
     estimates = {"agreement": agreement_estimates(problems, cands)}
     if method == "labelled":

@@ -1,8 +1,10 @@
-"""`ensemble-train evolve`: the run's config, with its evolution and lifecycle sections.
+"""`ensemble-train evolve`: the run's config, with its evolution, curriculum and lifecycle sections.
 
 Names that pick code are checked against the registries that hold the code, when the config is
 read: fitness terms and scopes (:mod:`trainer.evolve.fitness`), operators and rank policies
-(:mod:`trainer.evolve.operators`), reallocation (:mod:`trainer.evolve.lifecycle`). A typo is
+(:mod:`trainer.evolve.operators`). The lifecycle section's settings live beside the lifecycle's
+code (:class:`trainer.evolve.lifecycle.LifecycleConfig`, as PEFT keeps a tuner's config beside its
+tuner), checked against its reallocation registry. A typo is
 refused, listing the names that exist, before any model is loaded. Importing those registries
 brings in torch, so `--help` pays for it too; every command imports torch right after anyway.
 """
@@ -10,13 +12,14 @@ brings in torch, so `--help` pays for it too; every command imports torch right 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from ensemble_serve.shared.voting.answers import MODES
 from trainer.evolve import operators
 from trainer.evolve.fitness import FITNESS_TERMS, Scope
-from trainer.evolve.lifecycle import Reallocation
+from trainer.evolve.lifecycle import LifecycleConfig
 from trainer.settings import (
     ALL_DOMAINS,
     FrozenConfig,
@@ -31,7 +34,8 @@ class EvolutionConfig(FrozenConfig):
     """The evolutionary step: which operators run, with what settings (names from :mod:`trainer.evolve.operators`).
 
     An operator name the registry does not know, or a `rank_policy` it has no rule for, is refused
-    when the config is read, with the names that exist.
+    when the config is read, with the names that exist; so are `selection_options` the selection
+    rule does not take (its option model, :data:`trainer.evolve.operators.SELECTION_OPTIONS`).
     """
 
     enabled: bool = Field(True, description="Run selection/crossover/mutation/replacement (off: gradient phase only).")
@@ -40,8 +44,10 @@ class EvolutionConfig(FrozenConfig):
         2, ge=0, description="Children made each generation; they replace members chosen by `replacement`."
     )
     selection: str = Field("tournament", description=f"Parent selection: {alternatives(operators.SELECTION)}.")
-    selection_options: dict[str, int | float] = Field(
-        default_factory=dict, description="Options of the selection operator (truncation: fraction; tournament: size)."
+    selection_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Options of the selection rule, checked against its model when the config is read: "
+        f"{operators.selection_options_help()}.",
     )
     crossover: str = Field(
         "weighted_average", description=f"Crossover: {alternatives([*operators.CROSSOVER, operators.SKIP])}."
@@ -69,44 +75,11 @@ class EvolutionConfig(FrozenConfig):
     def _operator(cls, v: str, info: ValidationInfo) -> str:
         return operators.check_setting(info.field_name, v)
 
-
-class LifecycleConfig(FrozenConfig):
-    """The adapter lifecycle after the evolutionary step: death, alpha-blend inheritance, SVD mutation, reallocation.
-
-    Off by default, and every part is its own switch: in the decomposition study the lifecycle
-    was a net drag, so it exists for the factorial ablation to measure on other data, not as a
-    recommended setting. With `enabled` false nothing below is read and a run is unchanged.
-    """
-
-    enabled: bool = Field(False, description="Run the lifecycle after the evolutionary step each generation.")
-    death_fitness: float | None = Field(
-        None, allow_inf_nan=False, description="Members whose fitness is below this die (None: no death by fitness)."
-    )
-    max_age: int | None = Field(
-        None,
-        ge=1,
-        description="Members older than this many generations (generation - born_generation) die (None: no death by age).",
-    )
-    max_deaths: int = Field(2, ge=1, description="At most this many deaths per generation, weakest first.")
-    inherit_alpha: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        allow_inf_nan=False,
-        description="Alpha-blend inheritance: a dying member's update is blended into its nearest living neighbour "
-        "with this weight (0: off).",
-    )
-    svd_mutation: float = Field(
-        0.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="Strength of the SVD mutation applied to every surviving non-elite member each generation (0: off).",
-    )
-    reallocation: Reallocation = Field(
-        "best",
-        description="What re-seeds a dead member's slot: best (a copy of the fittest member, SVD-mutated when "
-        "svd_mutation > 0) or fresh (a new adapter of the dead member's rank: A kaiming-uniform, B zero).",
-    )
+    @field_validator("selection_options")
+    @classmethod
+    def _selection_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        rule = info.data.get("selection")  # absent when the rule itself was refused: that error says it
+        return v if rule is None else operators.check_selection_options(rule, v)
 
 
 class BackoffConfig(FrozenConfig):
@@ -224,7 +197,10 @@ class EvolveConfig(FrozenConfig):
         0.8, ge=0, le=2, allow_inf_nan=False, description="Sampling temperature of the self-play chains (vLLM: 0-2)."
     )
     max_tokens: int = Field(128, gt=0, description="Generation limit per chain.")
-    answer: str = Field("auto", description="Answer extractor for chains (as the server's `answer` option).")
+    answer: str = Field(
+        "auto",
+        description=f"Answer extractor for chains (as the server's `answer` option): {alternatives(MODES)}.",
+    )
     fitness: dict[str, float] = Field(
         default_factory=lambda: {
             "correctness": 1.0,
@@ -317,6 +293,7 @@ class EvolveConfig(FrozenConfig):
 
     _domains = field_validator("domains")(check_domains)
     _diffs = field_validator("difficulties")(check_difficulties)
+    _answer = field_validator("answer")(one_of("answer mode", MODES))
 
     @field_validator("labels")
     @classmethod

@@ -4,22 +4,23 @@ Every committed generation (and the starting one) is evaluated on the same held-
 never trained on: member accuracy (overall and per domain), the ensemble's majority-vote
 accuracy, the oracle (any member right), the same per level (the vote, the best member overall,
 the mean member, the oracle) and the members' pairwise disagreement. The figures go into the generation's history
-record, and each member's per-domain accuracy into the manifest (``domain_scores``), where the
-router and the server can read it.
+record, and each member's per-domain accuracy into the manifest (``domain_scores``, written by
+:func:`trainer.scoring.record_domain_scores`), where the router and the server can read it.
+
+Chains, right answers, accuracy and disagreement come from :mod:`trainer.scoring`, the code
+`ensemble-train eval` scores with, so both give the same figures for the same members, problems,
+answer mode and generation limit (:data:`HELDOUT_MAX_TOKENS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from ensemble_serve.shared.offline_engine import OfflineEngine
-from ensemble_serve.shared.population import Population, load_population, read_manifest, write_manifest
-from ensemble_serve.shared.voting import Candidate, vote
-from ensemble_serve.shared.voting.answers import answers_equal
-from trainer.evaluate import greedy_candidates
-from trainer.evolve.selfplay import niche_group
+from ensemble_serve.shared.voting import vote
+from trainer.evolve.labels import niche_group
+from trainer.scoring import accuracy, answer_is_right, greedy_candidates, hits, mean_disagreement, share
 from trainer.tasks.sandbox import Problem
 
 HELDOUT_MAX_TOKENS = 160
@@ -43,21 +44,17 @@ def evaluate_heldout(
     cands = greedy_candidates(engine, members, problems, HELDOUT_MAX_TOKENS, answer, progress)
     domains = sorted({p.domain for p in problems})
 
-    def acc(hits: Sequence[bool], subset: Sequence[int]) -> float:
-        return round(sum(hits[i] for i in subset) / len(subset), 4) if subset else 0.0
+    def acc(flags: Sequence[bool], subset: Sequence[int]) -> float:
+        return share([flags[i] for i in subset])
 
     by_domain = {d: [i for i, p in enumerate(problems) if p.domain == d] for d in domains}
     every = list(range(len(problems)))
-    per_member = {}
-    member_hits = {}
-    for m in members:
-        hits = [cands[m][i].valid and answers_equal(cands[m][i].answer, p.answer) for i, p in enumerate(problems)]
-        member_hits[m] = hits
-        per_member[m] = {"all": acc(hits, every), **{d: acc(hits, ix) for d, ix in by_domain.items()}}
+    member_hits = {m: hits(problems, cands[m]) for m in members}
+    per_member = {m: accuracy(member_hits[m], problems) for m in members}
     vote_hits, agreement = [], []
     for i, p in enumerate(problems):
         result = vote([cands[m][i] for m in members], "majority")
-        vote_hits.append(result.answer is not None and answers_equal(result.answer, p.answer))
+        vote_hits.append(answer_is_right(result.answer, p))
         agreement.append(round(result.agreement, 4))
     oracle = [any(member_hits[m][i] for m in members) for i in every]
     niche_hits = None
@@ -65,7 +62,7 @@ def evaluate_heldout(
         niche_hits = []
         for i, p in enumerate(problems):
             result = vote([cands[m][i] for m in niche_group(members, niches, p.domain)], "majority")
-            niche_hits.append(result.answer is not None and answers_equal(result.answer, p.answer))
+            niche_hits.append(answer_is_right(result.answer, p))
     member_all = [per_member[m]["all"] for m in members]
     levels = {
         lv: [i for i, p in enumerate(problems) if p.difficulty == lv] for lv in sorted({p.difficulty for p in problems})
@@ -93,21 +90,9 @@ def evaluate_heldout(
         "vote_agreement": agreement,
         "ensemble_domains": {d: acc(vote_hits, ix) for d, ix in by_domain.items()},
         **({"levels": per_level} if per_level else {}),
-        "disagreement": pairwise_disagreement([cands[m] for m in members]),
+        "disagreement": mean_disagreement([cands[m] for m in members]),
         "members": per_member,
     }
-
-
-def pairwise_disagreement(chains: Sequence[Sequence[Candidate]]) -> float:
-    """Mean over member pairs of the share of problems where their answers differ (no answer counts as one)."""
-    pairs = [(a, b) for i, a in enumerate(chains) for b in chains[i + 1 :]]
-    if not pairs or not chains[0]:
-        return 0.0
-    differ = [
-        sum(not (x.valid and y.valid and answers_equal(x.answer, y.answer)) for x, y in zip(a, b)) / len(a)
-        for a, b in pairs
-    ]
-    return round(sum(differ) / len(differ), 4)
 
 
 def heldout_summary(heldout: dict[str, Any]) -> dict[str, Any]:
@@ -120,16 +105,3 @@ def add_heldout(record: dict[str, Any], heldout: dict[str, Any]) -> None:
     for m in record["members"]:
         m["heldout"] = heldout["members"].get(m["name"])
     record["heldout"] = heldout_summary(heldout)
-
-
-def record_domain_scores(root: Path, per_member: dict[str, dict[str, float]]) -> Population:
-    """Write each member's held-out accuracy per domain into the manifest; returns the population reloaded."""
-    manifest = read_manifest(root)
-    members = [
-        m.model_copy(update={"domain_scores": {d: v for d, v in per_member[m.name].items() if d != "all"}})
-        if m.name in per_member
-        else m
-        for m in manifest.members
-    ]
-    write_manifest(root, manifest.model_copy(update={"members": members}))
-    return load_population(root, check_weights=False)

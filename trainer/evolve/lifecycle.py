@@ -41,16 +41,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
+from pydantic import Field
 
 from ensemble_serve.shared.lora import LoraWeights
 from trainer.evolve import operators
 from trainer.evolve.seeds import derive_seed
-
-if TYPE_CHECKING:  # the config reads `Reallocation` below, so this module must not import it at run time
-    from trainer.evolve.config import LifecycleConfig
+from trainer.settings import FrozenConfig
 
 
 class Newborn(NamedTuple):
@@ -150,6 +149,48 @@ REALLOCATION: dict[str, Reseed] = {
 
 Reallocation = Literal[tuple(REALLOCATION)]  # type: ignore[valid-type]  # the registry's names, as a pydantic type
 """The type of the config's `reallocation` field: a name the registry does not hold is refused when it is read."""
+
+
+# ----------------------------------------------------------------------------- the settings
+
+
+class LifecycleConfig(FrozenConfig):
+    """The adapter lifecycle after the evolutionary step: death, alpha-blend inheritance, SVD mutation, reallocation.
+
+    Off by default, and every part is its own switch: in the decomposition study the lifecycle
+    was a net drag, so it exists for the factorial ablation to measure on other data, not as a
+    recommended setting. With `enabled` false nothing below is read and a run is unchanged.
+    """
+
+    enabled: bool = Field(False, description="Run the lifecycle after the evolutionary step each generation.")
+    death_fitness: float | None = Field(
+        None, allow_inf_nan=False, description="Members whose fitness is below this die (None: no death by fitness)."
+    )
+    max_age: int | None = Field(
+        None,
+        ge=1,
+        description="Members older than this many generations (generation - born_generation) die (None: no death by age).",
+    )
+    max_deaths: int = Field(2, ge=1, description="At most this many deaths per generation, weakest first.")
+    inherit_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Alpha-blend inheritance: a dying member's update is blended into its nearest living neighbour "
+        "with this weight (0: off).",
+    )
+    svd_mutation: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Strength of the SVD mutation applied to every surviving non-elite member each generation (0: off).",
+    )
+    reallocation: Reallocation = Field(
+        "best",
+        description="What re-seeds a dead member's slot: best (a copy of the fittest member, SVD-mutated when "
+        "svd_mutation > 0) or fresh (a new adapter of the dead member's rank: A kaiming-uniform, B zero).",
+    )
 
 
 # ----------------------------------------------------------------------------- the step

@@ -4,14 +4,16 @@ Each generation (:meth:`Evolver.step`, one method per phase):
 
 1. **self-play**: every member samples chains of thought for a fresh batch of
    problems, all members in one multi-LoRA vLLM batch (the engine layer the
-   server uses) (:mod:`trainer.evolve.problems`, :mod:`trainer.evolve.selfplay`);
+   server uses) (:mod:`trainer.evolve.problems`, :mod:`trainer.evolve.sampling`);
 2. **scoring**: answers are extracted and voted on (the server's majority vote),
    members judge each other's chains and are probed for hidden states and
-   output distributions (torch tasks on the executor), chains are embedded,
-   and the fitness terms are combined (:mod:`trainer.evolve.fitness`);
+   output distributions (torch tasks on the executor, :mod:`trainer.evolve.calls`),
+   chains are embedded, and the fitness terms are combined (:mod:`trainer.evolve.fitness`);
 3. **gradient phase**: each member fine-tunes (PEFT) on verified chains:
-   right answers with labels, consensus answers with labels hidden
-   (:mod:`trainer.evolve.executors` runs the tasks, here or on Ray);
+   right answers with labels, consensus or peer labels with labels hidden
+   (:mod:`trainer.evolve.labels`; :mod:`trainer.evolve.executors` runs the tasks,
+   here or on Ray); the labels are audited against the hidden answers for the
+   record only (:mod:`trainer.evolve.audit`);
 4. **evolution**: elites stay, selected parents make children by crossover and
    mutation, children replace the members chosen by the replacement operator
    (:mod:`trainer.evolve.step`, :mod:`trainer.evolve.operators`); then, when switched on,
@@ -42,7 +44,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS, EngineConfig
+from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.fsutil import remove_tree
 from ensemble_serve.shared.lora import LoraError, LoraWeights
 from ensemble_serve.shared.offline_engine import OfflineEngine
@@ -57,14 +59,17 @@ from ensemble_serve.shared.population import (
     read_manifest,
 )
 from ensemble_serve.shared.voting import Candidate
+from trainer.engines import EngineMismatch, check_engine, population_lora_rank
 from trainer.evolve import operators
+from trainer.evolve.audit import label_audit
+from trainer.evolve.calls import add_scores, embed_chains, score_calls, train_calls, trained_weights
 from trainer.evolve.commit import PENDING_FILE, has_record, read_pending, write_generation
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.curriculum import PROPOSERS, CurriculumError, Plan, ProposerContext, after_self_play
-from trainer.evolve.evaluation import add_heldout, evaluate_heldout, heldout_summary, record_domain_scores
+from trainer.evolve.evaluation import add_heldout, evaluate_heldout, heldout_summary
 from trainer.evolve.executors import make_executor, score_member_task, train_member_task
 from trainer.evolve.fitness import Evidence, compute_fitness
-from trainer.evolve.lifecycle import LifecycleResult
+from trainer.evolve.labels import labelling_chains, member_labels, training_examples
 from trainer.evolve.nextgen import apply_lifecycle, next_manifest, run_lifecycle
 from trainer.evolve.problems import generation_problems, generation_truth, heldout_problems, load_dataset
 from trainer.evolve.records import (
@@ -80,29 +85,13 @@ from trainer.evolve.records import (
     train_summary,
 )
 from trainer.evolve.run import RUN_FILE, EvolveError, Interrupted, load_members, prepare_run, stop_signals
-from trainer.evolve.selfplay import (
-    add_scores,
-    embed_chains,
-    label_audit,
-    labelling_chains,
-    member_labels,
-    score_calls,
-    self_play,
-    train_calls,
-    trained_weights,
-    training_examples,
-)
-from trainer.evolve.step import Offspring, check_operators, evolutionary_step
+from trainer.evolve.sampling import self_play
+from trainer.evolve.step import check_operators, evolutionary_step
+from trainer.scoring import record_domain_scores
 from trainer.tasks.sandbox import DatasetError, Problem
 
 JUDGE_TERMS = ("cross_eval", "diversity_hidden", "diversity_output")
 """Fitness terms that need every member run as a judge and probe subject (torch tasks on the executor)."""
-
-
-def vllm_lora_rank(biggest: int, child_rank: int | None) -> int:
-    """The smallest rank vLLM accepts that fits the largest member and the children's rank."""
-    need = max(biggest, child_rank or 0)
-    return next(r for r in VLLM_LORA_RANKS if r >= need)
 
 
 class Evolver:
@@ -125,7 +114,7 @@ class Evolver:
         self.population = load_population(root)
         # member folders of a commit that was killed before its manifest swap are not part of any generation
         prune_unreferenced(root)
-        self._check_members(self.population)
+        load_members(self.population)  # the members can evolve together, or the run is refused here
         check_operators(cfg.evolution, self.population)
         if cfg.labels == "hidden" and cfg.label_rule == "leave_self_out" and len(self.population.names) < 2:
             raise EvolveError(
@@ -135,9 +124,10 @@ class Evolver:
         # a caller's engine (same base model) saves vLLM's start-up when one process runs many evolve runs
         self.engine: OfflineEngine | None = engine
         if engine is not None:
-            need = vllm_lora_rank(max(m.rank for m in self.population.manifest.members), cfg.evolution.child_rank)
-            if engine.cfg.max_lora_rank is not None and engine.cfg.max_lora_rank < need:
-                raise EvolveError(f"the shared engine's max_lora_rank {engine.cfg.max_lora_rank} is below {need}")
+            try:
+                check_engine(engine, self.population, population_lora_rank(self.population, cfg.evolution.child_rank))
+            except EngineMismatch as e:
+                raise EvolveError(str(e)) from None
         self.executor = None
         self.tb = TensorBoardLog(cfg.tensorboard)
         self._snapshots = tempfile.TemporaryDirectory(prefix="ensemble-evolve-adapters-")
@@ -175,7 +165,7 @@ class Evolver:
             problems, candidates = self._self_play(g, plan)
 
         with timed(seconds, "score"):  # 2. scoring
-            weights = self._check_members(pop)
+            weights = load_members(pop)
             ev = Evidence(
                 members=list(pop.names), problems=problems, candidates=candidates, labels_visible=cfg.labels != "hidden"
             )
@@ -193,13 +183,13 @@ class Evolver:
             elite, replaced, children = evolutionary_step(
                 pop.names, trained, result.fitness, cfg, g, result.held_out, niches
             )
-            life = self._lifecycle(pop, g, trained, result.fitness, replaced, children)
+            life = run_lifecycle(pop, g, trained, result.fitness, replaced, children, cfg)
 
         # 5. commit
-        manifest, adapters, members = self._next_manifest(
-            pop, g, trained, losses, result.fitness, elite, replaced, children
+        manifest, adapters, members = next_manifest(
+            pop, g, trained, losses, result.fitness, elite, replaced, children, cfg.seed, self.run["config_hash"]
         )
-        manifest, adapters, members = self._apply_lifecycle(manifest, adapters, members, life, g)
+        manifest, adapters, members = apply_lifecycle(manifest, adapters, members, life, g, cfg)
         if cfg.lifecycle.enabled:
             record["lifecycle"] = lifecycle_summary(life, cfg.lifecycle)
         record.update(
@@ -281,10 +271,11 @@ class Evolver:
             f"generation {g}: curriculum: {plan.skipped}; generation {g} is skipped (nothing trained)", file=sys.stderr
         )
         pop = self.population
-        weights = self._check_members(pop)
+        weights = load_members(pop)
         fitness = {m.name: float(m.fitness or 0.0) for m in pop.manifest.members}
-        manifest, adapters, members = self._next_manifest(
-            pop, g, weights, {m: [] for m in pop.names}, fitness, [], [], []
+        no_losses = {m: [] for m in pop.names}
+        manifest, adapters, members = next_manifest(
+            pop, g, weights, no_losses, fitness, [], [], [], self.cfg.seed, self.run["config_hash"]
         )
         record.update(
             seconds=seconds,
@@ -314,10 +305,6 @@ class Evolver:
             )
         return problems, self_play(engine, names, problems, self.cfg, g, self.progress)
 
-    def _check_members(self, population: Population) -> dict[str, LoraWeights]:
-        """The members' adapters, refused unless they can evolve together."""
-        return load_members(population)
-
     def _score(self, ev: Evidence, weights: dict[str, LoraWeights]) -> None:
         """Cross-evaluation and probes (torch tasks) and chain embeddings, as the weights of the terms need."""
         w = self.cfg.fitness
@@ -333,45 +320,6 @@ class Evolver:
         """The gradient phase: every member fine-tuned on its examples; returns the weights and losses."""
         calls = train_calls(pop, weights, examples, self.cfg, g)
         return trained_weights(pop.names, weights, self._map(train_member_task, calls, "train"))
-
-    def _lifecycle(
-        self,
-        pop: Population,
-        g: int,
-        trained: dict[str, LoraWeights],
-        fitness: dict[str, float],
-        replaced: list[int],
-        children: list[Offspring],
-    ) -> LifecycleResult:
-        """The lifecycle step on the population as it will be committed (see :func:`run_lifecycle`)."""
-        return run_lifecycle(pop, g, trained, fitness, replaced, children, self.cfg)
-
-    def _next_manifest(
-        self,
-        pop: Population,
-        g: int,
-        trained: dict[str, LoraWeights],
-        losses: dict[str, list[float]],
-        fitness: dict[str, float],
-        elite: list[int],
-        replaced: list[int],
-        children: list[Offspring],
-    ) -> tuple[Manifest, dict[str, LoraWeights], list[dict[str, Any]]]:
-        """Generation `g`'s manifest, the adapters to write, and its member entries (see :func:`next_manifest`)."""
-        return next_manifest(
-            pop, g, trained, losses, fitness, elite, replaced, children, self.cfg.seed, self.run["config_hash"]
-        )
-
-    def _apply_lifecycle(
-        self,
-        manifest: Manifest,
-        adapters: dict[str, LoraWeights],
-        info: list[dict[str, Any]],
-        life: LifecycleResult,
-        g: int,
-    ) -> tuple[Manifest, dict[str, LoraWeights], list[dict[str, Any]]]:
-        """The next generation with the lifecycle's effects (see :func:`apply_lifecycle`)."""
-        return apply_lifecycle(manifest, adapters, info, life, g, self.cfg)
 
     def _commit(self, manifest: Manifest, adapters: dict[str, LoraWeights], record: dict[str, Any]) -> None:
         """Write generation `manifest` (new adapters + atomic manifest swap); on failure the previous one stays."""
@@ -425,9 +373,7 @@ class Evolver:
             cfg = EngineConfig(
                 max_loras=min(max(n, 1), 16),
                 max_cpu_loras=max(2 * n, 4),
-                max_lora_rank=vllm_lora_rank(
-                    max(m.rank for m in self.population.manifest.members), self.cfg.evolution.child_rank
-                ),
+                max_lora_rank=population_lora_rank(self.population, self.cfg.evolution.child_rank),
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                 max_num_seqs=self.cfg.max_num_seqs,
                 seed=self.cfg.seed,
@@ -470,8 +416,8 @@ def run_evolve(
 
     Ctrl-C or SIGTERM raises :class:`Interrupted` after cleaning up; every generation
     committed before it is complete on disk and `--resume` continues from there. ``engine``: an
-    :class:`OfflineEngine` on the same base model to use instead of starting one (it is synced to
-    this population and left running).
+    :class:`OfflineEngine` on the same base model to use instead of starting one (checked by
+    :func:`trainer.engines.check_engine`, synced to this population and left running).
     """
     copied = cfg.out is not None and not resume and not Path(cfg.out).exists()
     try:

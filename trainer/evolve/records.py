@@ -21,9 +21,9 @@ import numpy as np
 
 from ensemble_serve.shared.population import Manifest
 from ensemble_serve.shared.voting.answers import answers_equal
-from trainer.evolve.config import EvolveConfig, LifecycleConfig
+from trainer.evolve.config import EvolveConfig
 from trainer.evolve.fitness import Evidence, FitnessResult, diversity_summary
-from trainer.evolve.lifecycle import LifecycleResult
+from trainer.evolve.lifecycle import LifecycleConfig, LifecycleResult
 from trainer.evolve.run import EvolveError
 
 

@@ -28,7 +28,8 @@ from typing import Any
 from ensemble_serve.shared.fsutil import atomic_write_text
 from ensemble_serve.shared.lora import LoraError, LoraWeights, align_modules, check_compatible, load_lora
 from ensemble_serve.shared.population import Population, create_population, load_population, read_manifest
-from trainer.evolve.config import EvolveConfig, LifecycleConfig
+from trainer.evolve.config import EvolveConfig
+from trainer.evolve.lifecycle import LifecycleConfig
 
 RUN_FILE = "evolve-run.json"
 

@@ -151,6 +151,12 @@ def check_operators(evo: EvolutionConfig, population: Population) -> None:
         raise EvolveError(f"evolution.rank_policy must be {', '.join(first)} or {last}, got {evo.rank_policy!r}")
     n = len(population.manifest.members)
     free = n - min(evo.elite, n)
+    size = evo.selection_options.get("size")
+    if evo.selection == "tournament" and size is not None and size > n and min(evo.offspring, free) > 0:
+        raise EvolveError(
+            f"evolution.selection_options.size {size} is larger than the population ({n} members): "
+            f"a tournament draws without replacement; use a size from 1 to {n}"
+        )
     if evo.replacement == "generational" and evo.offspring and min(evo.offspring, free) != free:
         raise EvolveError(
             f"replacement generational replaces every non-elite member: with {n} members and elite "

@@ -22,7 +22,6 @@ The pipeline, in the order that keeps a bad input from costing an engine start:
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
@@ -55,13 +54,14 @@ from ensemble_serve.shared.router import (
     save_router,
 )
 from ensemble_serve.shared.voting import Candidate
-from trainer.evaluate import greedy_candidates
+from trainer.engines import EngineMismatch
 from trainer.evolve.problems import load_dataset
 from trainer.evolve.run import EvolveError
 from trainer.router.config import RouterCommandConfig
 from trainer.router.evaluation import METHODS, correctness, heldout_report
 from trainer.router.plots import plot_specialisation
 from trainer.router.train import RouterTrainConfig, targets_from_correctness, train_router
+from trainer.scoring import greedy_answers
 from trainer.tasks.sandbox import Problem, generate_problems
 
 __all__ = [
@@ -159,21 +159,25 @@ def router_problems(cfg: RouterCommandConfig) -> tuple[list[Problem], list[Probl
 
 
 def generate_answers(
-    population: Population, problems: Sequence[Problem], cfg: RouterCommandConfig, progress: bool = False
+    population: Population,
+    problems: Sequence[Problem],
+    cfg: RouterCommandConfig,
+    progress: bool = False,
+    engine: OfflineEngine | None = None,
 ) -> list[list[Candidate]]:
     """Each member's greedy answer to each problem, ``[problem][member]`` in manifest order.
 
     Every (member, problem) pair goes into one multi-LoRA ``generate`` call, so vLLM batches all
-    members in the same steps. The engine is dropped before returning: the router's features load
-    the base model next, and both need not be in memory at once.
+    members in the same steps. An engine started here is dropped before returning: the router's
+    features load the base model next, and both need not be in memory at once. A caller's
+    ``engine`` is checked, synced to the population and left running.
     """
     members = population.names
-    engine = OfflineEngine(population, EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed))
+    ecfg = EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed)
     try:
-        cands = greedy_candidates(engine, members, problems, cfg.max_tokens, progress=progress)
-    finally:
-        del engine
-        gc.collect()
+        cands = greedy_answers(population, members, problems, cfg.max_tokens, ecfg, engine=engine, progress=progress)
+    except EngineMismatch as e:
+        raise RouteError(str(e)) from None
     return [[cands[m][i] for m in members] for i in range(len(problems))]
 
 
@@ -272,11 +276,15 @@ def _vetted_gates(router: Router, features: torch.Tensor, what: str) -> torch.Te
     return gates
 
 
-def run_router(cfg: RouterCommandConfig, dry_run: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_router(
+    cfg: RouterCommandConfig, dry_run: bool = False, progress: bool = True, engine: OfflineEngine | None = None
+) -> dict[str, Any]:
     """Train, evaluate and (unless ``dry_run``) install the population's router; return the results.
 
     Every check that needs no engine runs first, so bad input fails in seconds and writes nothing.
-    ``cfg.out`` (JSON results) is written last, after a successful install or dry run.
+    ``cfg.out`` (JSON results) is written last, after a successful install or dry run. ``engine``:
+    an :class:`OfflineEngine` on the population's base model to use instead of starting one
+    (checked, synced to this population and left running).
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -287,7 +295,7 @@ def run_router(cfg: RouterCommandConfig, dry_run: bool = False, progress: bool =
     feature = cfg.feature or DEFAULT_FEATURE[cfg.variant]
 
     t = time.perf_counter()
-    answers = generate_answers(population, [*train, *heldout], cfg, progress=progress)
+    answers = generate_answers(population, [*train, *heldout], cfg, progress=progress, engine=engine)
     train_answers, heldout_answers = answers[: len(train)], answers[len(train) :]
     seconds["generate"] = round(time.perf_counter() - t, 1)
 

@@ -15,8 +15,8 @@ import torch
 
 from ensemble_serve.shared.router import top_k
 from ensemble_serve.shared.voting import Candidate, vote
-from ensemble_serve.shared.voting.answers import answers_equal
-from trainer.tasks.sandbox import Problem, verify
+from trainer.scoring import accuracy, answer_is_right, is_right
+from trainer.tasks.sandbox import Problem
 
 __all__ = ["METHODS", "correctness", "heldout_report", "routed_vote"]
 
@@ -25,10 +25,10 @@ METHODS = ("routed_top1", "routed_top_k", "all_vote", "best_member", "oracle")
 
 
 def correctness(problems: Sequence[Problem], answers: Sequence[Sequence[Candidate]]) -> torch.Tensor:
-    """``[N, M]`` booleans: whether member ``m``'s chain verifies against problem ``n``'s answer."""
+    """``[N, M]`` booleans: whether member ``m``'s chain is right on problem ``n`` (:func:`trainer.scoring.is_right`)."""
     if len(problems) != len(answers):
         raise ValueError(f"{len(answers)} answer rows for {len(problems)} problems")
-    rows = [[verify(p, c.text).correct for c in row] for p, row in zip(problems, answers)]
+    rows = [[is_right(p, c) for c in row] for p, row in zip(problems, answers)]
     width = len(answers[0]) if answers else 0
     return torch.tensor(rows, dtype=torch.bool).reshape(len(problems), width)
 
@@ -50,16 +50,6 @@ def routed_vote(candidates: Sequence[Candidate], gates: Sequence[float]) -> str 
         key=lambda g: (len(result.groups[g]), sum(gates[i] for i in result.groups[g]), -g),
     )
     return answers[best]
-
-
-def _accuracy(hits: Sequence[bool], problems: Sequence[Problem]) -> dict[str, float]:
-    """Accuracy per domain (sorted) and over all problems ("all")."""
-    out: dict[str, float] = {}
-    for d in sorted({p.domain for p in problems}):
-        rows = [h for h, p in zip(hits, problems) if p.domain == d]
-        out[d] = round(sum(rows) / len(rows), 4)
-    out["all"] = round(sum(hits) / len(hits), 4) if hits else 0.0
-    return out
 
 
 def heldout_report(
@@ -90,21 +80,21 @@ def heldout_report(
         routed_top1.append(bool(correct[n, first]))
         picks = top_k(row, k)
         answer = routed_vote([answers[n][j] for j in picks], [float(row[j]) for j in picks])
-        routed_k.append(answer is not None and answers_equal(answer, p.answer))
+        routed_k.append(answer_is_right(answer, p))
         result = vote(list(answers[n]), "majority")
-        all_vote.append(result.answer is not None and answers_equal(result.answer, p.answer))
-    per_member = {m: _accuracy(correct[:, j].tolist(), problems) for j, m in enumerate(members)}
+        all_vote.append(answer_is_right(result.answer, p))
+    per_member = {m: accuracy(correct[:, j].tolist(), problems) for j, m in enumerate(members)}
     best = max(members, key=lambda m: (per_member[m]["all"], -members.index(m)))
     oracle = correct.any(dim=1).tolist()
     return {
         "problems": len(problems),
         "top_k": k,
         "accuracy": {
-            "routed_top1": _accuracy(routed_top1, problems),
-            "routed_top_k": _accuracy(routed_k, problems),
-            "all_vote": _accuracy(all_vote, problems),
+            "routed_top1": accuracy(routed_top1, problems),
+            "routed_top_k": accuracy(routed_k, problems),
+            "all_vote": accuracy(all_vote, problems),
             "best_member": per_member[best],
-            "oracle": _accuracy(oracle, problems),
+            "oracle": accuracy(oracle, problems),
         },
         "best_member": best,
         "members": per_member,

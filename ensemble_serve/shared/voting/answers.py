@@ -270,6 +270,85 @@ def extract_auto(text: str) -> Extraction:
     return _ok(value, contents[-1]) if value else _malformed(contents[-1])
 
 
+# A sentence ends at a newline, or at . ! ? followed by white space (so "2.5" and "e.g." inside a word stay whole).
+_SENTENCE_END = re.compile(r"\n+|(?<=[.!?])\s+")
+# "X is Y", "X are Y", "X was Y", "X equals Y", "X = Y": Y is the answer a short reply states.
+_COPULA = re.compile(r"\s(?:is|are|was|were|equals|=)\s+(?!not\b)", re.IGNORECASE)
+_LEAD = re.compile(r"^(?:so|thus|therefore|hence|yes|no|answer|final answer)\b[,:]?\s*", re.IGNORECASE)
+NATURAL_MAX_WORDS = 12  # a text answer longer than this after reduction is not a short answer
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for part in _SENTENCE_END.split(text.strip()) if (s := part.strip(" \t*-•>`\"'"))]
+
+
+_NUMBER_LIST = re.compile(r"[+-]?\d[\d.,]*(?:\s*(?:,|;|\band\b|\s)\s*[+-]?\d[\d.,]*)+")
+
+
+def _number_in(sentence: str) -> str | None:
+    """The answer a sentence with digits states: a list of numbers, alone or after its copula ("is 4, 17,
+    52" -> "4 17 52"), else its last number."""
+    tail = _COPULA.split(sentence)[-1].strip().rstrip(".!?;:")
+    if _NUMBER_LIST.fullmatch(tail):
+        numbers = [canonical_number(m.group(0)) or m.group(0) for m in _NUMBER_IN_TEXT.finditer(tail)]
+        if len(numbers) > 1:
+            return " ".join(numbers)
+    m = _last(_NUMBER_IN_TEXT, sentence)
+    return None if m is None else m.group(0)
+
+
+def _short_text(sentence: str) -> str | None:
+    """A sentence reduced to the answer it states: after its last copula, without a lead-in or end mark."""
+    sentence = _LEAD.sub("", sentence).strip()
+    parts = _COPULA.split(sentence)
+    answer = parts[-1] if len(parts) > 1 and parts[-1].strip() else sentence
+    answer = collapse_text(answer.strip().rstrip(".!?;:,").strip())
+    if not answer or len(answer.split()) > NATURAL_MAX_WORDS:
+        return None
+    return answer
+
+
+def extract_natural(text: str) -> Extraction:
+    """What an instruct model's natural reply answers, falling back only where `auto` finds nothing:
+
+    1. `auto`: a '####' line, a \\boxed{}, or 'the answer is X' (the sandbox's and GSM8K's forms, read
+       exactly as `auto` reads them), except that a number inside the stated answer is the answer
+       ("The answer is 42 apples." -> 42; as lm-evaluation-harness's flexible extract takes the last number);
+    2. a number in one of the last two sentences: the last number there ("17 + 25 = 42." -> 42,
+       "So the total is 1,204 apples. Hope this helps!" -> 1204);
+    3. a short text answer: the first sentence, reduced to what follows its last copula
+       ("The capital of France is Paris." -> Paris; "Paris." -> Paris), at most 12 words.
+
+    Only an empty reply, or one whose every sentence is long prose with no number, is "missing".
+    """
+    hit = _marker_hit(text)
+    if hit is not None:
+        return _from_hit(hit, normalize_answer)
+    contents = _answer_is_contents(text)
+    if contents:
+        content = contents[-1]
+        letter = _CHOICE_ONLY.fullmatch(content.strip())
+        if letter:
+            return _ok(letter.group(1).upper(), content)
+        number = _number_in(content)
+        if number is not None:
+            return _ok(normalize_answer(number), content)
+        value = _short_text(content) or collapse_text(content)
+        return _ok(value, content) if value else _malformed(content)
+    sentences = _sentences(text)
+    for sentence in reversed(sentences[-2:]):
+        number = _number_in(sentence)
+        if number is not None:
+            return _ok(normalize_answer(number), sentence)
+    # the first sentence that states something ("X is Y"), else the first: "Sure! The capital ... is Paris." -> Paris
+    stated = [t for t in sentences if len(_COPULA.split(_LEAD.sub("", t))) > 1]
+    for sentence in (stated or sentences)[:1]:
+        value = _short_text(sentence)
+        if value:
+            return _ok(value, sentence)
+    return MISSING
+
+
 def _guarded(fn: Extractor) -> Extractor:
     """Type-check the text and keep only its tail before any regex work."""
 
@@ -289,6 +368,7 @@ EXTRACTORS: dict[str, Extractor] = {
     "number": _guarded(extract_number),
     "choice": _guarded(extract_choice),
     "text": _guarded(extract_text),
+    "natural": _guarded(extract_natural),
 }
 MODES = tuple(EXTRACTORS)
 FREE_FORM = "text"  # the mode whose answers are free-form text, grouped by meaning rather than compared exactly

@@ -5,6 +5,7 @@ registries below are the one list of names, and the config checks its settings a
 `check_setting` when it is read:
 
 - selection `(fitness, k, rng, **opts) -> list[int]`: indices of k parents (repetition allowed);
+  each rule's `opts` have a model in :data:`SELECTION_OPTIONS`, checked by `check_selection_options`;
 - crossover `(parents, weights, rank, alpha, rng, *, rank_policy="error") -> LoraWeights`;
 - mutation `(w, strength, rng) -> LoraWeights`;
 - replacement `(fitness, n_offspring, elite) -> list[int]`: members the offspring replace.
@@ -28,10 +29,11 @@ operators, :mod:`.common` what they share; this module holds the registries.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from ensemble_serve.shared.lora import LoraWeights
 from trainer.evolve.operators.common import OperatorError
@@ -45,6 +47,10 @@ from trainer.evolve.operators.crossover import (
 from trainer.evolve.operators.mutation import DROPOUT_MAX, dropout, gaussian, svd
 from trainer.evolve.operators.replacement import generational, weakest
 from trainer.evolve.operators.selection import (
+    FitnessProportionalOptions,
+    SelectionOptions,
+    TournamentOptions,
+    TruncationOptions,
     elites,
     fitness_proportional,
     tournament,
@@ -59,9 +65,11 @@ __all__ = [
     "REGISTRIES",
     "REPLACEMENT",
     "SELECTION",
+    "SELECTION_OPTIONS",
     "SKIP",
     "SKIPPABLE",
     "OperatorError",
+    "check_selection_options",
     "check_setting",
     "dropout",
     "elites",
@@ -85,6 +93,12 @@ SELECTION: dict[str, Callable[..., list[int]]] = {
     "tournament": tournament,
     "fitness_proportional": fitness_proportional,
 }
+SELECTION_OPTIONS: dict[str, type[SelectionOptions]] = {
+    "truncation": TruncationOptions,
+    "tournament": TournamentOptions,
+    "fitness_proportional": FitnessProportionalOptions,
+}
+"""The options each selection rule takes (its keyword-only parameters): the evolution config's `selection_options`."""
 CROSSOVER: dict[str, Callable[..., LoraWeights]] = {
     "weighted_average": weighted_average,
     "svd_interpolate": svd_interpolate,
@@ -133,3 +147,42 @@ def check_setting(kind: str, name: str) -> str:
             raise OperatorError(f"{e}, or {SKIP!r} to skip the step") from None
         raise
     return name
+
+
+def selection_options_help() -> str:
+    """Each rule's options and defaults, as the config's field description lists them."""
+    return "; ".join(
+        f"{rule}: " + ", ".join(f"{k} (default {f.default:g})" for k, f in SELECTION_OPTIONS[rule].model_fields.items())
+        for rule in SELECTION
+    )
+
+
+def check_selection_options(rule: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` as given, if selection `rule` takes them: known names, right types, in range.
+
+    The refusal (:class:`OperatorError`) names the rule and each bad option, and for an option of
+    another rule says whose it is, so `selection_options: {size: 3}` under `truncation` reads as
+    the mix-up it is. The options are returned unchanged (not with the model's defaults filled in),
+    so a config's dump, and the run's config hash, stay what they were.
+    """
+    get_operator("selection", rule)  # an unknown rule is refused listing the rules
+    model = SELECTION_OPTIONS[rule]
+    known = list(model.model_fields)
+    problems = []
+    for key in options:
+        if key in model.model_fields:
+            continue
+        owners = [r for r, m in SELECTION_OPTIONS.items() if key in m.model_fields]
+        whose = f" (an option of {', '.join(owners)})" if owners else ""
+        problems.append(f"unknown option {key!r}{whose}")
+    if not problems:
+        try:
+            model.model_validate(dict(options))
+        except ValidationError as e:
+            problems = [
+                f"option {'.'.join(map(str, err['loc']))!r}: {err['msg']}, got {err['input']!r}" for err in e.errors()
+            ]
+    if problems:
+        takes = ", ".join(f"{k} (default {model.model_fields[k].default:g})" for k in known) or "no options"
+        raise OperatorError(f"selection {rule!r}: " + "; ".join(problems) + f"; {rule} takes {takes}")
+    return dict(options)

@@ -1,5 +1,10 @@
 """Selection operators `(fitness, k, rng, **opts) -> list[int]`: indices of k parents (repetition allowed).
 
+Each operator's options (its keyword-only parameters) have a model beside it, :class:`TruncationOptions`
+and so on, with the same names and defaults: the evolution config checks its `selection_options`
+against the model of its rule when it is read, so a misspelt or mistyped option is refused before
+any work, not as a `TypeError` after self-play and training.
+
 Also :func:`elites`, the fittest members the evolutionary step keeps unchanged. Every draw comes
 from the `rng` passed in; higher fitness is better.
 """
@@ -10,6 +15,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.evolve.operators.common import (
     OperatorError,
@@ -26,6 +32,34 @@ def elites(fitness: Sequence[float], count: int) -> list[int]:
     if count > len(values):
         raise OperatorError(f"cannot keep {count} elites out of {len(values)} members")
     return best_first(values)[:count]
+
+
+class SelectionOptions(BaseModel):
+    """Base of the option models: strict types (no `"3"` or `3.0` for an integer, no `true` for a number), no unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class TruncationOptions(SelectionOptions):
+    """Options of :func:`truncation`."""
+
+    fraction: float = Field(
+        0.5, gt=0, le=1, allow_inf_nan=False, description="Share of the fittest members drawn from."
+    )
+
+
+class TournamentOptions(SelectionOptions):
+    """Options of :func:`tournament` (a size above the population is refused when the run starts)."""
+
+    size: int = Field(3, ge=1, description="Members drawn into each tournament.")
+
+
+class FitnessProportionalOptions(SelectionOptions):
+    """Options of :func:`fitness_proportional`."""
+
+    epsilon: float = Field(
+        1e-6, gt=0, allow_inf_nan=False, description="The worst member's chance, as a share of the fitness spread."
+    )
 
 
 def truncation(fitness: Sequence[float], k: int, rng: torch.Generator, *, fraction: float = 0.5) -> list[int]:

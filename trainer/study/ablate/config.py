@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from trainer.evolve.config import EvolveConfig, LifecycleConfig
+from trainer.evolve.config import EvolveConfig
+from trainer.evolve.lifecycle import LifecycleConfig
 from trainer.router.train import RouterTrainConfig
 from trainer.settings import FrozenConfig
 

@@ -26,9 +26,10 @@ from ensemble_serve.shared.fsutil import atomic_write_text, remove_tree
 from ensemble_serve.shared.lora import load_lora, save_lora
 from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import create_population, load_population, read_history
+from trainer.engines import population_lora_rank
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.lifecycle import fresh_adapter
-from trainer.evolve.loop import run_evolve, vllm_lora_rank
+from trainer.evolve.loop import run_evolve
 from trainer.evolve.run import RUN_FILE as EVOLVE_RUN_FILE
 from trainer.evolve.seeds import derive_seed
 from trainer.study.ablate.config import AblateConfig
@@ -91,7 +92,7 @@ class EvolveStages:
         if self.engine is None:
             pop = load_population(population_dir)
             n = len(pop.names)
-            rank = vllm_lora_rank(max(m.rank for m in pop.manifest.members), self.evolve_base.evolution.child_rank)
+            rank = population_lora_rank(pop, self.evolve_base.evolution.child_rank)
             self.engine = OfflineEngine(
                 pop,
                 EngineConfig(

@@ -2,65 +2,25 @@
 embedded ensemble's members; `ensemble-serve up --remote A,B` fans out to both, driven with
 the real `openai` client over loopback.
 
-Slow: each vLLM server takes 30-60 s to start on 2 cores (both start at once).
+The cluster is the package's (tests/remote/conftest.py), shared with test_remote_health_e2e.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-from server_harness import VLLM_KEY, Server, VLLMServer, copy_embedded, free_port, start_server
-from server_harness import start_vllm as _start_vllm
-from server_harness import wait_healthy as _wait_healthy
 
-pytestmark = pytest.mark.slow
+from ensemble_serve.testing.servers import VLLM_KEY, free_port
+
+from .cluster import MEMBERS, Cluster
+
+pytestmark = pytest.mark.engine
 
 PROBLEM = "add 478+365"  # answer 843
-MEMBERS = [f"m0{i}" for i in range(8)]
-SERVED_BY = {"a": MEMBERS[:4], "b": MEMBERS[4:]}
-START_TIMEOUT = 300.0
-
-
-@dataclass
-class Cluster:
-    a: VLLMServer
-    b: VLLMServer
-    ensemble: Server
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("remote")
-    population = copy_embedded(root)
-    started: list[VLLMServer | Server] = []
-    try:
-        a = _start_vllm("a", root / "substrate", population, SERVED_BY["a"], root / "vllm-a.log")
-        started.append(a)
-        b = _start_vllm("b", root / "substrate", population, SERVED_BY["b"], root / "vllm-b.log")
-        started.append(b)
-        _wait_healthy([a, b])
-        ensemble = start_server(
-            population,
-            root / "ensemble.log",
-            "--remote",
-            f"{a.url},{b.url}/v1",
-            "--remote-api-key",
-            VLLM_KEY,
-            "--served-model-name",
-            "sandbox-ensemble",
-            "--no-watch",
-            timeout=START_TIMEOUT,
-        )
-        started.append(ensemble)
-        yield Cluster(a, b, ensemble)
-    finally:
-        for proc in reversed(started):
-            proc.stop()
 
 
 @pytest.fixture()
@@ -347,7 +307,7 @@ def test_client_disconnect_aborts_the_remote_generations(cluster: Cluster):
     assert srv.alive()
 
 
-# ---------------------------------------------------------------- population refresh (last: it changes the population)
+# ---------------------------------------------------------------- population refresh (last: it changes the population, then restores it)
 
 
 def test_refresh_refuses_a_member_no_server_serves(cluster: Cluster, client):
@@ -376,3 +336,9 @@ def test_refresh_refuses_a_member_no_server_serves(cluster: Cluster, client):
     assert reload.status_code == 200 and reload.json()["members"] == MEMBERS[:7]
     resp = client.chat.completions.create(**_chat(model="sandbox-ensemble", temperature=0, max_tokens=64))
     assert _ensemble(resp)["members"] == MEMBERS[:7]
+
+    # and back to all eight, for the health tests that share the cluster
+    gen3 = manifest.model_copy(update={"generation": 3})
+    commit_generation(srv.population, gen3, {}, keep_unreferenced=True)
+    reload = httpx.post(srv.url + "/admin/reload", headers=srv.headers)
+    assert reload.status_code == 200 and reload.json()["members"] == MEMBERS

@@ -4,8 +4,9 @@ The server is the real one (vLLM CPU engine, embedded ensemble). schemathesis re
 the server publishes, generates valid and invalid requests for every operation, and checks each
 answer: no 5xx, statuses, content types and bodies as documented, valid data accepted, invalid data
 rejected. Its settings are in tests/fuzz/schemathesis.toml and its hooks in tests/fuzz_hooks.py
-(both say why). Bounded: FUZZ_EXAMPLES examples per operation and FUZZ_SECONDS in all. Afterwards
-the server must still answer a good request.
+(both say why). Bounded: FUZZ_EXAMPLES examples per operation, generated deterministically from a
+fixed seed, and FUZZ_SECONDS in all. Afterwards the server must still answer a good request. The
+server is the package's (tests/hostile/conftest.py).
 """
 
 from __future__ import annotations
@@ -18,22 +19,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import ROOT, copy_embedded, start_server
 
-pytestmark = pytest.mark.slow
+from ensemble_serve.testing.servers import ROOT
 
-FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
+pytestmark = pytest.mark.engine
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 FUZZ_SECONDS = int(os.environ.get("FUZZ_SECONDS", "240"))
 SEED = 20261201
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("fuzz")
-    population = copy_embedded(root)
-    srv = start_server(population, root / "server.log", "--served-model-name", "sandbox-ensemble", "--no-watch")
-    yield srv
-    srv.stop()
 
 
 def test_schemathesis_finds_nothing_and_the_server_still_answers(server, tmp_path: Path):
@@ -51,10 +44,10 @@ def test_schemathesis_finds_nothing_and_the_server_still_answers(server, tmp_pat
         str(ROOT / "tests" / "fuzz" / "schemathesis.toml"),
         "run",
         server.url + "/openapi.json",
-        "--header",
-        f"Authorization: Bearer {server.api_key}",
+        *(["--header", f"Authorization: Bearer {server.api_key}"] if server.api_key else []),
         "--max-examples",
         str(FUZZ_EXAMPLES),
+        "--generation-deterministic",
         "--max-time",
         str(FUZZ_SECONDS),
         "--seed",
@@ -81,6 +74,31 @@ def test_schemathesis_finds_nothing_and_the_server_still_answers(server, tmp_pat
     )
     assert ok.model_extra["ensemble"]["members"]
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "add 1+2"}]}),
+        ("/v1/completions", {"prompt": "add 1+2"}),
+    ],
+)
+def test_found_by_fuzzing_a_timeout_of_5e_324_is_a_400_naming_it(server, route: str, body: dict):
+    """Regression (issue 21): a schema-valid `"timeout": 5e-324` was answered 504 `request_timeout`.
+
+    A deadline below the documented minimum (1 ms) is the client's mistake: a 400 naming `timeout`, and
+    the document states the minimum, so such a request is no longer schema-valid.
+    """
+    request = {"model": "sandbox-ensemble", "max_tokens": 8, **body, "timeout": 5e-324}
+    resp = httpx.post(server.url + route, json=request, headers=server.headers, timeout=60)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "timeout" and error["type"] == "invalid_request_error", error
+    assert "greater than or equal to 0.001" in error["message"]
+    schemas = httpx.get(server.url + "/openapi.json", timeout=30).json()["components"]["schemas"]
+    name = "ChatCompletionRequest" if route.endswith("chat/completions") else "CompletionRequest"
+    number = [s for s in schemas[name]["properties"]["timeout"]["anyOf"] if s.get("type") == "number"]
+    assert number and number[0]["minimum"] == 0.001
 
 
 def _summary(report: Path) -> dict:

@@ -1,6 +1,6 @@
 """A bounded loopback soak of a running server: many mixed requests at a fixed concurrency.
 
-Shared by tests/test_soak_e2e.py (the regression test) and bench/soak.py (the figures in
+Shared by tests/hostile/test_soak_e2e.py (the regression test) and bench/soak.py (the figures in
 BENCHMARKS.md). The mix covers every vote rule and answer mode of the ensemble, chat and text
 completions, members with n > 1 and seeds, the base model, lists of prompts and token-id prompts,
 streams read to the end, and streams the client abandons after the first chunk. The server's

@@ -22,10 +22,12 @@ are therefore also registered as (non-special) added tokens, which every loader 
 pre-tokenization; the pre-tokenizer saved in tokenizer.json groups ASCII digits in pairs, left to
 right, which splits them the same way, so `tokenizers`, transformers and vLLM all agree.
 
-`build_realshape()` builds it once into `<repo>/.cache/realshape-<hash>/` (the hash covers this
-file, its settings and the versions of the libraries that shape the result, so a change rebuilds;
-a file lock keeps two processes from building at once) and returns the paths.
-`python tests/realshape.py` (or `make realshape`) builds it and prints them.
+`build_realshape()` builds it once into the user's cache (`~/.cache/ensemble-serve/realshape-<hash>/`,
+see `ensemble_serve.shared.fsutil.cache_dir`), outside any checkout, so every clone and CI run on a
+machine reuses one build while its key holds (the hash covers this file, its settings and the versions
+of the libraries that shape the result, so a change rebuilds; a file lock keeps two processes from
+building at once), and returns the paths.
+`python -m trainer.testing.realshape` (or `make realshape`) builds it and prints them.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,11 +47,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python tests/realshape.py` puts tests/ first, not the repository
-    sys.path.insert(0, str(ROOT))
+from ensemble_serve.shared.fsutil import cache_dir
 
-CACHE = ROOT / ".cache"
 DONE = "DONE"
 REPORT = "realshape.json"
 
@@ -138,8 +136,8 @@ def build_digest() -> str:
 
 
 def build_realshape(cache_root: Path | None = None) -> RealShape:
-    """The cached build in `cache_root` (default `<repo>/.cache`), built first if missing."""
-    cache_root = Path(cache_root) if cache_root is not None else CACHE
+    """The cached build in `cache_root` (default: the user's cache, `cache_dir()`), built first if missing."""
+    cache_root = Path(cache_root) if cache_root is not None else cache_dir()
     cache_root.mkdir(parents=True, exist_ok=True)
     out = cache_root / f"realshape-{build_digest()}"
     if not (out / DONE).is_file():

@@ -8,8 +8,8 @@ README's "Beyond one machine" shows (with `--no-enable-chunked-prefill`), `ensem
    `ensemble_member_available 0`) while the others keep answering;
 3. restart it on the same port: it is re-discovered and serves again.
 
-Slow: one module-scoped pair of servers (30-60 s each to start on 2 cores, both at once) plus
-one restart.
+The cluster is the package's (tests/remote/conftest.py), shared with test_remote_e2e.py, which runs
+first; this module kills and restarts B, so it runs last.
 """
 
 from __future__ import annotations
@@ -17,94 +17,39 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from server_harness import VLLM_KEY, Server, VLLMServer, copy_embedded, start_server, start_vllm, wait_healthy
 
-pytestmark = pytest.mark.slow
+from ensemble_serve.testing.servers import wait_healthy
+
+from .cluster import MEMBERS, Cluster
+
+pytestmark = pytest.mark.engine
 
 PROBLEM = "add 478+365"
-MEMBERS = [f"m0{i}" for i in range(8)]
-SERVED_BY = {"a": MEMBERS[:4], "b": MEMBERS[4:]}
 DOWN_WITHIN = 15.0  # seconds from the kill to "down": the monitor probes every 5 s
 BACK_WITHIN = 60.0  # seconds from the server answering /health again to "up": retries back off to 30 s
 
 
-@dataclass
-class Pair:
-    root: Path
-    population: Path
-    a: VLLMServer
-    b: VLLMServer
-    ensemble: Server
-    started: list[Any] = field(default_factory=list)
-
-    def restart_b(self) -> VLLMServer:
-        b = start_vllm("b", self.root / "substrate", self.population, SERVED_BY["b"], self.b.log, port=self.b.port)
-        self.started.append(b)
-        self.b = b
-        return b
+def _log(cluster: Cluster) -> str:
+    return cluster.ensemble.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("remote-health")
-    population = copy_embedded(root)
-    started: list[Any] = []
-    try:
-        # A serves GET /server_info (dev mode), so ensemble-serve can check its settings; B does not
-        a = start_vllm(
-            "a",
-            root / "substrate",
-            population,
-            SERVED_BY["a"],
-            root / "vllm-a.log",
-            env={"VLLM_SERVER_DEV_MODE": "1"},
-        )
-        started.append(a)
-        b = start_vllm("b", root / "substrate", population, SERVED_BY["b"], root / "vllm-b.log")
-        started.append(b)
-        wait_healthy([a, b])
-        ensemble = start_server(
-            population,
-            root / "ensemble.log",
-            "--remote",
-            f"{a.url},{b.url}",
-            "--remote-api-key",
-            VLLM_KEY,
-            "--served-model-name",
-            "sandbox-ensemble",
-            "--no-watch",
-        )
-        started.append(ensemble)
-        pair = Pair(root, population, a, b, ensemble, started)
-        yield pair
-    finally:
-        for proc in reversed(started):
-            proc.stop()
-
-
-def _log(pair: Pair) -> str:
-    return pair.ensemble.log.read_text(errors="replace")
-
-
-def _wait_for(what: str, cond, timeout: float, pair: Pair) -> float:
+def _wait_for(what: str, cond, timeout: float, cluster: Cluster) -> float:
     """Poll `cond()` until true; the seconds it took."""
     started = time.monotonic()
     while not cond():
         if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s\n{_log(pair)[-3000:]}")
+            raise AssertionError(f"{what}: not within {timeout:.0f} s\n{_log(cluster)[-3000:]}")
         time.sleep(0.25)
     return time.monotonic() - started
 
 
-def _health(pair: Pair) -> tuple[int, dict]:
-    r = httpx.get(pair.ensemble.url + "/health", timeout=10)
+def _health(cluster: Cluster) -> tuple[int, dict]:
+    r = httpx.get(cluster.ensemble.url + "/health", timeout=10)
     return r.status_code, r.json()
 
 
@@ -117,21 +62,23 @@ def _find_list(obj: Any, wanted: list[str]) -> bool:
     return False
 
 
-def _gauge(pair: Pair, name: str, **labels: str) -> float | None:
-    text = httpx.get(pair.ensemble.url + "/metrics", timeout=10).text
+def _gauge(cluster: Cluster, name: str, **labels: str) -> float | None:
+    text = httpx.get(cluster.ensemble.url + "/metrics", timeout=10).text
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[-1])
     return None
 
 
-def _member(pair: Pair, model: str) -> httpx.Response:
+def _member(cluster: Cluster, model: str) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": PROBLEM}], "max_tokens": 16, "temperature": 0}
-    return httpx.post(pair.ensemble.url + "/v1/chat/completions", headers=pair.ensemble.headers, json=body, timeout=120)
+    return httpx.post(
+        cluster.ensemble.url + "/v1/chat/completions", headers=cluster.ensemble.headers, json=body, timeout=120
+    )
 
 
-def _ensemble(pair: Pair) -> dict:
-    client = pair.ensemble.client()
+def _ensemble(cluster: Cluster) -> dict:
+    client = cluster.ensemble.client()
     resp = client.chat.completions.create(
         model="sandbox-ensemble",
         messages=[{"role": "user", "content": PROBLEM}],
@@ -145,13 +92,13 @@ def _ensemble(pair: Pair) -> dict:
 # ---------------------------------------------------------------- discovery checked what it could
 
 
-def test_discovery_checks_the_servers_settings(pair: Pair):
-    log = _log(pair)
+def test_discovery_checks_the_servers_settings(cluster: Cluster):
+    log = _log(cluster)
     # B has no /server_info: one warning that names it and the flag; A was checked and is fine
     unchecked = [line for line in log.splitlines() if "cannot check its settings" in line]
-    assert len(unchecked) == 1 and pair.b.url in unchecked[0] and "--no-enable-chunked-prefill" in unchecked[0]
+    assert len(unchecked) == 1 and cluster.b.url in unchecked[0] and "--no-enable-chunked-prefill" in unchecked[0]
     assert "chunked prefill enabled" not in log
-    info = httpx.get(pair.a.url + "/server_info", params={"config_format": "json"}, timeout=60).json()
+    info = httpx.get(cluster.a.url + "/server_info", params={"config_format": "json"}, timeout=60).json()
     assert info["vllm_config"]["scheduler_config"]["enable_chunked_prefill"] is False
 
 
@@ -165,9 +112,9 @@ def _long_prompt(i: int) -> str:
     return " ".join(f"add {100 + 7 * i + k}+{13 * i + k}" for k in range(6))
 
 
-def test_seeded_burst_leaves_both_servers_alive(pair: Pair):
+def test_seeded_burst_leaves_both_servers_alive(cluster: Cluster):
     async def burst() -> list:
-        client = pair.ensemble.async_client(timeout=600)
+        client = cluster.ensemble.async_client(timeout=600)
         jobs = [
             client.chat.completions.create(
                 model=MEMBERS[i % 8],
@@ -188,72 +135,79 @@ def test_seeded_burst_leaves_both_servers_alive(pair: Pair):
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, f"{len(errors)} of 24 failed: {errors[:3]}"
     assert all(len(r.choices) == 8 for r in results)
-    assert pair.a.healthy() and pair.b.healthy(), took
-    for s in (pair.a, pair.b):
+    assert cluster.a.healthy() and cluster.b.healthy(), took
+    for s in (cluster.a, cluster.b):
         assert "CPU Generator does not use offset" not in s.log.read_text(errors="replace")
-    assert "is down" not in _log(pair)
-    status, body = _health(pair)
+    assert "is down" not in _log(cluster)
+    status, body = _health(cluster)
     assert status == 200 and body["status"] == "ok", body
 
 
 # ---------------------------------------------------------------- a server dies
 
 
-def test_a_killed_server_is_marked_down_and_its_members_reported(pair: Pair):
-    b = pair.b
+def test_a_killed_server_is_marked_down_and_its_members_reported(cluster: Cluster):
+    b = cluster.b
     b.kill()
     # the monitor notices without any traffic
-    took = _wait_for("B marked down", lambda: f"remote vLLM server {b.url} is down" in _log(pair), DOWN_WITHIN, pair)
+    took = _wait_for(
+        "B marked down", lambda: f"remote vLLM server {b.url} is down" in _log(cluster), DOWN_WITHIN, cluster
+    )
     print(f"B marked down {took:.1f} s after the kill")
 
     # a member of B: 503 member_unavailable naming its server; a member of A still answers
-    r = _member(pair, "m04")
+    r = _member(cluster, "m04")
     assert r.status_code == 503, r.text
     err = r.json()["error"]
     assert err["code"] == "member_unavailable" and "m04" in err["message"] and b.url in err["message"]
     assert int(r.headers["retry-after"]) >= 1
-    assert _member(pair, "m01").status_code == 200
+    assert _member(cluster, "m01").status_code == 200
 
     # what the service reports (/health, the ensemble object, /metrics)
-    status, body = _health(pair)
+    status, body = _health(cluster)
     assert body["status"] == "degraded", body
     assert _find_list(body, MEMBERS[4:]), body
-    ens = _ensemble(pair)
+    ens = _ensemble(cluster)
     assert ens["unavailable"] == MEMBERS[4:]
     assert ens["members"] and not set(ens["members"]) & set(MEMBERS[4:])
-    assert _gauge(pair, "ensemble_member_available", member="m04") == 0
-    assert _gauge(pair, "ensemble_member_available", member="m00") == 1
-    assert _gauge(pair, "ensemble_remote_server_up", server=b.url) == 0
-    assert _gauge(pair, "ensemble_remote_server_up", server=pair.a.url) == 1
-    assert pair.a.healthy() and pair.ensemble.proc.poll() is None
+    assert _gauge(cluster, "ensemble_member_available", member="m04") == 0
+    assert _gauge(cluster, "ensemble_member_available", member="m00") == 1
+    assert _gauge(cluster, "ensemble_remote_server_up", server=b.url) == 0
+    assert _gauge(cluster, "ensemble_remote_server_up", server=cluster.a.url) == 1
+    assert cluster.a.healthy() and cluster.ensemble.proc.poll() is None
 
 
-def test_a_restarted_server_is_rediscovered(pair: Pair):
-    assert not pair.b.healthy()
-    b = pair.restart_b()
+def test_a_restarted_server_is_rediscovered(cluster: Cluster):
+    assert not cluster.b.healthy()
+    b = cluster.restart_b()
     wait_healthy([b])
-    took = _wait_for("B up again", lambda: f"remote vLLM server {b.url} is up again" in _log(pair), BACK_WITHIN, pair)
+    took = _wait_for(
+        "B up again", lambda: f"remote vLLM server {b.url} is up again" in _log(cluster), BACK_WITHIN, cluster
+    )
     print(f"B up again {took:.1f} s after it answered /health")
-    assert re.search(rf"{re.escape(b.url)} is up again; it serves m04, m05, m06, m07", _log(pair))
+    assert re.search(rf"{re.escape(b.url)} is up again; it serves m04, m05, m06, m07", _log(cluster))
 
-    r = _member(pair, "m04")
+    r = _member(cluster, "m04")
     assert r.status_code == 200, r.text
-    status, body = _health(pair)
+    status, body = _health(cluster)
     assert status == 200 and body["status"] == "ok", body
-    ens = _ensemble(pair)
+    ens = _ensemble(cluster)
     assert ens["members"] == MEMBERS and not ens.get("unavailable")
-    assert _gauge(pair, "ensemble_member_available", member="m04") == 1
-    assert _gauge(pair, "ensemble_remote_server_up", server=b.url) == 1
+    assert _gauge(cluster, "ensemble_member_available", member="m04") == 1
+    assert _gauge(cluster, "ensemble_remote_server_up", server=b.url) == 1
 
 
-def test_openai_client_sees_the_503(pair: Pair):
+def test_openai_client_sees_the_503(cluster: Cluster):
     """Last: kill B again and check the error as the `openai` client raises it."""
-    pair.b.kill()
+    cluster.b.kill()
     _wait_for(
-        "B down again", lambda: _log(pair).count(f"remote vLLM server {pair.b.url} is down") >= 2, DOWN_WITHIN, pair
+        "B down again",
+        lambda: _log(cluster).count(f"remote vLLM server {cluster.b.url} is down") >= 2,
+        DOWN_WITHIN,
+        cluster,
     )
     with pytest.raises(openai.APIStatusError) as e:
-        pair.ensemble.client().chat.completions.create(
+        cluster.ensemble.client().chat.completions.create(
             model="m06", messages=[{"role": "user", "content": PROBLEM}], max_tokens=8
         )
     assert e.value.status_code == 503 and e.value.code == "member_unavailable"

@@ -15,23 +15,13 @@ import time
 
 import psutil
 import pytest
-from server_harness import copy_embedded, metric, start_server
-from soak import run_soak
 
-pytestmark = pytest.mark.slow
+from ensemble_serve.testing.servers import metric
+from ensemble_serve.testing.soak import run_soak
+
+pytestmark = pytest.mark.engine
 
 MEMBERS = [f"m0{i}" for i in range(8)]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("soak")
-    population = copy_embedded(root)
-    srv = start_server(
-        population, root / "server.log", "--served-model-name", "sandbox-ensemble", "--no-watch", api_key=None
-    )
-    yield srv
-    srv.stop()
 
 
 def test_300_mixed_requests_at_concurrency_32(server):

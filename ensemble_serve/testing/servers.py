@@ -1,7 +1,6 @@
 """Servers in subprocesses, for end-to-end tests and benchmarks: `ensemble-serve up` and vLLM's own OpenAI server.
 
-One helper for both: tests import it (pytest puts tests/ on sys.path) and the scripts in bench/
-put tests/ on sys.path to import it. Every server is `launch`ed in its own process group (its
+One helper for both: tests and the scripts in bench/ import it as `ensemble_serve.testing.servers`. Every server is `launch`ed in its own process group (its
 own session) with its output in a log file, and `wait_healthy` waits until its `GET /health`
 answers 200 (recording `started_s`); one that exits first, or does not come up in time, fails
 with the error lines of its log and its tail. `Server.stop` sends SIGTERM (SIGKILL after a
@@ -31,7 +30,7 @@ import httpx
 from ensemble_serve.shared.embedded import EMBEDDED_POPULATION, EMBEDDED_SUBSTRATE
 from ensemble_serve.shared.population import prune_unreferenced, read_manifest, write_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (the harness runs from a checkout)
 API_KEY = "test-key-123"
 VLLM_KEY = "remote-key-456"  # the vLLM servers' --api-key: ensemble-serve must send it (--remote-api-key)
 VLLM_START_TIMEOUT = 420.0  # two vLLM servers start at once on 2 shared cores: about 60 s idle, 4 min under load
