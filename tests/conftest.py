@@ -58,6 +58,26 @@ def tiny_population(tiny_substrate: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="session")
+def tiny_engine(tiny_population: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One vLLM engine on the tiny substrate for the in-process evolve and curriculum runs (`engine=`).
+
+    They evolve copies of `tiny_population`; the engine loads private snapshots of the adapters it is
+    given, so a copy deleted after its test cannot pull files from under it.
+    """
+    from ensemble_serve.shared.engine_config import EngineConfig
+    from ensemble_serve.shared.offline_engine import OfflineEngine
+    from ensemble_serve.shared.population import load_population
+
+    engine = OfflineEngine(
+        load_population(tiny_population),
+        EngineConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=8, max_num_seqs=64),
+        snapshot_root=tmp_path_factory.mktemp("tiny-engine-snapshots"),
+    )
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="session")
 def realshape():
     """The real-shaped Qwen2 test model and its three PEFT adapters (trainer/testing/realshape.py).
 

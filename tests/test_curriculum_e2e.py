@@ -121,18 +121,10 @@ def test_curriculum_run_killed_and_resumed_ends_byte_identical(tiny_population: 
         assert (run / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_population: Path):
-    """One engine for the in-process runs below (they evolve copies of the same population)."""
-    from ensemble_serve.shared.engine_config import EngineConfig
-    from ensemble_serve.shared.offline_engine import OfflineEngine
-
-    eng = OfflineEngine(
-        load_population(tiny_population),
-        EngineConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=8, gpu_memory_utilization=0.1, max_num_seqs=64),
-    )
-    yield eng
-    del eng
+@pytest.fixture()
+def engine(tiny_engine):
+    """The session's engine on the tiny substrate (tests/conftest.py): the runs below evolve copies of it."""
+    return tiny_engine
 
 
 def _run(tiny_population: Path, out: Path, engine, **overrides):

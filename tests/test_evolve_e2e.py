@@ -170,7 +170,7 @@ def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, dat
     assert (run / "report" / "lineage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sandbox_run_with_hidden_labels(tiny_population: Path, tmp_path: Path):
+def test_sandbox_run_with_hidden_labels(tiny_population: Path, tiny_engine, tmp_path: Path):
     from trainer.evolve.config import EvolveConfig
     from trainer.evolve.loop import run_evolve
 
@@ -194,7 +194,7 @@ def test_sandbox_run_with_hidden_labels(tiny_population: Path, tmp_path: Path):
         domains=("add", "sort"),
         tensorboard=tmp_path / "tb",
     )
-    root, records = run_evolve(cfg, progress=False)
+    root, records = run_evolve(cfg, progress=False, engine=tiny_engine)
     assert [r["generation"] for r in records] == [0, 1]
     rec = records[-1]
     assert rec["labels"] == "hidden"

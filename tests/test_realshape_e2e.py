@@ -13,6 +13,7 @@ Slow: builds the model once (a few minutes, then cached) and starts vLLM several
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -25,6 +26,8 @@ import openai
 import pytest
 from test_evolve_e2e import SMALL
 
+from ensemble_serve.shared.cliutil import load_config
+from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
 from ensemble_serve.testing.servers import (
     VLLM_KEY,
@@ -37,6 +40,10 @@ from ensemble_serve.testing.servers import (
     vllm_command,
     wait_healthy,
 )
+from trainer.calibration.command import CalibrateConfig, run_calibrate
+from trainer.evaluate import EvalConfig, run_eval
+from trainer.router.command import run_router
+from trainer.router.config import RouterCommandConfig
 from trainer.tasks.sandbox import generate_problems
 
 # the first test also builds the model when .cache/ has none (a few minutes), inside its setup
@@ -81,27 +88,21 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def population(realshape, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`ensemble-train import`, then eval, router and calibrate on the JSONL file, as the README shows."""
+    """`ensemble-train import` (the CLI), then eval, router and calibrate on the JSONL file with the settings the
+    README's commands give, run in-process on one engine (`engine=`: the commands' own CLIs are tested elsewhere)."""
     pop = tmp_path_factory.mktemp("realshape") / "pop"
     out = _cli("import", "--model", str(realshape.base), "--lora-modules", *_modules(realshape), "--out", str(pop))
     assert "3 members" in out
-    _cli("eval", "--population", str(pop), "--data", str(data), "--update-manifest", "--max-tokens", "48")
-    _cli(
-        "router",
-        "--population",
-        str(pop),
-        "--data",
-        str(data),
-        "--steps",
-        "40",
-        "--heldout-per-domain",
-        "4",
-        "--max-tokens",
-        "48",
-        "--top-k",
-        "2",
-    )
-    _cli("calibrate", "--population", str(pop), "--data", str(data), "--max-tokens", "48")
+    common = {"population": pop, "data": data, "max_tokens": 48}
+    engine = OfflineEngine(load_population(pop), snapshot_root=tmp_path_factory.mktemp("snapshots"))
+    try:
+        run_eval(load_config(EvalConfig, None, common), update_manifest=True, engine=engine)
+        router_cfg = {**common, "steps": 40, "heldout_per_domain": 4, "top_k": 2}
+        run_router(load_config(RouterCommandConfig, None, router_cfg), progress=False, engine=engine)
+        run_calibrate(load_config(CalibrateConfig, None, common), engine=engine)
+    finally:
+        del engine
+        gc.collect()
     return pop
 
 

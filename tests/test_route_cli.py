@@ -263,7 +263,7 @@ def _copy_population(src: Path, dst: Path) -> Path:
 
 @pytest.mark.engine
 def test_router_command_trains_evaluates_and_installs(
-    tiny_population: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_population: Path, tiny_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import trainer.router.command as route
 
@@ -310,7 +310,7 @@ def test_router_command_trains_evaluates_and_installs(
         gpu_memory_utilization=0.1,
         out=tmp_path / "real.json",
     )
-    result = route.run_router(cfg, progress=False)
+    result = route.run_router(cfg, progress=False, engine=tiny_engine)  # the session's engine (tests/conftest.py)
     table = route.format_report(result)
     print(table)  # the figures of this run (pytest -s shows them)
 

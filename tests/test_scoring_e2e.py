@@ -36,19 +36,10 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_population: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One engine for every command below; private adapter snapshots, as the populations are copies."""
-    from ensemble_serve.shared.engine_config import EngineConfig
-    from ensemble_serve.shared.offline_engine import OfflineEngine
-
-    eng = OfflineEngine(
-        load_population(tiny_population),
-        EngineConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=8, gpu_memory_utilization=0.1, max_num_seqs=64),
-        snapshot_root=tmp_path_factory.mktemp("engine-adapters"),
-    )
-    yield eng
-    del eng
+@pytest.fixture()
+def engine(tiny_engine):
+    """The session's engine on the tiny substrate (tests/conftest.py), with private adapter snapshots."""
+    return tiny_engine
 
 
 def test_eval_and_the_held_out_evaluation_agree_on_one_engine(engine, tiny_population: Path, tmp_path: Path) -> None:

