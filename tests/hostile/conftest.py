@@ -4,7 +4,7 @@
 2. `test_robustness_e2e.py`: hostile answer patterns, empty and token-id prompts, an oversized body,
    a deadline;
 3. `test_soak_e2e.py`: 300 mixed requests at concurrency 32 after a warm-up;
-4. `test_shutdown_e2e.py`: SIGTERM with requests in flight drains within the grace and exits 0 (last: it
+4. `test_termination_e2e.py` (last, by name): SIGTERM with requests in flight drains within the grace and exits 0 (last: it
    ends the server), and a second SIGTERM exits at once (a server of its own, with a long grace).
 
 Each module's tests assume only that the server answers, not a fresh one: what they check (no 5xx,
