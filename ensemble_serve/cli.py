@@ -51,7 +51,9 @@ def up(config_file: Path | None, **overrides: Any) -> None:
         try:
             population = load_population(cfg.population_dir)  # fail fast, before the engine starts
             if not cfg.remote and on_cpu():
-                size_context(population, cfg.engine_config())  # a context that cannot fit: one line, no trace
+                size_context(
+                    population.base_model_path, cfg.engine_config()
+                )  # a context that cannot fit: one line, no trace
         except (PopulationError, ContextSizeError) as e:
             raise click.ClickException(str(e)) from None
         _serve(cfg)

@@ -275,6 +275,17 @@ def test_natural_missing_and_malformed():
     assert extract_answer("work\n#### ", "natural").status == "malformed"  # a broken marker stays broken
 
 
+def test_a_chain_cut_off_by_its_token_limit_counts_only_with_a_marker():
+    from ensemble_serve.shared.voting import candidate_from_text
+
+    cut = candidate_from_text("m0", 0, "So the total is 12", 8, "natural", finished=False)
+    assert (cut.status, cut.answer, cut.valid) == ("missing", None, False)  # never a vote for a half-written 12(0)
+    marked = candidate_from_text("m0", 0, "step\n#### 5", 8, "natural", finished=False)
+    assert (marked.status, marked.answer) == ("ok", "5")
+    done = candidate_from_text("m0", 0, "So the total is 12.", 8, "natural", finished=True)
+    assert (done.status, done.answer) == ("ok", "12")
+
+
 def test_natural_agrees_with_auto_wherever_auto_finds_a_marker():
     for text in ("a\n#### 7", r"\boxed{x+1}", "#### 12 13", "the answer is 3, so \\boxed{4}"):
         assert extract_answer(text, "natural") == extract_answer(text, "auto")

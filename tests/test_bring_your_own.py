@@ -175,6 +175,55 @@ def test_an_adapter_for_another_base_by_name_is_refused_naming_it(made: dict[str
         import_adapters(made["base"], [AdapterSpec("qv4", made["qv4"], "x/Other")], tmp_path / "pop2")
 
 
+def test_the_same_model_under_another_folder_name_is_recognised_by_its_weights(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    """An adapter that names a local folder is checked by what that folder holds, not by its name: the same
+    weights elsewhere pass; a model of the same shapes but other weights (another checkpoint) is refused."""
+    import shutil
+
+    copy = tmp_path / "served-from-here"
+    shutil.copytree(made["base"], copy)
+    local = _rewrite(made["qv4"], tmp_path / "local", base_model_name_or_path=str(made["base"]))
+    import_adapters(copy, [AdapterSpec("local", local)], tmp_path / "pop")
+    sibling = _base(tmp_path / "Tiny-Qwen2-retrained")  # the same shapes, other weights
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(Qwen2ForCausalLM.from_pretrained(sibling).config).save_pretrained(sibling)
+    other = _rewrite(made["qv4"], tmp_path / "other", base_model_name_or_path=str(sibling))
+    with pytest.raises(PopulationError, match="nothing shows that it is the same model"):
+        import_adapters(copy, [AdapterSpec("other", other)], tmp_path / "pop2")
+
+
+def test_a_member_offered_to_its_base_under_another_name_passes_by_the_manifests_fingerprint(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    """Members of a population directory name its base (`sandbox-substrate`); served on that base from a folder
+    named otherwise, the manifest's fingerprint of the base says it is the same model. Another base is refused."""
+    pop = import_adapters(made["base"], [AdapterSpec("m00", made["qv4"])], tmp_path / "pop")
+    member = pop.member_dir("m00")
+    cfg = json.loads((member / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == pop.manifest.base_model.name == "Tiny-Qwen2"
+    import shutil
+
+    renamed = tmp_path / "weights-as-served"
+    shutil.copytree(made["base"], renamed)
+    import_adapters(renamed, [AdapterSpec("m00", member)], tmp_path / "again")
+    with pytest.raises(PopulationError, match="was trained on 'Tiny-Qwen2'"):
+        import_adapters(made["other"], [AdapterSpec("m00", member)], tmp_path / "elsewhere")
+
+
+def test_a_converted_model_answers_to_its_source_files_name(made: dict[str, Path], tmp_path: Path) -> None:
+    """A base made by `ensemble-train base --from-gguf` records its source; an adapter trained on the original
+    (by its hub name) is recognised on the converted folder, whatever the folder is called."""
+    import shutil
+
+    converted = tmp_path / "converted"
+    shutil.copytree(made["base"], converted)
+    (converted / "source.json").write_text(json.dumps({"format": "gguf", "file": "Tiny-Qwen2-Chat.Q4_1.gguf"}))
+    hub = _rewrite(made["qv4"], tmp_path / "hub", base_model_name_or_path="someorg/Tiny-Qwen2-Chat")
+    import_adapters(converted, [AdapterSpec("hub", hub)], tmp_path / "pop")
+
+
 def test_an_adapter_for_another_base_by_shape_is_refused_naming_it(made: dict[str, Path], tmp_path: Path) -> None:
     silent = _rewrite(made["foreign"], tmp_path / "silent", base_model_name_or_path=None)
     with pytest.raises(PopulationError, match=r"adapter 'silent': module .*q_proj.* made for another base"):

@@ -70,3 +70,54 @@ def test_eval_on_a_missing_population_is_a_clear_error(tmp_path: Path):
     result = CliRunner().invoke(main, ["eval", "--population", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert "nope: population directory not found" in result.output
+
+
+def test_tasks_writes_problems_a_command_can_read(tmp_path: Path):
+    from trainer.tasks.sandbox import load_jsonl, verify
+
+    out = tmp_path / "natural.jsonl"
+    result = CliRunner().invoke(main, ["tasks", "-n", "16", "--split", "heldout", "--seed", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    problems = load_jsonl(out)
+    assert len(problems) == 16 and all(verify(p, p.chain, "natural").correct for p in problems)
+    again = tmp_path / "again.jsonl"
+    CliRunner().invoke(main, ["tasks", "-n", "16", "--split", "heldout", "--seed", "4", "--out", str(again)])
+    assert again.read_bytes() == out.read_bytes()  # seeded
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--families", "nope"], "unknown family 'nope'"),
+        (["--levels", "9"], "levels must be distinct values"),
+        (["--levels", "x"], "invalid literal"),
+        (["-n", "0"], "0 is not in the range"),
+        (["--kind", "sandbox", "--families", "word_add"], "unknown domain 'word_add'"),
+    ],
+)
+def test_tasks_refuses_bad_settings(tmp_path: Path, args: list[str], words: str):
+    out = tmp_path / "x.jsonl"
+    result = CliRunner().invoke(main, ["tasks", *args, "--out", str(out)])
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ([], "give one of --from-gguf FILE or --embedded-real"),
+        (["--from-gguf", "x.gguf", "--embedded-real"], "give one of"),
+    ],
+)
+def test_base_needs_one_source(args: list[str], words: str):
+    result = CliRunner().invoke(main, ["base", *args])
+    assert result.exit_code == 2 and words in result.output
+
+
+def test_base_refuses_a_file_that_is_not_a_gguf_and_writes_nothing(tmp_path: Path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a model at all")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["base", "--from-gguf", str(bad), "--out", str(out)])
+    assert result.exit_code == 1 and "not a GGUF file" in result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]

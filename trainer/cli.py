@@ -29,6 +29,8 @@ from trainer.router.config import RouterCommandConfig
 from trainer.study import ablate as ablation
 from trainer.study.ablate.config import AblateConfig
 from trainer.study.report import ReportError, load_records, summary_table, write_report
+from trainer.tasks.natural import natural_problems
+from trainer.tasks.sandbox import generate_problems, save_jsonl
 
 
 def _load(model: type[BaseModel], config_file: Path | None, overrides: dict[str, Any]) -> Any:
@@ -80,6 +82,40 @@ def init(config_file: Path | None, **overrides: Any) -> None:
         click.echo(
             f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, dropout {m.info['dropout']}, lr {m.info['lr']}, focus {m.info['focus_domain']}"
         )
+
+
+@main.command()
+@click.option(
+    "--kind",
+    type=click.Choice(["natural", "sandbox"]),
+    default="natural",
+    show_default=True,
+    help="natural: word problems, comparisons, sorting and notes questions for real instruct models; "
+    "sandbox: the toy model's compact families.",
+)
+@click.option("--families", default=None, help="Comma-separated families (default: all of the kind).")
+@click.option("--levels", default="1,2,3,4", show_default=True, help="Comma-separated difficulty levels.")
+@click.option("--split", type=click.Choice(["train", "heldout"]), default="train", show_default=True)
+@click.option("-n", "count", type=click.IntRange(min=1), default=200, show_default=True, help="How many problems.")
+@click.option("--seed", default="0", show_default=True, help="The stream's seed (an integer or a string).")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="The JSONL file to write.")
+def tasks(kind: str, families: str | None, levels: str, split: str, count: int, seed: str, out: Path) -> None:
+    """Write seeded, verifiable problems as JSONL (prompt, answer, chain, domain, difficulty).
+
+    The file goes wherever a command takes `--data`: `init` trains members on its chains (targets), `eval`,
+    `router`, `calibrate` and `evolve` score on its answers. Train and held-out never share a prompt.
+    """
+    names = [f.strip() for f in families.split(",") if f.strip()] if families else None
+    try:
+        level_list = [int(x) for x in levels.split(",") if x.strip()]
+        if kind == "natural":
+            problems = natural_problems(count, seed, split, names, level_list)
+        else:
+            problems = generate_problems(count, seed, split, names, level_list)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    save_jsonl(problems, out)
+    click.echo(f"{out}: {len(problems)} {split} problems ({kind}; {', '.join(sorted({p.domain for p in problems}))})")
 
 
 @main.command()

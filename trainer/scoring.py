@@ -72,7 +72,8 @@ def greedy_candidates(
     outputs = engine.generate([chat[i] for _, i in pairs], [m for m, _ in pairs], params, progress=progress)
     cands: dict[str | None, list[Candidate]] = {m: [] for m in members}
     for (m, _), gens in zip(pairs, outputs):
-        cands[m].append(candidate_from_text(member_name(m), 0, gens[0].text, gens[0].tokens, answer))
+        done = gens[0].finish_reason != "length"
+        cands[m].append(candidate_from_text(member_name(m), 0, gens[0].text, gens[0].tokens, answer, finished=done))
     return cands
 
 

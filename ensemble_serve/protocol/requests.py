@@ -141,8 +141,9 @@ class EnsembleOptions(_Strict):
     samples_per_member: int = Field(1, ge=1, le=MAX_SAMPLES_PER_MEMBER)
     vote: str = "majority"
     """One of :data:`VOTE_RULES`."""
-    answer: str | dict[str, Any] = "auto"
-    """An answer mode or ``{"regex": PATTERN}`` (see ``ensemble_serve.shared.voting.answers``)."""
+    answer: str | dict[str, Any] = "natural"
+    """An answer mode or ``{"regex": PATTERN}`` (see ``ensemble_serve.shared.voting.answers``); `natural` reads
+    marked answers as `auto` does, and what a natural reply states otherwise."""
     early_stop: bool = False
     return_chains: bool = False
     mode: Literal["vote", "mixture"] = "vote"

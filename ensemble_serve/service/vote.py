@@ -82,7 +82,8 @@ class Voting:
     def candidate(c: Chain, opts: EnsembleOptions) -> Candidate:
         if c.error is not None or c.stopped:
             return Candidate(c.member, c.sample, c.text, None, "failed", c.tokens)
-        return candidate_from_text(c.member, c.sample, c.text, c.tokens, opts.answer, c.mean_logprob)
+        finished = c.finish_reason != "length"
+        return candidate_from_text(c.member, c.sample, c.text, c.tokens, opts.answer, c.mean_logprob, finished)
 
     async def vote(
         self,

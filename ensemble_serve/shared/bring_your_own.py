@@ -33,7 +33,13 @@ from safetensors import safe_open
 
 from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS
 from ensemble_serve.shared.population.commit import create_population
-from ensemble_serve.shared.population.load import Population, PopulationError, pickle_files
+from ensemble_serve.shared.population.load import (
+    Population,
+    PopulationError,
+    fingerprint_model_dir,
+    pickle_files,
+    read_manifest,
+)
 from ensemble_serve.shared.population.manifest import (
     ADAPTER_CONFIG,
     ADAPTER_FILES,
@@ -143,7 +149,23 @@ def read_base_shapes(folder: str | os.PathLike[str]) -> BaseShapes:
     names = {folder.name, str(folder), str(folder.resolve())}
     if isinstance(cfg, dict) and isinstance(cfg.get("_name_or_path"), str) and cfg["_name_or_path"]:
         names.add(cfg["_name_or_path"])
+    names |= _source_names(folder)
     return BaseShapes(folder=folder, names=frozenset(names), shapes=shapes)
+
+
+def _source_names(folder: Path) -> set[str]:
+    """The names a converted model recorded of its source (`source.json` of `ensemble-train base --from-gguf`):
+    the file's name and stem, and the stem without its quantization (`SmolLM2-135M-Instruct.Q4_1.gguf` ->
+    `SmolLM2-135M-Instruct`), which is what an adapter trained on the original names."""
+    try:
+        source = json.loads((folder / "source.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(source, dict) or not isinstance(source.get("file"), str):
+        return set()
+    file = source["file"]
+    stem = PurePath(file).stem
+    return {file, stem, stem.split(".")[0]} - {""}
 
 
 def _same_name(claimed: str, base: BaseShapes) -> bool:
@@ -156,6 +178,43 @@ def _same_name(claimed: str, base: BaseShapes) -> bool:
         return True
     tail = PurePath(claimed.rstrip("/")).name.lower()
     return bool(tail) and any(PurePath(n.rstrip("/")).name.lower() == tail for n in base.names)
+
+
+def _same_model(claimed: str, adapter: Path, base: BaseShapes) -> bool:
+    """Whether a base named otherwise is the same model, by what identifies it rather than by its name:
+
+    - the name is a local model folder whose weights are the base's (the same sha256 fingerprint);
+    - the adapter is a member of a population directory whose manifest names that base with the base's
+      fingerprint (a member offered to its base served from a folder of another name).
+
+    Any other name is another model's as far as can be told: refused, unless --ignore-base-name.
+    """
+    mine = None
+
+    def base_fingerprint() -> str | None:
+        nonlocal mine
+        if mine is None:
+            try:
+                mine = fingerprint_model_dir(base.folder)
+            except PopulationError:
+                mine = ""
+        return mine or None
+
+    p = Path(claimed).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            return fingerprint_model_dir(p) == base_fingerprint()
+        except PopulationError:
+            return False
+    for root in (adapter.parent, adapter.parent.parent):  # members/<name> inside a population directory
+        try:
+            manifest = read_manifest(root)
+        except (PopulationError, OSError, ValueError):
+            continue
+        ref = manifest.base_model
+        if ref.name == claimed and ref.sha256 is not None:
+            return ref.sha256 == base_fingerprint()
+    return False
 
 
 def _read_adapter_config(spec: AdapterSpec) -> dict[str, Any]:
@@ -207,11 +266,12 @@ def check_adapter(spec: AdapterSpec, base: BaseShapes, *, ignore_base_name: bool
             )
         raise PopulationError(f"adapter {spec.name!r}: {weights} not found")
     claimed = spec.base_model_name or cfg.get("base_model_name_or_path")
-    if claimed and not ignore_base_name and not _same_name(claimed, base):
+    if claimed and not ignore_base_name and not _same_name(claimed, base) and not _same_model(claimed, spec.path, base):
         raise PopulationError(
             f"adapter {spec.name!r} was trained on {claimed!r}, not on the base {base.folder.name!r} "
-            "(its base_model_name_or_path); if it is the same model under another name, pass --ignore-base-name "
-            "(shapes are still checked)"
+            "(its base_model_name_or_path, and nothing shows that it is the same model: neither a folder with "
+            "the same weights nor a population whose manifest records them); if it is the same model under "
+            "another name, pass --ignore-base-name (shapes are still checked)"
         )
     targets = cfg.get("target_modules")
     if isinstance(targets, str):
@@ -324,7 +384,7 @@ def import_adapters(
         }
         members.append(Member(name=s.name, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), info=info))
     manifest = Manifest(
-        base_model=BaseModelRef(name=name, path=str(base_path)),
+        base_model=BaseModelRef(name=name, path=str(base_path), sha256=fingerprint_model_dir(base)),
         generation=0,
         members=members,
         created_at=_now(),

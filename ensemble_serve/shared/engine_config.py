@@ -93,7 +93,7 @@ def engine_kwargs(population: Population, cfg: EngineConfig) -> dict[str, Any]:
     if cfg.kv_cache_memory_bytes:
         kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
     if on_cpu():
-        sizing = size_context(population, cfg)
+        sizing = size_context(population.base_model_path, cfg)
         if sizing.message:
             log.warning(sizing.message)
         kw["kv_cache_memory_bytes"] = sizing.kv_cache_bytes
@@ -159,7 +159,7 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
-def size_context(population: Population, cfg: EngineConfig) -> ContextSizing:
+def size_context(model_dir: str | Path | None, cfg: EngineConfig) -> ContextSizing:
     """On the CPU: the KV cache (`--kv-cache-memory-bytes`, default 1 GiB) and the context length it holds.
 
     vLLM's CPU backend otherwise sizes the cache as a fraction of the machine's memory minus what the
@@ -169,7 +169,7 @@ def size_context(population: Population, cfg: EngineConfig) -> ContextSizing:
     fit is refused with a ContextSizeError that names a value that fits and the cache size it would need.
     """
     kv = cfg.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
-    config_file = Path(population.base_model_path or "") / "config.json"
+    config_file = Path(model_dir or "") / "config.json"
     try:
         config = json.loads(config_file.read_text())
         per_token = kv_bytes_per_token(config, 4 if _dtype(cfg.dtype) == "float32" else 2)

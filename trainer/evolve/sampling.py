@@ -50,5 +50,8 @@ def self_play(
     outputs = engine.generate(prompts, owners, params, progress=progress)
     cands: dict[str, list[list[Candidate]]] = {m: [[] for _ in problems] for m in members}
     for (m, i), gens in zip(index, outputs):
-        cands[m][i] = [candidate_from_text(m, s, g.text, g.tokens, cfg.answer) for s, g in enumerate(gens)]
+        cands[m][i] = [
+            candidate_from_text(m, s, g.text, g.tokens, cfg.answer, finished=g.finish_reason != "length")
+            for s, g in enumerate(gens)
+        ]
     return cands

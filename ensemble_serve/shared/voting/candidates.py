@@ -66,7 +66,14 @@ def candidate_from_text(
     tokens: int,
     spec: AnswerSpec,
     mean_logprob: float | None = None,
+    finished: bool = True,
 ) -> Candidate:
-    """A candidate for a finished chain, its answer extracted from `text` with the extractor `spec`."""
+    """A candidate for a chain, its answer extracted from `text` with the extractor `spec`.
+
+    A chain cut off by its token limit (`finished` False) states no final answer of its own: under
+    `natural`, only what `auto` reads (a marker or "the answer is") counts there, not its last number.
+    """
+    if not finished and spec == "natural":
+        spec = "auto"
     ex = extract_answer(text, spec)
     return Candidate(member, sample, text, ex.value, ex.status, tokens, mean_logprob)
