@@ -161,10 +161,12 @@ def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, dat
     assert code == 0 and load_population(run).manifest.generation == 3
 
     # the report
-    report = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "report", str(run)], cwd=ROOT, capture_output=True, text=True
-    )
-    assert report.returncode == 0, report.stderr
+    from click.testing import CliRunner
+
+    from trainer.cli import main as train_main
+
+    report = CliRunner().invoke(train_main, ["report", str(run)])  # in-process: no engine, no second interpreter
+    assert report.exit_code == 0, report.output
     html = (run / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4
     assert (run / "report" / "lineage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,7 +25,7 @@ from ensemble_serve.testing.servers import ROOT
 pytestmark = pytest.mark.engine
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
-FUZZ_SECONDS = int(os.environ.get("FUZZ_SECONDS", "150"))
+FUZZ_SECONDS = int(os.environ.get("FUZZ_SECONDS", "90"))
 SEED = 20261201
 
 
