@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS
+from ensemble_serve.shared.engine_config import smallest_vllm_rank
 from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import Population
 
@@ -24,11 +24,10 @@ class EngineMismatch(ValueError):
 
 def vllm_lora_rank(biggest: int, child_rank: int | None = None) -> int:
     """The smallest rank vLLM accepts that fits the largest member and the children's rank."""
-    need = max(biggest, child_rank or 0)
-    for r in VLLM_LORA_RANKS:
-        if r >= need:
-            return r
-    raise EngineMismatch(f"LoRA rank {need} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+    try:
+        return smallest_vllm_rank(max(biggest, child_rank or 0))
+    except ValueError as e:
+        raise EngineMismatch(str(e)) from None
 
 
 def population_lora_rank(population: Population, child_rank: int | None = None) -> int:

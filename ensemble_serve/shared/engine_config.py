@@ -53,12 +53,16 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="Sequences scheduled per step.")
 
 
-def default_lora_rank(population: Population) -> int:
-    biggest = max(m.rank for m in population.manifest.members)
+def smallest_vllm_rank(need: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds adapters of rank `need`; ValueError above its largest."""
     for r in VLLM_LORA_RANKS:
-        if r >= biggest:
+        if r >= need:
             return r
-    raise ValueError(f"member rank {biggest} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+    raise ValueError(f"LoRA rank {need} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
+def default_lora_rank(population: Population) -> int:
+    return smallest_vllm_rank(max(m.rank for m in population.manifest.members))
 
 
 def engine_kwargs(population: Population, cfg: EngineConfig) -> dict[str, Any]:
