@@ -4,8 +4,9 @@ The server is the real one (vLLM CPU engine, embedded ensemble). schemathesis re
 the server publishes, generates valid and invalid requests for every operation, and checks each
 answer: no 5xx, statuses, content types and bodies as documented, valid data accepted, invalid data
 rejected. Its settings are in tests/fuzz/schemathesis.toml and its hooks in tests/fuzz_hooks.py
-(both say why). Bounded: FUZZ_EXAMPLES examples per operation, generated deterministically from a
-fixed seed, and FUZZ_SECONDS in all. Afterwards the server must still answer a good request. The
+(both say why). Bounded: FUZZ_EXAMPLES examples per operation, generated from a
+fixed seed (schemathesis' --generation-deterministic mode was tried: its coverage phase hit an internal
+hypothesis error, "AST constructor recursion depth mismatch", on one run of three), and FUZZ_SECONDS in all. Afterwards the server must still answer a good request. The
 server is the package's (tests/hostile/conftest.py).
 """
 
@@ -47,7 +48,6 @@ def test_schemathesis_finds_nothing_and_the_server_still_answers(server, tmp_pat
         *(["--header", f"Authorization: Bearer {server.api_key}"] if server.api_key else []),
         "--max-examples",
         str(FUZZ_EXAMPLES),
-        "--generation-deterministic",
         "--max-time",
         str(FUZZ_SECONDS),
         "--seed",
