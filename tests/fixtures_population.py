@@ -97,3 +97,17 @@ def logits_with_adapter(base_dir: Path, adapter_dir: Path | None) -> Any:
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def copy_population(src: Path, dst: Path) -> Path:
+    """A copy of a population directory whose relative base-model path still points at the same base."""
+    import os
+
+    from ensemble_serve.shared.population import read_manifest, write_manifest
+
+    shutil.copytree(src, dst)
+    manifest = read_manifest(dst)
+    base = (src / manifest.base_model.path).resolve()
+    ref = manifest.base_model.model_copy(update={"path": os.path.relpath(base, dst)})
+    write_manifest(dst, manifest.model_copy(update={"base_model": ref}))
+    return dst

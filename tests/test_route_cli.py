@@ -6,8 +6,6 @@ The fast tests need no engine; the one slow test starts vLLM once (about 40 s on
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from fixtures_population import copy_population
 from pydantic import ValidationError
 
 from ensemble_serve.shared.cliutil import load_config
@@ -251,23 +250,13 @@ def test_install_refuses_a_router_for_other_members(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- one real run
 
 
-def _copy_population(src: Path, dst: Path) -> Path:
-    """Copy a population and point its relative base-model path at the same base from the new place."""
-    shutil.copytree(src, dst)
-    manifest = read_manifest(dst)
-    base = (src / manifest.base_model.path).resolve()
-    ref = manifest.base_model.model_copy(update={"path": os.path.relpath(base, dst)})
-    write_manifest(dst, manifest.model_copy(update={"base_model": ref}))
-    return dst
-
-
 @pytest.mark.engine
 def test_router_command_trains_evaluates_and_installs(
     tiny_population: Path, tiny_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import trainer.router.command as route
 
-    pop = _copy_population(tiny_population, tmp_path / "pop")
+    pop = copy_population(tiny_population, tmp_path / "pop")
     names = read_manifest(pop).names
     assert names == MEMBERS
     small = ["--per-domain", "4", "--heldout-per-domain", "2", "--domains", "add,sort", "--steps", "20"]
@@ -332,7 +321,7 @@ def test_router_command_trains_evaluates_and_installs(
     assert json.loads((tmp_path / "real.json").read_text())["manifest_router"] == entry
 
     # --dry-run through the CLI on a fresh copy, replaying the recorded answers instead of a second engine start
-    fresh = _copy_population(tiny_population, tmp_path / "fresh")
+    fresh = copy_population(tiny_population, tmp_path / "fresh")
     fresh_manifest = (fresh / "population.json").read_bytes()
 
     def replay(

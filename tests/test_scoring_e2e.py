@@ -8,13 +8,12 @@ after all of them (a command never drops a caller's engine).
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
+from fixtures_population import copy_population
 
-from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
+from ensemble_serve.shared.population import load_population, read_manifest
 from trainer.engines import attach
 from trainer.evaluate import EvalConfig, eval_problems, run_eval
 from trainer.evolve.config import EvolveConfig
@@ -26,16 +25,6 @@ pytestmark = pytest.mark.engine
 DOMAINS = ("add", "sort")
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    """A copy of a population whose relative base-model path still points at the same base."""
-    shutil.copytree(src, dst)
-    manifest = read_manifest(dst)
-    base = (src / manifest.base_model.path).resolve()
-    ref = manifest.base_model.model_copy(update={"path": os.path.relpath(base, dst)})
-    write_manifest(dst, manifest.model_copy(update={"base_model": ref}))
-    return dst
-
-
 @pytest.fixture()
 def engine(tiny_engine):
     """The session's engine on the tiny substrate (tests/conftest.py), with private adapter snapshots."""
@@ -43,7 +32,7 @@ def engine(tiny_engine):
 
 
 def test_eval_and_the_held_out_evaluation_agree_on_one_engine(engine, tiny_population: Path, tmp_path: Path) -> None:
-    pop = _copy(tiny_population, tmp_path / "pop")
+    pop = copy_population(tiny_population, tmp_path / "pop")
     common = {"domains": DOMAINS, "difficulties": (1, 2)}
     cfg = EvalConfig(population=pop, per_domain=3, seed=21, include_base=False, max_tokens=HELDOUT_MAX_TOKENS, **common)
     evo = EvolveConfig(heldout_per_domain=3, eval_seed=21, **common)
@@ -71,7 +60,7 @@ def test_router_and_calibrate_run_on_the_same_engine(engine, tiny_population: Pa
     from trainer.router.command import run_router
     from trainer.router.config import RouterCommandConfig
 
-    pop = _copy(tiny_population, tmp_path / "pop")
+    pop = copy_population(tiny_population, tmp_path / "pop")
     report = run_calibrate(
         CalibrateConfig(population=pop, per_domain=2, domains=DOMAINS, difficulties=(1,), max_tokens=48),
         engine=engine,

@@ -24,10 +24,9 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from trainer.tasks.sandbox import SPLITS, Problem, _rng_for, split_of
+from trainer.tasks.sandbox import SPLITS, Problem, rng_for, sample_in_split
 
 NATURAL_LEVELS = (1, 2, 3, 4)
-NATURAL_MAX_TRIES = 10_000
 
 NAMES = (
     "Mia", "Omar", "Lena", "Ravi", "Sofia", "Kenji", "Amara", "Lucas", "Noor", "Diego", "Hana", "Tariq",
@@ -213,17 +212,11 @@ def iter_natural(
     if not levels or len(set(levels)) != len(levels) or any(lv not in NATURAL_LEVELS for lv in levels):
         raise ValueError(f"levels must be distinct values of {list(NATURAL_LEVELS)}, got {levels}")
     cells = [(f, lv) for lv in levels for f in chosen]
-    rng = _rng_for("natural", seed, split, ",".join(names), ",".join(map(str, levels)))
+    rng = rng_for("natural", seed, split, ",".join(names), ",".join(map(str, levels)))
 
     def stream() -> Iterator[Problem]:
         for family, level in itertools.cycle(cells):
-            for _ in range(NATURAL_MAX_TRIES):
-                problem = family.generate(rng, level)
-                if split_of(problem.prompt) == split:
-                    yield problem
-                    break
-            else:  # pragma: no cover - the hash splits every family's prompts about 9:1
-                raise RuntimeError(f"no {split} problem found for {family.name} at level {level}")
+            yield sample_in_split(family, rng, level, split)  # the sandbox's split by prompt hash
 
     return stream()
 

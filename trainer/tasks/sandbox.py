@@ -342,13 +342,14 @@ def _cells(domains: Iterable[str] | str | None, difficulties: Iterable[int]) -> 
     return [(get_domain(name), level) for level in levels for name in names]
 
 
-def _rng_for(*parts: object) -> random.Random:
+def rng_for(*parts: object) -> random.Random:
     """A Random seeded from a stable digest of `parts` (never Python's salted hash())."""
     key = "|".join(map(str, parts)).encode("utf-8")
     return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
 
 
-def _sample_in_split(domain: Domain, rng: random.Random, difficulty: int, split: str) -> Problem:
+def sample_in_split(domain: Domain, rng: random.Random, difficulty: int, split: str) -> Problem:
+    """The next problem of `domain` (anything with `name` and `generate(rng, level)`) that falls in `split`."""
     for _ in range(MAX_TRIES):
         problem = domain.generate(rng, difficulty)
         if split_of(problem.prompt) == split:
@@ -368,11 +369,11 @@ def iter_problems(
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     cells = _cells(domains, difficulties)
-    rng = _rng_for("sandbox", seed, split, ",".join(d.name for d, _ in cells), ",".join(str(k) for _, k in cells))
+    rng = rng_for("sandbox", seed, split, ",".join(d.name for d, _ in cells), ",".join(str(k) for _, k in cells))
 
     def stream() -> Iterator[Problem]:
         for domain, difficulty in itertools.cycle(cells):
-            yield _sample_in_split(domain, rng, difficulty, split)
+            yield sample_in_split(domain, rng, difficulty, split)
 
     return stream()
 
