@@ -5,8 +5,11 @@ the server publishes, generates valid and invalid requests for every operation, 
 answer: no 5xx, statuses, content types and bodies as documented, valid data accepted, invalid data
 rejected. Its settings are in tests/fuzz/schemathesis.toml and its hooks in tests/fuzz_hooks.py
 (both say why). Bounded: FUZZ_EXAMPLES examples per operation, generated from a
-fixed seed (schemathesis' --generation-deterministic mode was tried: its coverage phase hit an internal
-hypothesis error, "AST constructor recursion depth mismatch", on one run of three), and FUZZ_SECONDS in all. Afterwards the server must still answer a good request. The
+fixed seed, and FUZZ_SECONDS in all. Phases: the schema's examples and fuzzing. schemathesis'
+coverage phase is left out: on this interpreter (CPython 3.11.7) it fails inside hypothesis, not
+in the server ("SystemError: AST constructor recursion depth mismatch" while hypothesis describes a
+lambda of a deeply recursive JSON strategy; a CPython bug in ast.parse under a deep stack), on
+about one run in three, in and out of --generation-deterministic mode. Afterwards the server must still answer a good request. The
 server is the package's (tests/hostile/conftest.py).
 """
 
@@ -52,6 +55,8 @@ def test_schemathesis_finds_nothing_and_the_server_still_answers(server, tmp_pat
         str(FUZZ_SECONDS),
         "--seed",
         str(SEED),
+        "--phases",
+        "examples,fuzzing",
         "--workers",
         "2",
         "--request-timeout",
