@@ -2,12 +2,13 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-fast realshape embedded embedded-population lint
+.PHONY: install serve test test-fast realshape embedded embedded-population embedded-real lint
 
 install:
 	bash scripts/install.sh
 
-# Serve the embedded sandbox ensemble on 127.0.0.1:8000.
+# Serve the embedded ensemble (SmolLM2-135M-Instruct's specialists) on 127.0.0.1:8000; the first start
+# converts the packaged model into ~/.cache/ensemble-serve/ (about 20 s). The toy: `ensemble-serve up --embedded sandbox`.
 serve: install
 	$(BIN)/ensemble-serve up
 
@@ -45,6 +46,30 @@ embedded-population: install
 	$(BIN)/ensemble-train router --config configs/router.yaml --population $(EMBEDDED)/population
 	$(BIN)/ensemble-train calibrate --population $(EMBEDDED)/population --labels ground_truth
 	$(BIN)/ensemble-serve defaults $(EMBEDDED)/population --set "$$(cat configs/ensemble-defaults.json)"
+
+# Rebuild the embedded real ensemble (about 60 minutes on 2 cores; configs/real/ says why each number):
+# natural-task data (train, and a dev split for evaluation and routing), 8 specialists, the two
+# compute-matched generalists bench/real.py compares them with, then the shipped copy.
+REAL_RUNS := runs/real
+REAL_BASE = $$($(BIN)/ensemble-train base --embedded-real --path-only)
+embedded-real: install
+	mkdir -p $(REAL_RUNS)
+	$(BIN)/ensemble-train tasks --kind natural --split train -n 3200 --seed 0 --out $(REAL_RUNS)/train.jsonl
+	$(BIN)/ensemble-train tasks --kind natural --split heldout -n 128 --seed dev --out $(REAL_RUNS)/dev.jsonl
+	$(BIN)/ensemble-train init --config configs/real/init.yaml --base "$(REAL_BASE)" \
+		--data $(REAL_RUNS)/train.jsonl --out $(REAL_RUNS)/population --overwrite
+	$(BIN)/ensemble-train init --config configs/real/generalist.yaml --base "$(REAL_BASE)" \
+		--data $(REAL_RUNS)/train.jsonl --out $(REAL_RUNS)/generalist-r8 --overwrite
+	$(BIN)/ensemble-train init --config configs/real/generalist.yaml --base "$(REAL_BASE)" --ranks 64 \
+		--data $(REAL_RUNS)/train.jsonl --out $(REAL_RUNS)/generalist-r64 --overwrite
+	$(MAKE) embedded-real-population
+
+# The steps after training the real members: dev accuracy, router, request defaults, the shipped copy.
+embedded-real-population: install
+	$(BIN)/ensemble-train eval --config configs/real/eval.yaml --population $(REAL_RUNS)/population --update-manifest
+	$(BIN)/ensemble-train router --config configs/real/router.yaml --population $(REAL_RUNS)/population
+	$(BIN)/ensemble-serve defaults $(REAL_RUNS)/population --set "$$(cat configs/real/ensemble-defaults.json)"
+	$(BIN)/ensemble-train export --population $(REAL_RUNS)/population --out $(EMBEDDED)/real --overwrite
 
 lint: install
 	$(BIN)/ruff check ensemble_serve trainer clients tests bench

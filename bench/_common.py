@@ -91,10 +91,13 @@ class ServerSet:
     def start_ensemble(
         self, *extra: str, name: str = "ensemble-serve", gpu_memory_utilization: float = 0.1, timeout: float = 300
     ) -> Server:
-        """`ensemble-serve up` on the embedded default (model `sandbox-ensemble`), population watching off."""
+        """`ensemble-serve up` (population watching off) on the embedded sandbox (model `sandbox-ensemble`) unless
+        `extra` names a population, a model or an embedded ensemble."""
         port = free_port()
+        chosen = any(flag in extra for flag in ("--population", "--model", "--embedded"))
         args = ensemble_command(
             port,
+            *(() if chosen else ("--embedded", "sandbox")),
             "--no-watch",
             "--gpu-memory-utilization",
             str(gpu_memory_utilization),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,8 +19,10 @@ from ensemble_serve.http.shutdown import Drain, GracefulServer
 from ensemble_serve.protocol import EnsembleOptions
 from ensemble_serve.shared.bring_your_own import import_adapters
 from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_options, load_config, nargs_flags
+from ensemble_serve.shared.embedded import EMBEDDED_REAL_POPULATION, embedded_real_gguf
 from ensemble_serve.shared.engine_config import ContextSizeError, on_cpu, size_context
-from ensemble_serve.shared.population import PopulationError, load_population, write_manifest
+from ensemble_serve.shared.gguf import GGUFError, cached_conversion
+from ensemble_serve.shared.population import PopulationError, load_population, read_manifest, write_manifest
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -32,7 +35,9 @@ def main() -> None:
 def up(config_file: Path | None, **overrides: Any) -> None:
     """Start the server: vLLM in-process with every member registered as a LoRA adapter.
 
-    With no options it serves the embedded sandbox ensemble on 127.0.0.1:8000. The
+    With no options it serves the embedded ensemble (specialists of SmolLM2-135M-Instruct, whose
+    base is converted from the packaged GGUF into the user cache on the first start) on
+    127.0.0.1:8000; `--embedded sandbox` serves the project's toy ensemble instead. The
     ensemble, each member and the base model are models of the OpenAI API
     (`GET /v1/models`); `POST /v1/chat/completions` and `/v1/completions` with the
     ensemble's name fan out, vote and return the consensus.
@@ -48,15 +53,37 @@ def up(config_file: Path | None, **overrides: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="ensemble-serve-") as scratch:
         if cfg.model is not None:
             cfg = _import_for_serving(cfg, Path(scratch) / "population")
+        elif cfg.population is None and cfg.embedded == "real":
+            cfg = _embedded_real_for_serving(cfg, Path(scratch) / "population")
         try:
             population = load_population(cfg.population_dir)  # fail fast, before the engine starts
+            base = population.manifest.base_model
+            if not cfg.remote and population.base_model_path is None and base.hub_id is None:
+                raise PopulationError(
+                    f"{population.root}: the manifest names its base model {base.name!r} by fingerprint only "
+                    f"(sha256 {str(base.sha256)[:16]}...); set base_model.path in population.json to your copy of it"
+                )
             if not cfg.remote and on_cpu():
                 size_context(
                     population.base_model_path, cfg.engine_config()
                 )  # a context that cannot fit: one line, no trace
+            if not cfg.remote and population.base_model_path is not None:
+                _check_tokenizer(population.base_model_path)
         except (PopulationError, ContextSizeError) as e:
             raise click.ClickException(str(e)) from None
         _serve(cfg)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_tokenizer(base: Path) -> None:
+    """vLLM needs the base's tokenizer: a folder of weights alone is refused here in one line, not by a trace later."""
+    if not any((base / name).is_file() for name in TOKENIZER_FILES) and not any(base.glob("*.tiktoken")):
+        raise PopulationError(
+            f"{base}: the base model has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+            "files of the model its weights came from into it (`ensemble-train base --from-gguf` writes them)"
+        )
 
 
 def _import_for_serving(cfg: ServeConfig, dest: Path) -> ServeConfig:
@@ -80,6 +107,28 @@ def _import_for_serving(cfg: ServeConfig, dest: Path) -> ServeConfig:
             "lora_modules": (),
         }
     )
+
+
+def _embedded_real_for_serving(cfg: ServeConfig, dest: Path) -> ServeConfig:
+    """The embedded real population, copied to `dest` with its base model: the cached conversion of the packaged GGUF.
+
+    The first start converts the GGUF (once, under a lock; later starts reuse the cache). The copy's
+    manifest points at the cache, and its fingerprint check still applies: a cache holding other
+    weights is refused.
+    """
+    try:
+        base = cached_conversion(embedded_real_gguf())
+    except (GGUFError, FileNotFoundError) as e:
+        raise click.ClickException(
+            f"{e}\n(or serve the toy ensemble, which needs no download: ensemble-serve up --embedded sandbox)"
+        ) from None
+    shutil.copytree(EMBEDDED_REAL_POPULATION, dest)
+    manifest = read_manifest(dest)
+    write_manifest(
+        dest, manifest.model_copy(update={"base_model": manifest.base_model.model_copy(update={"path": str(base)})})
+    )
+    click.echo(f"embedded ensemble {cfg.ensemble_name}: base {manifest.base_model.name} from {base}", err=True)
+    return cfg.model_copy(update={"population": dest, "served_model_name": cfg.ensemble_name, "watch": False})
 
 
 def _serve(cfg: ServeConfig) -> None:

@@ -6,12 +6,12 @@ Names follow `vllm serve` where they overlap.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ensemble_serve.shared.bring_your_own import AdapterSpec, parse_lora_module
-from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION
+from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION, EMBEDDED_REAL_NAME
 from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS, EngineConfig, parse_bytes
 
 API_KEY_ENV = "ENSEMBLE_SERVE_API_KEY"
@@ -24,7 +24,13 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     population: Path | None = Field(
-        None, description="Population directory to serve (default: the embedded sandbox ensemble)."
+        None, description="Population directory to serve (default: the embedded ensemble, see --embedded)."
+    )
+    embedded: Literal["real", "sandbox"] = Field(
+        "real",
+        description="The embedded ensemble served without --population or --model: real (specialists of "
+        f"SmolLM2-135M-Instruct, model {EMBEDDED_REAL_NAME}; its base is converted into the user cache on first "
+        f"use) or sandbox (the project's from-scratch toy, model {EMBEDDED_NAME}).",
     )
     model: str | None = Field(
         None,
@@ -50,7 +56,8 @@ class ServeConfig(BaseModel):
     )
     served_model_name: str | None = Field(
         None,
-        description=f"The ensemble's model name (default: {EMBEDDED_NAME} for the embedded one, else the population folder's name).",
+        description=f"The ensemble's model name (default: {EMBEDDED_REAL_NAME} or {EMBEDDED_NAME} for the embedded ones, "
+        "else the population folder's name).",
     )
     default_members: int | None = Field(
         None, ge=1, description="Members an ensemble request fans out to when it does not say (default: all)."
@@ -192,7 +199,14 @@ class ServeConfig(BaseModel):
 
     @property
     def population_dir(self) -> Path:
-        return self.population if self.population is not None else EMBEDDED_POPULATION
+        """The population to serve; the embedded real one is a working copy that `up` makes (its base is in the cache)."""
+        if self.population is not None:
+            return self.population
+        if self.embedded == "sandbox":
+            return EMBEDDED_POPULATION
+        raise ValueError(
+            "the embedded real population is served from a working copy: start it with `ensemble-serve up`"
+        )
 
     @property
     def ensemble_name(self) -> str:
@@ -200,7 +214,9 @@ class ServeConfig(BaseModel):
             return self.served_model_name
         if self.model is not None:
             return BYO_NAME
-        return EMBEDDED_NAME if self.population is None else Path(self.population).resolve().name
+        if self.population is None:
+            return EMBEDDED_NAME if self.embedded == "sandbox" else EMBEDDED_REAL_NAME
+        return Path(self.population).resolve().name
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -339,3 +339,10 @@ def test_ensemble_serve_up_checks_adapters_before_the_engine(made: dict[str, Pat
     assert res.exit_code == 1 and "adapter 'f' was trained on" in res.output
     res = CliRunner().invoke(serve_main, [*base, "--lora-modules", f"r={made['rank32']}", "--max-lora-rank", "16"])
     assert res.exit_code == 1 and "set --max-lora-rank 32" in res.output
+
+
+def test_ensemble_serve_up_refuses_a_base_without_a_tokenizer_in_one_line(made: dict[str, Path]) -> None:
+    # the tiny base is weights and config only: vLLM could not tokenize a prompt for it
+    res = CliRunner().invoke(serve_main, ["up", "--model", str(made["base"]), "--lora-modules", f"a={made['qv4']}"])
+    assert res.exit_code == 1 and "has no tokenizer" in res.output and "Traceback" not in res.output
+    assert not any(made["base"].glob("tokenizer*"))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from ensemble_serve.shared.population import load_population
 from trainer.cli import main
 from trainer.evaluate import EvalConfig
 from trainer.models.config import InitConfig, SubstrateConfig
@@ -121,3 +122,37 @@ def test_base_refuses_a_file_that_is_not_a_gguf_and_writes_nothing(tmp_path: Pat
     result = CliRunner().invoke(main, ["base", "--from-gguf", str(bad), "--out", str(out)])
     assert result.exit_code == 1 and "not a GGUF file" in result.output
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_export_ships_a_population_without_this_machines_base_path(tiny_population: Path, tmp_path: Path):
+    out = tmp_path / "shipped"
+    before = (tiny_population / "population.json").read_bytes()
+    result = CliRunner().invoke(main, ["export", "--population", str(tiny_population), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    shipped = load_population(out)
+    original = load_population(tiny_population)
+    assert shipped.manifest.base_model.path is None and shipped.base_model_path is None
+    assert shipped.manifest.base_model.sha256 == original.manifest.base_model.sha256
+    assert shipped.names == original.names
+    for name in shipped.names:
+        a = shipped.member_dir(name) / "adapter_model.safetensors"
+        assert a.read_bytes() == (original.member_dir(name) / "adapter_model.safetensors").read_bytes()
+    assert (tiny_population / "population.json").read_bytes() == before  # the source is untouched
+    # an existing --out is kept unless --overwrite; a bad population is named and leaves nothing
+    again = CliRunner().invoke(main, ["export", "--population", str(tiny_population), "--out", str(out)])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    missing = CliRunner().invoke(main, ["export", "--population", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "nope" in missing.output and not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shipped"]
+    replaced = CliRunner().invoke(
+        main, ["export", "--population", str(tiny_population), "--out", str(out), "--overwrite"]
+    )
+    assert replaced.exit_code == 0, replaced.output
+
+
+def test_base_path_only_prints_the_folder(monkeypatch, tmp_path: Path):
+    folder = tmp_path / "converted"
+    monkeypatch.setattr("trainer.cli.cached_conversion", lambda src: folder)
+    monkeypatch.setattr("trainer.cli.embedded_real_gguf", lambda: tmp_path / "m.gguf")
+    result = CliRunner().invoke(main, ["base", "--embedded-real", "--path-only"])
+    assert result.exit_code == 0 and result.output == f"{folder}\n"

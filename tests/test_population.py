@@ -209,8 +209,9 @@ def test_member_defaults_and_rules() -> None:
 def test_manifest_cross_field_rules() -> None:
     base = BaseModelRef(name=BASE_NAME, hub_id="org/tiny")
     a, b = Member(name="a", rank=4, alpha=8), Member(name="b", rank=4, alpha=8)
-    with pytest.raises(ValidationError, match="at least one of `path` or `hub_id`"):
+    with pytest.raises(ValidationError, match="at least one of `path`, `hub_id` or `sha256`"):
         BaseModelRef(name=BASE_NAME)
+    assert BaseModelRef(name=BASE_NAME, sha256="0" * 64).path is None  # named by fingerprint only
     with pytest.raises(ValidationError, match="64 lowercase hex"):
         BaseModelRef(name=BASE_NAME, hub_id="x", sha256="abc")
     with pytest.raises(ValidationError, match="not member names: \\['c'\\]"):

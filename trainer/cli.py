@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,9 @@ from pydantic import BaseModel
 from ensemble_serve.shared.bring_your_own import import_adapters, parse_lora_module
 from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_options, load_config
 from ensemble_serve.shared.embedded import embedded_real_gguf
+from ensemble_serve.shared.fsutil import remove_tree, tmp_dir_beside
 from ensemble_serve.shared.gguf import SOURCE_FILE, GGUFError, cached_conversion, convert_gguf
-from ensemble_serve.shared.population import PopulationError
+from ensemble_serve.shared.population import PopulationError, load_population, write_manifest
 from trainer.calibration import command as calibration
 from trainer.calibration.command import CalibrateConfig
 from trainer.evaluate import EvalConfig, format_disagreement, format_table, run_eval
@@ -133,7 +136,8 @@ def tasks(kind: str, families: str | None, levels: str, split: str, count: int, 
 )
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None, help="The new model folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def base(gguf_file: Path | None, embedded_real: bool, out: Path | None, overwrite: bool) -> None:
+@click.option("--path-only", is_flag=True, help='Print only the folder\'s path (for scripts: --base "$(...)").')
+def base(gguf_file: Path | None, embedded_real: bool, out: Path | None, overwrite: bool, path_only: bool) -> None:
     """Make a base model folder from a GGUF file: safetensors, tokenizer, chat template, generation config.
 
     The weights are the file's dequantized values (a Q4_1 file keeps Q4_1's precision, in float32);
@@ -147,6 +151,9 @@ def base(gguf_file: Path | None, embedded_real: bool, out: Path | None, overwrit
         folder = convert_gguf(src, out, overwrite=overwrite) if out is not None else cached_conversion(src)
     except (GGUFError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    if path_only:
+        click.echo(str(folder))
+        return
     source = json.loads((folder / SOURCE_FILE).read_text())
     click.echo(
         f"{folder}: {source['architecture']} from {source['file']} ({source['quantization']}, sha256 {source['sha256'][:16]})"
@@ -204,6 +211,41 @@ def import_(
         click.echo(f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, targets {m.info.get('target_modules')}")
     click.echo(
         f"{population.root}: {len(population.manifest.members)} members on {population.manifest.base_model.name}"
+    )
+
+
+@main.command()
+@click.option(
+    "--population", required=True, type=click.Path(path_type=Path, file_okay=False), help="The population to ship."
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Where to put the copy.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (never under a running server).")
+def export(population: Path, out: Path, overwrite: bool) -> None:
+    """Copy a population for shipping: every file, with the base model named by name and fingerprint only.
+
+    The manifest's `base_model.path` is this machine's; the copy drops it, so whoever serves it
+    says where their copy of the base is (as `ensemble-serve up` does for the embedded real model,
+    whose base it converts into the user cache). The copy appears complete or not at all.
+    """
+    try:
+        pop = load_population(population)
+        if out.exists() and not overwrite:
+            raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+        tmp = tmp_dir_beside(out)
+        try:
+            shutil.copytree(pop.root, tmp / "population", ignore=shutil.ignore_patterns("*.lock", ".*"))
+            base = pop.manifest.base_model.model_copy(update={"path": None})
+            write_manifest(tmp / "population", pop.manifest.model_copy(update={"base_model": base}))
+            load_population(tmp / "population")  # a valid population before it replaces anything
+            if out.exists():
+                remove_tree(out)
+            os.rename(tmp / "population", out)
+        finally:
+            remove_tree(tmp)
+    except PopulationError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(
+        f"{out}: {len(pop.names)} members on {pop.manifest.base_model.name} (sha256 {str(pop.manifest.base_model.sha256)[:16]})"
     )
 
 

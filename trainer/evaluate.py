@@ -37,7 +37,7 @@ class EvalConfig(FrozenConfig):
         128, gt=0, description="Generation limit per chain (evolve's held-out evaluation uses 160)."
     )
     answer: str = Field(
-        "auto", description=f"Answer extractor for chains, as evolve's `answer`: {alternatives(MODES)}."
+        "natural", description=f"Answer extractor for chains, as evolve's `answer`: {alternatives(MODES)}."
     )
     out: Path | None = Field(
         None,

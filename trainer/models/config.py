@@ -76,6 +76,14 @@ class InitConfig(FrozenConfig):
         description="Linear layers that carry LoRA.",
     )
     warmup_steps: int = Field(120, ge=0, description="Supervised warm-up steps per member (0: untrained adapters).")
+    seed_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Branch-Train-Merge: the share of the budget (members x warmup_steps) spent first on one shared "
+        "seed adapter trained on every domain alike; members then continue from its weights for the rest, and "
+        "the seed stays in the population as its general expert (member `seed`). 0: members start from scratch.",
+    )
     batch_size: int = Field(32, gt=0, description="Warm-up batch size.")
     focus_weight: float = Field(
         0.6,
@@ -84,7 +92,11 @@ class InitConfig(FrozenConfig):
         description="Share of a member's warm-up data drawn from its focus domain (member i focuses on domain i mod #domains); "
         "the rest is drawn from all domains.",
     )
-    domains: tuple[str, ...] = Field(ALL_DOMAINS, description="Domains of the warm-up data.")
+    domains: tuple[str, ...] = Field(
+        ALL_DOMAINS,
+        description="Domains of the warm-up data (with `data`: the dataset's `domain` values that members "
+        "focus on; default: all of the dataset's).",
+    )
     difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Difficulty levels of the warm-up data.")
     focus_difficulties: tuple[int, ...] | None = Field(
         None,
@@ -101,8 +113,24 @@ class InitConfig(FrozenConfig):
     overwrite: bool = Field(False, description="Replace an existing population directory.")
     threads: int = Field(2, gt=0, description="CPU threads for torch.")
 
-    _domains = field_validator("domains")(check_domains)
     _diffs = field_validator("difficulties")(check_difficulties)
+
+    @model_validator(mode="after")
+    def _sandbox_domains(self) -> InitConfig:
+        # with `data`, the domains are the dataset's own (checked against its rows when it is read)
+        if self.data is None:
+            check_domains(self.domains)
+        elif not self.domains:
+            raise ValueError("at least one domain is needed")
+        return self
+
+    @model_validator(mode="after")
+    def _branch_needs_one_shape(self) -> InitConfig:
+        if self.seed_share > 0 and len(set(self.ranks)) > 1:
+            raise ValueError(
+                f"seed_share > 0 needs one rank for every member (they continue the seed), got {list(self.ranks)}"
+            )
+        return self
 
     @field_validator("focus_difficulties")
     @classmethod

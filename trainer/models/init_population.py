@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -33,12 +34,19 @@ from ensemble_serve.shared.population import (
     fingerprint_model_dir,
 )
 from trainer.models.config import InitConfig
-from trainer.tasks.data import batches, lr_at
+from trainer.tasks.data import IGNORE, batches, lr_at
 from trainer.tasks.sandbox import Problem, iter_problems, load_jsonl
 
+SEED_MEMBER = "seed"
+"""The name of a branched population's shared seed adapter (`seed_share` > 0), kept as its general expert."""
 
-def member_plan(cfg: InitConfig) -> list[dict]:
-    """The hyper-parameters of each member: seeds, ranks, dropouts, lrs and focus domains differ."""
+
+def member_plan(cfg: InitConfig, domains: Sequence[str] | None = None) -> list[dict]:
+    """The hyper-parameters of each member: seeds, ranks, dropouts, lrs and focus domains differ.
+
+    Member i focuses on ``domains[i mod len(domains)]`` (default: the config's domains).
+    """
+    domains = list(domains or cfg.domains)
     plan = []
     nr, nd, nl = len(cfg.ranks), len(cfg.dropouts), len(cfg.lrs)
     for i in range(cfg.members):
@@ -51,7 +59,7 @@ def member_plan(cfg: InitConfig) -> list[dict]:
                 "alpha": cfg.alpha_over_rank * rank,
                 "dropout": cfg.dropouts[(i // nr) % nd],
                 "lr": cfg.lrs[(i + i // nr) % nl],
-                "focus": cfg.domains[i % len(cfg.domains)],
+                "focus": domains[i % len(domains)],
             }
         )
     return plan
@@ -69,22 +77,68 @@ def focus_stream(cfg: InitConfig, focus: str, seed: int) -> Iterator[Problem]:
         yield next(focused) if rng.random() < cfg.focus_weight else next(mixed)
 
 
-def dataset_stream(problems: Sequence[Problem], seed: int) -> Iterator[Problem]:
-    """An endless shuffled stream over a user's dataset (rows need a chain to train on)."""
-    rng = random.Random(f"dataset:{seed}")
-    usable = [p for p in problems if p.chain]
-    if not usable:
-        raise ValueError("the dataset has no rows with a `chain` to warm members up on")
+def _shuffled_forever(rows: Sequence[Problem], rng: random.Random) -> Iterator[Problem]:
     while True:
-        order = list(usable)
+        order = list(rows)
         rng.shuffle(order)
         yield from order
 
 
+def dataset_domains(cfg: InitConfig, problems: Sequence[Problem]) -> list[str]:
+    """The domains members of a dataset focus on: the config's, if given, else every domain of the rows."""
+    present = sorted({p.domain for p in problems if p.chain})
+    if "domains" not in cfg.model_fields_set:
+        return present
+    missing = [d for d in cfg.domains if d not in present]
+    if missing:
+        raise ValueError(f"domains {missing} have no rows with a `chain` in {cfg.data}; its domains: {present}")
+    return list(cfg.domains)
+
+
+def dataset_stream(
+    problems: Sequence[Problem],
+    seed: int,
+    focus: str | None = None,
+    focus_weight: float = 0.0,
+    focus_difficulties: Sequence[int] | None = None,
+) -> Iterator[Problem]:
+    """An endless shuffled stream over a user's dataset (rows need a chain to train on).
+
+    With a `focus` domain, `focus_weight` of the rows come from that domain (at `focus_difficulties`, if
+    given) and the rest from the whole dataset, each part reshuffled after every pass.
+    """
+    rng = random.Random(f"dataset:{seed}")
+    usable = [p for p in problems if p.chain]
+    if not usable:
+        raise ValueError("the dataset has no rows with a `chain` to warm members up on")
+    mixed = _shuffled_forever(usable, rng)
+    focused_rows = [
+        p for p in usable if p.domain == focus and (not focus_difficulties or p.difficulty in set(focus_difficulties))
+    ]
+    if focus is None or focus_weight <= 0 or not focused_rows:
+        yield from mixed
+        return
+    focused = _shuffled_forever(focused_rows, random.Random(f"dataset-focus:{seed}"))
+    while True:
+        yield next(focused) if rng.random() < focus_weight else next(mixed)
+
+
 def warm_up_member(
-    cfg: InitConfig, spec: dict, stream: Iterator[Problem], out: Path, base_name: str, bar: tqdm
+    cfg: InitConfig,
+    spec: dict,
+    stream: Iterator[Problem],
+    out: Path,
+    base_name: str,
+    bar: tqdm,
+    cost: dict[str, int],
+    init_from: Path | None = None,
 ) -> float:
-    """Train one LoRA adapter from the frozen base and save it as a PEFT folder; returns the last loss."""
+    """Train one LoRA adapter on the frozen base for ``cost["steps"]`` steps and save it as a PEFT folder.
+
+    Returns the last loss. `cost` receives what the training saw: examples, tokens (prompt and target)
+    and target tokens. ``init_from``: an adapter folder of the same rank and modules to start from
+    (a branch of the shared seed) instead of PEFT's initialisation.
+    """
     torch.manual_seed(spec["seed"])
     tok = AutoTokenizer.from_pretrained(str(cfg.base))
     model = LlamaForCausalLM.from_pretrained(str(cfg.base), dtype=torch.float32)
@@ -96,16 +150,25 @@ def warm_up_member(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if init_from is not None:
+        loaded = set_peft_model_state_dict(model, load_file(str(init_from / "adapter_model.safetensors")))
+        if loaded.unexpected_keys:
+            raise ValueError(f"{init_from}: the seed adapter does not fit this member ({loaded.unexpected_keys[:3]})")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
     max_len = model.config.max_position_embeddings
     data = batches(stream, tok, cfg.batch_size, max_len, system_rate=cfg.system_rate, seed=spec["seed"])
     model.train()
     loss_value = float("nan")
-    for step in range(cfg.warmup_steps):
+    steps = cost["steps"]
+    for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.warmup_steps, spec["lr"], max(1, cfg.warmup_steps // 10))
-        loss = model(**next(data)).loss
+            g["lr"] = lr_at(step, steps, spec["lr"], max(1, steps // 10))
+        batch = next(data)
+        cost["examples"] += int(batch["input_ids"].shape[0])
+        cost["tokens"] += int(batch["attention_mask"].sum())
+        cost["target_tokens"] += int((batch["labels"] != IGNORE).sum())
+        loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -113,16 +176,22 @@ def warm_up_member(
         bar.update(1)
         bar.set_postfix(member=spec["name"], loss=f"{loss_value:.3f}")
     model.save_pretrained(str(out))
-    _set_base_name(out, base_name)
+    _set_base_name(out, base_name, Path(cfg.base))
     return loss_value
 
 
-def _set_base_name(adapter_dir: Path, base_name: str) -> None:
-    """Record the base model's identifier (not this machine's path) in adapter_config.json."""
+def _set_base_name(adapter_dir: Path, base_name: str, base_path: Path | None = None) -> None:
+    """Record the base model's identifier (not this machine's path) in adapter_config.json and PEFT's model card."""
     path = adapter_dir / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base_name
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card = adapter_dir / "README.md"
+    if card.is_file() and base_path is not None:
+        text = card.read_text()
+        for form in sorted({str(base_path), str(base_path.resolve())}, key=len, reverse=True):
+            text = text.replace(form, base_name)
+        card.write_text(text)
 
 
 def init_population(cfg: InitConfig, progress: bool = True) -> Population:
@@ -133,39 +202,39 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
         raise FileNotFoundError(f"base model folder {base} has no config.json (run `ensemble-train substrate` first?)")
     base_name = cfg.base_name or base.resolve().name
     user_problems = load_jsonl(cfg.data) if cfg.data else None
-    plan = member_plan(cfg)
+    plan = member_plan(cfg, dataset_domains(cfg, user_problems) if user_problems is not None else None)
     started = time.perf_counter()
     members: list[Member] = []
+    seed_steps, member_steps = branch_budget(cfg)
     with tempfile.TemporaryDirectory(prefix="ensemble-init-") as work:
         sources: dict[str, Path] = {}
-        bar = tqdm(total=cfg.warmup_steps * len(plan), desc="warm-up", disable=not progress, unit="step")
-        for spec in plan:
+        bar = tqdm(total=seed_steps + member_steps * len(plan), desc="warm-up", disable=not progress, unit="step")
+        seed_dir = None
+        if seed_steps:
+            # Branch-Train-Merge's shared seed: one adapter on every domain alike, which every member
+            # then continues from, and which stays in the population as the general expert
+            spec = {**plan[0], "name": SEED_MEMBER, "seed": cfg.seed + 1000, "focus": None}
             stream = (
                 dataset_stream(user_problems, spec["seed"])
+                if user_problems is not None
+                else focus_stream(_everything(cfg), cfg.domains[0], spec["seed"])
+            )
+            seed_dir = Path(work) / SEED_MEMBER
+            cost = {"steps": seed_steps, "examples": 0, "tokens": 0, "target_tokens": 0}
+            loss = warm_up_member(cfg, spec, stream, seed_dir, base_name, bar, cost)
+            sources[SEED_MEMBER] = seed_dir
+            members.append(_member(spec, cfg, loss, cost, role="seed"))
+        for spec in plan:
+            stream = (
+                dataset_stream(user_problems, spec["seed"], spec["focus"], cfg.focus_weight, cfg.focus_difficulties)
                 if user_problems is not None
                 else focus_stream(cfg, spec["focus"], spec["seed"])
             )
             out = Path(work) / spec["name"]
-            loss = warm_up_member(cfg, spec, stream, out, base_name, bar)
+            cost = {"steps": member_steps, "examples": 0, "tokens": 0, "target_tokens": 0}
+            loss = warm_up_member(cfg, spec, stream, out, base_name, bar, cost, init_from=seed_dir)
             sources[spec["name"]] = out
-            members.append(
-                Member(
-                    name=spec["name"],
-                    rank=spec["rank"],
-                    alpha=spec["alpha"],
-                    parents=[],
-                    born_generation=0,
-                    seed=spec["seed"],
-                    info={
-                        "lr": spec["lr"],
-                        "dropout": spec["dropout"],
-                        "focus_domain": None if user_problems is not None else spec["focus"],
-                        "focus_difficulties": list(cfg.focus_difficulties or cfg.difficulties),
-                        "warmup_steps": cfg.warmup_steps,
-                        "warmup_loss": round(loss, 4),
-                    },
-                )
-            )
+            members.append(_member(spec, cfg, loss, cost, role="branch" if seed_dir else "specialist"))
         bar.close()
         out_root = Path(cfg.out)
         manifest = Manifest(
@@ -184,6 +253,44 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
     if progress:
         print(f"wrote {len(members)} members to {cfg.out} in {time.perf_counter() - started:.0f}s")
     return population
+
+
+def _everything(cfg: InitConfig) -> InitConfig:
+    """The seed's data: every domain at every level any member trains on (its own and the replayed ones), alike."""
+    levels = sorted(set(cfg.difficulties) | set(cfg.focus_difficulties or ()))
+    return cfg.model_copy(update={"focus_weight": 0.0, "difficulties": tuple(levels)})
+
+
+def branch_budget(cfg: InitConfig) -> tuple[int, int]:
+    """(the shared seed's steps, each member's steps) for the budget ``members x warmup_steps``.
+
+    With ``seed_share`` s, the seed takes s of the budget and each member (1 - s) of its share, so a
+    branched population costs what the same population trained from scratch costs.
+    """
+    budget = cfg.members * cfg.warmup_steps
+    seed_steps = round(cfg.seed_share * budget)
+    return seed_steps, (budget - seed_steps) // cfg.members
+
+
+def _member(spec: dict, cfg: InitConfig, loss: float, cost: dict[str, int], role: str) -> Member:
+    return Member(
+        name=spec["name"],
+        rank=spec["rank"],
+        alpha=spec["alpha"],
+        parents=[SEED_MEMBER] if role == "branch" else [],
+        born_generation=0,
+        seed=spec["seed"],
+        info={
+            "role": role,
+            "lr": spec["lr"],
+            "dropout": spec["dropout"],
+            "focus_domain": spec["focus"],
+            "focus_difficulties": list(cfg.focus_difficulties or cfg.difficulties) if spec["focus"] else None,
+            "warmup_steps": cost["steps"],
+            "warmup_loss": round(loss, 4),
+            "training_cost": cost,
+        },
+    )
 
 
 def _config_hash(cfg: InitConfig) -> str:

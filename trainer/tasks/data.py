@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from trainer.tasks.sandbox import Problem
-from trainer.tasks.tokenizer import render_prompt
+from trainer.tasks.tokenizer import prompt_text
 
 IGNORE = -100
 
@@ -59,7 +59,7 @@ def encode_example(
     """Token ids and labels for one problem with a worked chain (prompt positions masked)."""
     if problem.chain is None:
         raise ValueError(f"problem {problem.prompt[:40]!r} has no chain to train on")
-    prompt_ids = tok(render_prompt(problem.prompt, system), add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(prompt_text(tok, problem.prompt, system), add_special_tokens=False)["input_ids"]
     answer_ids = tok(problem.chain, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_len]
     labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_len]
@@ -132,7 +132,7 @@ def greedy_answers(
     tok.padding_side = "left"
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [render_prompt(p, system) for p in prompts[start : start + batch_size]]
+        texts = [prompt_text(tok, p, system) for p in prompts[start : start + batch_size]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
             **enc,

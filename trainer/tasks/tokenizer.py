@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -48,6 +48,22 @@ def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def prompt_text(tok: PreTrainedTokenizerBase, prompt: str, system: str | None = None) -> str:
+    """The text a chat request with this user turn (after `system`, if any) sends to the model `tok` belongs to.
+
+    The sandbox's template is rendered without Jinja (:func:`render_prompt`); any other model's (a real
+    instruct model's ChatML with its default system prompt, say) through its own chat template, so
+    members are trained on exactly the prompts the server will send them.
+    """
+    template = getattr(tok, "chat_template", None)
+    if template is None or template == CHAT_TEMPLATE:
+        return render_prompt(prompt, system)
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def render_prompt(prompt: str, system: str | None = None) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
@@ -237,16 +238,17 @@ def _check_adapter_weights(path: Path, rank: int, *, check_weights: bool) -> Non
     b_mods: dict[str, list[int]] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            for key in keys:
+            for key in f.keys():
                 shape = list(f.get_slice(key).get_shape())
                 m = _LORA_KEY_RE.match(key)
                 if m:
                     (a_mods if m.group("ab") == "A" else b_mods)[m.group("module")] = shape
-                if check_weights:
-                    t = f.get_tensor(key)
-                    if t.is_floating_point() and not bool(t.isfinite().all()):
-                        raise PopulationError(f"{path}: tensor {key!r} contains NaN or inf values")
+        if check_weights:
+            # from the file's bytes, not safe_open's file-backed storage (whose tensor view failed, rarely,
+            # with "could not determine the shape of object type 'torch.storage.UntypedStorage'")
+            for key, t in safetensors.torch.load(path.read_bytes()).items():
+                if t.is_floating_point() and not bool(t.isfinite().all()):
+                    raise PopulationError(f"{path}: tensor {key!r} contains NaN or inf values")
     except PopulationError:
         raise
     except Exception as e:  # SafetensorError, OSError, torch errors on bad data

@@ -87,8 +87,9 @@ class BaseModelRef(_Frozen):
 
     @model_validator(mode="after")
     def _need_location(self) -> BaseModelRef:
-        if not self.path and not self.hub_id:
-            raise ValueError("base_model needs at least one of `path` or `hub_id`")
+        # sha256 alone: a shipped population whose server is told where its base is (`ensemble-train export`)
+        if not self.path and not self.hub_id and not self.sha256:
+            raise ValueError("base_model needs at least one of `path`, `hub_id` or `sha256`")
         return self
 
 

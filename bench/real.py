@@ -1,0 +1,338 @@
+"""The real model's population against every alternative a user has (issue 22's targets).
+
+    python bench/real.py [--population DIR] [--per-cell 4] [--latency-prompts 16]
+
+All on the natural tasks' held-out problems (the stream bench/real_base.py uses, minus any prompt of the
+dev split the population was evaluated and routed on), one chat turn each, temperature 0.7,
+max_tokens 256, through the real server (`ensemble-serve up`, vLLM CPU engine) and the openai client:
+
+- `ensemble`: the default request, no `ensemble` options (the population's own defaults apply);
+- `ensemble + system`: the same with a system message;
+- `base SC@8`: the base model, n=8, majority of the extracted answers (the `natural` mode, as the server);
+- `best member SC@8`: the member with the best dev accuracy (manifest fitness), n=8;
+- `router top-1 SC@8`: `ensemble: {"route": true, "members": 1, "samples_per_member": 8}` (the router picks one member);
+- `merge cat|ties|svd SC@8`: PEFT `add_weighted_adapter` of all members, served as one adapter, n=8;
+- `generalist r|N*r SC@8`: one adapter trained on the members' data for their total steps, n=8.
+
+The baselines' adapters are served together by a second server (`--model BASE --lora-modules ...`).
+Accuracy with 95% Wilson intervals; differences against the ensemble as paired bootstrap 95% intervals
+(scipy); completion tokens per problem; the share of chains with an answer. Latency: `--latency-prompts`
+prompts sent one at a time, the ensemble's default request and the base's n=8 request interleaved, p50
+of each and their ratio. Results: bench/results/real.json; tables printed for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import ServerSet, machine, md_table, write_json
+from scipy import stats
+
+from ensemble_serve.shared.embedded import EMBEDDED_REAL_POPULATION, embedded_real_gguf
+from ensemble_serve.shared.gguf import cached_conversion
+from ensemble_serve.shared.population import load_population
+from ensemble_serve.shared.voting.answers import answers_equal, extract_answer, normalize_answer
+from trainer.tasks.natural import NATURAL_FAMILIES, NATURAL_LEVELS, natural_problems
+from trainer.tasks.sandbox import Problem, load_jsonl
+
+SEED = "bench-real-heldout"  # bench/real_base.py's stream
+SYSTEM = "You are a careful assistant. Answer the question."
+TEMPERATURE = 0.7
+MAX_TOKENS = 256
+K = 8
+
+
+def test_problems(per_cell: int, exclude: Sequence[Path]) -> list[Problem]:
+    problems = natural_problems(per_cell * len(NATURAL_FAMILIES) * len(NATURAL_LEVELS), SEED, "heldout")
+    seen = {p.prompt for f in exclude if f.is_file() for p in load_jsonl(f)}
+    return [p for p in problems if p.prompt not in seen]
+
+
+def merge_members(base: Path, population: Path, out: Path) -> dict[str, Path]:
+    """PEFT merges of every member (cat and svd: weights 1/N; ties: weights 1, density 0.5), saved as adapters."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pop = load_population(population)
+    names = pop.names
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(model, str(pop.member_dir(names[0])), adapter_name=names[0])
+    for n in names[1:]:
+        peft.load_adapter(str(pop.member_dir(n)), adapter_name=n)
+    avg = [1.0 / len(names)] * len(names)
+    plans = {
+        "merge_cat": {"combination_type": "cat", "weights": avg},
+        "merge_ties": {"combination_type": "ties", "weights": [1.0] * len(names), "density": 0.5},
+        "merge_svd": {"combination_type": "svd", "weights": avg},
+    }
+    folders = {}
+    for name, plan in plans.items():
+        peft.add_weighted_adapter(adapters=names, adapter_name=name, **plan)
+        peft.save_pretrained(str(out), selected_adapters=[name])
+        folder = out / name
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = pop.manifest.base_model.name
+        (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        folders[name] = folder
+    return folders
+
+
+def vote(texts: Sequence[tuple[str, bool]]) -> tuple[str | None, int]:
+    """The majority answer of (text, finished) chains under `natural` (as the server's majority), and how many had one."""
+    votes: Counter[str] = Counter()
+    first: dict[str, int] = {}
+    for i, (text, finished) in enumerate(texts):
+        ex = extract_answer(text, "natural" if finished else "auto")
+        if ex.ok:
+            key = normalize_answer(ex.value)
+            votes[key] += 1
+            first.setdefault(key, i)
+    if not votes:
+        return None, 0
+    top = max(votes, key=lambda a: (votes[a], -first[a]))
+    return top, sum(votes.values())
+
+
+async def run_condition(
+    client: Any,
+    model: str,
+    problems: Sequence[Problem],
+    kind: str,
+    concurrency: int,
+    samples_per_member: int = 1,
+    options: dict[str, Any] | None = None,
+) -> list[dict]:
+    """One request per problem; `kind`: "ensemble" (with `options` as its `ensemble` object, if given),
+    "ensemble+system", "sc" (n=K), "routed" (top-1 x K).
+
+    Each row: the family, whether the answer is right, completion tokens, seconds, and chains / chains
+    with an answer (for the ensemble: members x `samples_per_member` chains, less those in `failed`).
+    """
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(p: Problem) -> dict:
+        messages = [{"role": "user", "content": p.prompt}]
+        if kind == "ensemble+system":
+            messages.insert(0, {"role": "system", "content": SYSTEM})
+        extra: dict[str, Any] = {}
+        if kind == "routed":
+            extra["extra_body"] = {"ensemble": {"route": True, "members": 1, "samples_per_member": K}}
+        elif options:
+            extra["extra_body"] = {"ensemble": options}
+        async with sem:
+            t0 = time.perf_counter()
+            r = await client.chat.completions.create(
+                model=model,
+                messages=messages,
+                temperature=TEMPERATURE,
+                max_tokens=MAX_TOKENS,
+                n=K if kind == "sc" else 1,
+                **extra,
+            )
+            seconds = time.perf_counter() - t0
+        if kind == "sc":
+            answer, found = vote([(c.message.content or "", c.finish_reason != "length") for c in r.choices])
+            chains = len(r.choices)
+        else:
+            info = (r.model_extra or {}).get("ensemble") or {}
+            answer = info.get("answer")
+            spm = K if kind == "routed" else int((options or {}).get("samples_per_member", samples_per_member))
+            chains = len(info.get("members") or []) * spm
+            found = chains - len(info.get("failed") or [])
+        return {
+            "domain": p.domain,
+            "correct": bool(answer is not None and answers_equal(answer, p.answer)),
+            "tokens": r.usage.completion_tokens,
+            "seconds": round(seconds, 3),
+            "chains": chains,
+            "found": found,
+        }
+
+    return list(await asyncio.gather(*(one(p) for p in problems)))
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return round(ci.low, 3), round(ci.high, 3)
+
+
+def paired_diff(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
+    """mean(a - b) with a paired bootstrap 95% interval."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if np.all(d == d[0]):
+        return {"mean": round(float(d.mean()), 3), "low": round(float(d[0]), 3), "high": round(float(d[0]), 3)}
+    ci = stats.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=5000, rng=np.random.default_rng(0))
+    return {
+        "mean": round(float(d.mean()), 3),
+        "low": round(float(ci.confidence_interval.low), 3),
+        "high": round(float(ci.confidence_interval.high), 3),
+    }
+
+
+def latency(client: Any, ensemble: str, base: str, problems: Sequence[Problem]) -> dict[str, Any]:
+    """Requests one at a time, interleaved: the ensemble's default request and the base's n=K request."""
+    times: dict[str, list[float]] = {"ensemble": [], "base_sc": []}
+    for p in problems:
+        for name, model, n in (("ensemble", ensemble, 1), ("base_sc", base, K)):
+            t0 = time.perf_counter()
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": p.prompt}],
+                temperature=TEMPERATURE,
+                max_tokens=MAX_TOKENS,
+                n=n,
+            )
+            times[name].append(time.perf_counter() - t0)
+    p50 = {k: statistics.median(v) for k, v in times.items()}
+    return {"p50_s": {k: round(v, 3) for k, v in p50.items()}, "ratio": round(p50["ensemble"] / p50["base_sc"], 3)}
+
+
+def summarise(name: str, rows: list[dict], reference: list[dict] | None) -> dict[str, Any]:
+    k = sum(r["correct"] for r in rows)
+    out: dict[str, Any] = {
+        "accuracy": round(k / len(rows), 4),
+        "ci95": wilson(k, len(rows)),
+        "tokens_per_problem": round(sum(r["tokens"] for r in rows) / len(rows), 1),
+        "per_family": {
+            f: round(
+                sum(r["correct"] for r in rows if r["domain"] == f) / max(1, sum(r["domain"] == f for r in rows)), 3
+            )
+            for f in NATURAL_FAMILIES
+        },
+    }
+    out["coverage"] = round(sum(r["found"] for r in rows) / max(1, sum(r["chains"] for r in rows)), 4)
+    if reference is not None:
+        out["ensemble_minus_this"] = paired_diff([r["correct"] for r in reference], [r["correct"] for r in rows])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--population", type=Path, default=None, help="default: the embedded real population")
+    ap.add_argument(
+        "--generalists",
+        type=Path,
+        nargs="*",
+        default=[Path("runs/real/generalist-r8"), Path("runs/real/generalist-r64")],
+    )
+    ap.add_argument(
+        "--exclude",
+        type=Path,
+        nargs="*",
+        default=[Path("runs/real/dev.jsonl")],
+        help="JSONL files whose prompts are left out of the test (the split the population was evaluated and routed on)",
+    )
+    ap.add_argument("--per-cell", type=int, default=4)
+    ap.add_argument("--latency-prompts", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args()
+
+    base = cached_conversion(embedded_real_gguf())
+    population = args.population or EMBEDDED_REAL_POPULATION
+    pop = load_population(population)
+    problems = test_problems(args.per_cell, args.exclude)
+    best = max(pop.manifest.members, key=lambda m: (m.fitness if m.fitness is not None else -1.0, m.name)).name
+    spm = int((pop.manifest.ensemble_defaults or {}).get("samples_per_member", 1))
+    print(f"{len(problems)} test problems; best member by dev accuracy: {best}")
+
+    results: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-real-"))
+    try:
+        with ServerSet() as servers:
+            extra = ["--embedded", "real"] if args.population is None else ["--population", str(population)]
+            server = servers.start_ensemble(*extra, name="ensemble-real", timeout=600)
+            client = server.async_client(timeout=1800)
+            models = [m.id for m in server.client().models.list().data]
+            ensemble, base_name = models[0], pop.manifest.base_model.name
+            for label, model, kind in (
+                ("ensemble", ensemble, "ensemble"),
+                ("ensemble + system", ensemble, "ensemble+system"),
+                ("base SC@8", base_name, "sc"),
+                (f"best member SC@8 ({best})", best, "sc"),
+                ("router top-1 SC@8", ensemble, "routed"),
+            ):
+                t0 = time.perf_counter()
+                results[label] = asyncio.run(run_condition(client, model, problems, kind, args.concurrency, spm))
+                seconds[label] = round(time.perf_counter() - t0, 1)
+                print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
+            lat = latency(server.client(timeout=600), ensemble, base_name, problems[: args.latency_prompts])
+            servers.stop(server)
+
+            merges = merge_members(base, population if args.population else pop.root, work / "merges")
+            adapters = dict(merges)
+            for g in args.generalists:
+                gp = load_population(g)
+                adapters[f"generalist_r{gp.manifest.members[0].rank}"] = gp.member_dir(gp.names[0])
+            mods = [f"{n}={p}" for n, p in adapters.items()]
+            baselines = servers.start_ensemble(
+                "--model", str(base), "--lora-modules", *mods, "--max-lora-rank", "64", name="baselines", timeout=600
+            )
+            bclient = baselines.async_client(timeout=1800)
+            for name in adapters:
+                label = f"{name} SC@8"
+                t0 = time.perf_counter()
+                results[label] = asyncio.run(run_condition(bclient, name, problems, "sc", args.concurrency))
+                seconds[label] = round(time.perf_counter() - t0, 1)
+                print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ref = results["ensemble"]
+    summary = {label: summarise(label, rows, None if label == "ensemble" else ref) for label, rows in results.items()}
+    table = []
+    for label, s in summary.items():
+        d = s.get("ensemble_minus_this")
+        table.append(
+            [
+                label,
+                f"{s['accuracy']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]",
+                "" if d is None else f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
+                s["tokens_per_problem"],
+                s.get("coverage", ""),
+            ]
+        )
+    print(
+        md_table(
+            [
+                "condition",
+                "accuracy [95% CI]",
+                "ensemble minus this [95% CI]",
+                "completion tokens / problem",
+                "answer found",
+            ],
+            table,
+        )
+    )
+    fam = [[f, *(summary[label]["per_family"][f] for label in summary)] for f in NATURAL_FAMILIES]
+    print(md_table(["family", *summary], fam))
+    print(json.dumps(lat))
+    write_json(
+        "real",
+        {
+            "command": "python bench/real.py "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            "machine": machine(),
+            "problems": len(problems),
+            "best_member": best,
+            "seconds": seconds,
+            "latency": lat,
+            "summary": summary,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
