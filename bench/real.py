@@ -106,7 +106,7 @@ def vote(texts: Sequence[tuple[str, bool]]) -> tuple[str | None, int]:
 
 
 async def run_condition(
-    client: Any,
+    server: Any,
     model: str,
     problems: Sequence[Problem],
     kind: str,
@@ -121,6 +121,7 @@ async def run_condition(
     with an answer (for the ensemble: members x `samples_per_member` chains, less those in `failed`).
     """
     sem = asyncio.Semaphore(concurrency)
+    client = server.async_client(timeout=1800)  # one per event loop: each condition runs its own
 
     async def one(p: Problem) -> dict:
         messages = [{"role": "user", "content": p.prompt}]
@@ -160,7 +161,10 @@ async def run_condition(
             "found": found,
         }
 
-    return list(await asyncio.gather(*(one(p) for p in problems)))
+    try:
+        return list(await asyncio.gather(*(one(p) for p in problems)))
+    finally:
+        await client.close()
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -254,7 +258,6 @@ def main() -> None:
         with ServerSet() as servers:
             extra = ["--embedded", "real"] if args.population is None else ["--population", str(population)]
             server = servers.start_ensemble(*extra, name="ensemble-real", timeout=600)
-            client = server.async_client(timeout=1800)
             models = [m.id for m in server.client().models.list().data]
             ensemble, base_name = models[0], pop.manifest.base_model.name
             for label, model, kind in (
@@ -265,7 +268,7 @@ def main() -> None:
                 ("router top-1 SC@8", ensemble, "routed"),
             ):
                 t0 = time.perf_counter()
-                results[label] = asyncio.run(run_condition(client, model, problems, kind, args.concurrency, spm))
+                results[label] = asyncio.run(run_condition(server, model, problems, kind, args.concurrency, spm))
                 seconds[label] = round(time.perf_counter() - t0, 1)
                 print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
             lat = latency(server.client(timeout=600), ensemble, base_name, problems[: args.latency_prompts])
@@ -280,11 +283,10 @@ def main() -> None:
             baselines = servers.start_ensemble(
                 "--model", str(base), "--lora-modules", *mods, "--max-lora-rank", "64", name="baselines", timeout=600
             )
-            bclient = baselines.async_client(timeout=1800)
             for name in adapters:
                 label = f"{name} SC@8"
                 t0 = time.perf_counter()
-                results[label] = asyncio.run(run_condition(bclient, name, problems, "sc", args.concurrency))
+                results[label] = asyncio.run(run_condition(baselines, name, problems, "sc", args.concurrency))
                 seconds[label] = round(time.perf_counter() - t0, 1)
                 print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
     finally:
