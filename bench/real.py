@@ -14,7 +14,10 @@ max_tokens 256, through the real server (`ensemble-serve up`, vLLM CPU engine) a
 - `merge cat|ties|svd SC@8`: PEFT `add_weighted_adapter` of all members, served as one adapter, n=8;
 - `generalist r|N*r SC@8`: one adapter trained on the members' data for their total steps, n=8.
 
-The baselines' adapters are served together by a second server (`--model BASE --lora-modules ...`).
+The baselines' adapters are served by further servers (`--model BASE --lora-modules ...`), one per LoRA
+rank: vLLM sizes its LoRA buffers by the engine's `--max-lora-rank`, and a rank-8 adapter served beside a
+rank-64 one was far slower on the CPU. Rows are written to bench/results/real_rows.json as each
+condition ends.
 Accuracy with 95% Wilson intervals; differences against the ensemble as paired bootstrap 95% intervals
 (scipy); completion tokens per problem; the share of chains with an answer. Latency: `--latency-prompts`
 prompts sent one at a time, the ensemble's default request and the base's n=8 request interleaved, p50
@@ -271,7 +274,9 @@ def main() -> None:
                 results[label] = asyncio.run(run_condition(server, model, problems, kind, args.concurrency, spm))
                 seconds[label] = round(time.perf_counter() - t0, 1)
                 print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
+                write_json("real_rows", {"seconds": seconds, "rows": results})  # so far, in case a later step fails
             lat = latency(server.client(timeout=600), ensemble, base_name, problems[: args.latency_prompts])
+            print(json.dumps(lat))
             servers.stop(server)
 
             merges = merge_members(base, population if args.population else pop.root, work / "merges")
@@ -279,16 +284,26 @@ def main() -> None:
             for g in args.generalists:
                 gp = load_population(g)
                 adapters[f"generalist_r{gp.manifest.members[0].rank}"] = gp.member_dir(gp.names[0])
-            mods = [f"{n}={p}" for n, p in adapters.items()]
-            baselines = servers.start_ensemble(
-                "--model", str(base), "--lora-modules", *mods, "--max-lora-rank", "64", name="baselines", timeout=600
-            )
-            for name in adapters:
-                label = f"{name} SC@8"
-                t0 = time.perf_counter()
-                results[label] = asyncio.run(run_condition(baselines, name, problems, "sc", args.concurrency))
-                seconds[label] = round(time.perf_counter() - t0, 1)
-                print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
+            # one server per LoRA rank: vLLM sizes its LoRA buffers by the engine's max rank, and on this CPU a
+            # server started with --max-lora-rank 64 did not finish one condition in 17 minutes (rank 8: 3-5 min)
+            by_rank: dict[int, dict[str, Path]] = {}
+            for name, folder in adapters.items():
+                rank = json.loads((folder / "adapter_config.json").read_text())["r"]
+                by_rank.setdefault(rank, {})[name] = folder
+            for rank, group in sorted(by_rank.items()):
+                mods = [f"{n}={p}" for n, p in group.items()]
+                baselines = servers.start_ensemble(
+                    "--model", str(base), "--lora-modules", *mods, "--max-lora-rank", str(rank),
+                    name=f"baselines-r{rank}", timeout=600,
+                )  # fmt: skip
+                for name in group:
+                    label = f"{name} SC@8"
+                    t0 = time.perf_counter()
+                    results[label] = asyncio.run(run_condition(baselines, name, problems, "sc", args.concurrency))
+                    seconds[label] = round(time.perf_counter() - t0, 1)
+                    print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
+                    write_json("real_rows", {"seconds": seconds, "rows": results})
+                servers.stop(baselines)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
