@@ -15,7 +15,7 @@ from trainer.models.config import SubstrateConfig
 from trainer.models.substrate import REPORT_FILE, train_substrate
 from trainer.tasks.data import IGNORE, batches, collate, encode_example, lr_at
 from trainer.tasks.sandbox import DOMAINS, Problem, iter_problems
-from trainer.tasks.tokenizer import CHARACTERS, build_tokenizer, render_prompt
+from trainer.tasks.tokenizer import CHARACTERS, build_tokenizer, prompt_text, render_prompt
 
 
 def _sha(path: Path) -> str:
@@ -161,3 +161,18 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parent.parent / "configs"
     cfg = load_config(SubstrateConfig, root / "substrate.yaml", {"steps": 5})
     assert cfg.steps == 5 and cfg.hidden_size == 128 and cfg.domains == tuple(DOMAINS)
+
+
+def test_prompt_text_uses_the_models_own_chat_template():
+    tok = build_tokenizer(64)
+    assert prompt_text(tok, "sort 3 1 2", "Be brief.") == render_prompt("sort 3 1 2", "Be brief.")
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}[default system]{% endif %}"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    # a real instruct model's template: its default system prompt when none is given, as the server sends it
+    assert prompt_text(tok, "hi") == "[default system]<user>hi<assistant>"
+    assert prompt_text(tok, "hi", "Be brief.") == "<system>Be brief.<user>hi<assistant>"
+    ids, labels = encode_example(tok, Problem(prompt="hi", answer="1", chain="1", domain="x", difficulty=1), 256)
+    assert tok.decode(ids[: labels.count(IGNORE)]) == "[default system]<user>hi<assistant>"
