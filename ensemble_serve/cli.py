@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_opti
 from ensemble_serve.shared.embedded import EMBEDDED_REAL_POPULATION, embedded_real_gguf
 from ensemble_serve.shared.engine_config import ContextSizeError, on_cpu, size_context
 from ensemble_serve.shared.gguf import GGUFError, cached_conversion
-from ensemble_serve.shared.population import PopulationError, load_population, read_manifest, write_manifest
+from ensemble_serve.shared.population import PopulationError, copy_with_base_path, load_population, write_manifest
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -122,12 +121,11 @@ def _embedded_real_for_serving(cfg: ServeConfig, dest: Path) -> ServeConfig:
         raise click.ClickException(
             f"{e}\n(or serve the toy ensemble, which needs no download: ensemble-serve up --embedded sandbox)"
         ) from None
-    shutil.copytree(EMBEDDED_REAL_POPULATION, dest)
-    manifest = read_manifest(dest)
-    write_manifest(
-        dest, manifest.model_copy(update={"base_model": manifest.base_model.model_copy(update={"path": str(base)})})
-    )
-    click.echo(f"embedded ensemble {cfg.ensemble_name}: base {manifest.base_model.name} from {base}", err=True)
+    try:
+        copy_with_base_path(EMBEDDED_REAL_POPULATION, dest, str(base))
+    except PopulationError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"embedded ensemble {cfg.ensemble_name}: base {base.name} from {base}", err=True)
     return cfg.model_copy(update={"population": dest, "served_model_name": cfg.ensemble_name, "watch": False})
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,9 +13,8 @@ from pydantic import BaseModel
 from ensemble_serve.shared.bring_your_own import import_adapters, parse_lora_module
 from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_options, load_config
 from ensemble_serve.shared.embedded import embedded_real_gguf
-from ensemble_serve.shared.fsutil import remove_tree, tmp_dir_beside
 from ensemble_serve.shared.gguf import SOURCE_FILE, GGUFError, cached_conversion, convert_gguf
-from ensemble_serve.shared.population import PopulationError, load_population, write_manifest
+from ensemble_serve.shared.population import PopulationError, copy_with_base_path, load_population
 from trainer.calibration import command as calibration
 from trainer.calibration.command import CalibrateConfig
 from trainer.evaluate import EvalConfig, format_disagreement, format_table, run_eval
@@ -229,19 +226,7 @@ def export(population: Path, out: Path, overwrite: bool) -> None:
     """
     try:
         pop = load_population(population)
-        if out.exists() and not overwrite:
-            raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
-        tmp = tmp_dir_beside(out)
-        try:
-            shutil.copytree(pop.root, tmp / "population", ignore=shutil.ignore_patterns("*.lock", ".*"))
-            base = pop.manifest.base_model.model_copy(update={"path": None})
-            write_manifest(tmp / "population", pop.manifest.model_copy(update={"base_model": base}))
-            load_population(tmp / "population")  # a valid population before it replaces anything
-            if out.exists():
-                remove_tree(out)
-            os.rename(tmp / "population", out)
-        finally:
-            remove_tree(tmp)
+        copy_with_base_path(pop.root, out, None, overwrite=overwrite)
     except PopulationError as e:
         raise click.ClickException(str(e)) from None
     click.echo(

@@ -22,6 +22,7 @@ reader that reads the manifest once always sees a complete generation.
 
 from ensemble_serve.shared.population.commit import (
     commit_generation,
+    copy_with_base_path,
     create_population,
     prune_unreferenced,
     write_manifest,
@@ -60,6 +61,7 @@ __all__ = [
     "PopulationError",
     "append_history",
     "commit_generation",
+    "copy_with_base_path",
     "create_population",
     "fingerprint_model_dir",
     "load_population",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -43,7 +44,7 @@ from ensemble_serve.shared.population.manifest import (
     check_member_path,
 )
 
-__all__ = ["commit_generation", "create_population", "prune_unreferenced", "write_manifest"]
+__all__ = ["commit_generation", "copy_with_base_path", "create_population", "prune_unreferenced", "write_manifest"]
 
 
 def write_manifest(root: str | os.PathLike[str], manifest: Manifest) -> None:
@@ -59,6 +60,35 @@ def write_manifest(root: str | os.PathLike[str], manifest: Manifest) -> None:
     except ValidationError as e:
         raise PopulationError(f"{path}: refusing to write an invalid population manifest:\n{e}") from e
     atomic_write_text(path, text + "\n")
+
+
+def copy_with_base_path(
+    src: str | os.PathLike[str], dest: str | os.PathLike[str], base_path: str | None, *, overwrite: bool = False
+) -> None:
+    """Copy the population at ``src`` (every file but locks and hidden ones) to ``dest`` with ``base_model.path``
+    set to ``base_path`` (None: named by name and fingerprint only, for shipping).
+
+    The copy is checked (its base's fingerprint included) in a temporary folder beside ``dest`` and
+    renamed into place, so ``dest`` is complete or absent; an existing ``dest`` is replaced only with
+    ``overwrite``.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise PopulationError(f"{dest} exists; pass --overwrite to replace it")
+    manifest = read_manifest(src)
+    tmp = tmp_dir_beside(dest)
+    try:
+        copy = tmp / "population"
+        shutil.copytree(src, copy, ignore=shutil.ignore_patterns("*.lock", ".*"))
+        write_manifest(
+            copy, manifest.model_copy(update={"base_model": manifest.base_model.model_copy(update={"path": base_path})})
+        )
+        validate_population(copy, read_manifest(copy), check_weights=False)
+        if dest.exists():
+            remove_tree(dest)
+        os.rename(copy, dest)
+    finally:
+        remove_tree(tmp)
 
 
 def _check_adapter_keys(manifest: Manifest, adapters: Mapping[str, Any], where: Path, *, all_required: bool) -> None:

@@ -237,18 +237,21 @@ def _check_adapter_weights(path: Path, rank: int, *, check_weights: bool) -> Non
     a_mods: dict[str, list[int]] = {}
     b_mods: dict[str, list[int]] = {}
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                shape = list(f.get_slice(key).get_shape())
-                m = _LORA_KEY_RE.match(key)
-                if m:
-                    (a_mods if m.group("ab") == "A" else b_mods)[m.group("module")] = shape
         if check_weights:
-            # from the file's bytes, not safe_open's file-backed storage (whose tensor view failed, rarely,
-            # with "could not determine the shape of object type 'torch.storage.UntypedStorage'")
-            for key, t in safetensors.torch.load(path.read_bytes()).items():
+            # every tensor, from the file's bytes (safe_open's file-backed storage failed, rarely, with "could
+            # not determine the shape of object type 'torch.storage.UntypedStorage'"); shapes come with them
+            tensors = safetensors.torch.load(path.read_bytes())
+            shapes = {key: list(t.shape) for key, t in tensors.items()}
+            for key, t in tensors.items():
                 if t.is_floating_point() and not bool(t.isfinite().all()):
                     raise PopulationError(f"{path}: tensor {key!r} contains NaN or inf values")
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+        for key, shape in shapes.items():
+            m = _LORA_KEY_RE.match(key)
+            if m:
+                (a_mods if m.group("ab") == "A" else b_mods)[m.group("module")] = shape
     except PopulationError:
         raise
     except Exception as e:  # SafetensorError, OSError, torch errors on bad data
