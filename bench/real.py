@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ServerSet, machine, md_table, write_json
+from _common import RESULTS, ServerSet, machine, md_table, write_json
 from scipy import stats
 
 from ensemble_serve.shared.embedded import EMBEDDED_REAL_POPULATION, embedded_real_gguf
@@ -54,6 +54,9 @@ SYSTEM = "You are a careful assistant. Answer the question."
 TEMPERATURE = 0.7
 MAX_TOKENS = 256
 K = 8
+MAX_SERVED_RANK = 16  # adapters above it are merged into the base for serving (see main)
+# the request the population's defaults replaced, if they differ (issue 22's first defaults)
+ALL_MEMBERS = {"route": False, "samples_per_member": 1, "vote": "majority"}
 
 
 def test_problems(per_cell: int, exclude: Sequence[Path]) -> list[Problem]:
@@ -90,6 +93,20 @@ def merge_members(base: Path, population: Path, out: Path) -> dict[str, Path]:
         (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         folders[name] = folder
     return folders
+
+
+def merged_model(base: Path, adapter: Path, out: Path) -> Path:
+    """`adapter` merged into the base's weights (PEFT `merge_and_unload`, fp32), saved as a plain HF folder (the
+    base's tokenizer and chat template kept): the same function as serving the adapter, at the base's speed."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(out), safe_serialization=True)
+    return out
 
 
 def vote(texts: Sequence[tuple[str, bool]]) -> tuple[str | None, int]:
@@ -220,6 +237,14 @@ def summarise(name: str, rows: list[dict], reference: list[dict] | None) -> dict
         },
     }
     out["coverage"] = round(sum(r["found"] for r in rows) / max(1, sum(r["chains"] for r in rows)), 4)
+    out["coverage_per_family"] = {
+        f: round(
+            sum(r["found"] for r in rows if r["domain"] == f)
+            / max(1, sum(r["chains"] for r in rows if r["domain"] == f)),
+            3,
+        )
+        for f in NATURAL_FAMILIES
+    }
     if reference is not None:
         out["ensemble_minus_this"] = paired_diff([r["correct"] for r in reference], [r["correct"] for r in rows])
     return out
@@ -244,6 +269,11 @@ def main() -> None:
     ap.add_argument("--per-cell", type=int, default=4)
     ap.add_argument("--latency-prompts", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument(
+        "--from-rows",
+        action="store_true",
+        help="no requests: summarise bench/results/real_rows.json (the rows of the last run; latency from real.json)",
+    )
     args = ap.parse_args()
 
     base = cached_conversion(embedded_real_gguf())
@@ -253,6 +283,11 @@ def main() -> None:
     best = max(pop.manifest.members, key=lambda m: (m.fitness if m.fitness is not None else -1.0, m.name)).name
     spm = int((pop.manifest.ensemble_defaults or {}).get("samples_per_member", 1))
     print(f"{len(problems)} test problems; best member by dev accuracy: {best}")
+    if args.from_rows:
+        saved = json.loads((RESULTS / "real_rows.json").read_text())
+        old = json.loads((RESULTS / "real.json").read_text()) if (RESULTS / "real.json").is_file() else {}
+        report(args, problems, best, saved["seconds"], saved["rows"], old.get("latency"))
+        return
 
     results: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
@@ -263,15 +298,22 @@ def main() -> None:
             server = servers.start_ensemble(*extra, name="ensemble-real", timeout=600)
             models = [m.id for m in server.client().models.list().data]
             ensemble, base_name = models[0], pop.manifest.base_model.name
-            for label, model, kind in (
-                ("ensemble", ensemble, "ensemble"),
-                ("ensemble + system", ensemble, "ensemble+system"),
-                ("base SC@8", base_name, "sc"),
-                (f"best member SC@8 ({best})", best, "sc"),
-                ("router top-1 SC@8", ensemble, "routed"),
-            ):
+            conditions: list[tuple[str, str, str, dict[str, Any] | None]] = [
+                ("ensemble", ensemble, "ensemble", None),
+                ("ensemble + system", ensemble, "ensemble+system", None),
+            ]
+            if (pop.manifest.ensemble_defaults or {}) != ALL_MEMBERS:
+                conditions.append(("ensemble, every member x1, no router", ensemble, "ensemble", ALL_MEMBERS))
+            conditions += [
+                ("base SC@8", base_name, "sc", None),
+                (f"best member SC@8 ({best})", best, "sc", None),
+                ("router top-1 SC@8", ensemble, "routed", None),
+            ]
+            for label, model, kind, options in conditions:
                 t0 = time.perf_counter()
-                results[label] = asyncio.run(run_condition(server, model, problems, kind, args.concurrency, spm))
+                results[label] = asyncio.run(
+                    run_condition(server, model, problems, kind, args.concurrency, spm, options)
+                )
                 seconds[label] = round(time.perf_counter() - t0, 1)
                 print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
                 write_json("real_rows", {"seconds": seconds, "rows": results})  # so far, in case a later step fails
@@ -284,22 +326,33 @@ def main() -> None:
             for g in args.generalists:
                 gp = load_population(g)
                 adapters[f"generalist_r{gp.manifest.members[0].rank}"] = gp.member_dir(gp.names[0])
-            # one server per LoRA rank: vLLM sizes its LoRA buffers by the engine's max rank, and on this CPU a
-            # server started with --max-lora-rank 64 did not finish one condition in 17 minutes (rank 8: 3-5 min)
-            by_rank: dict[int, dict[str, Path]] = {}
+            # Adapters up to rank MAX_SERVED_RANK share one LoRA server. Higher ranks are merged into the base and
+            # served as plain models: on this CPU a server started with --max-lora-rank 64 did not finish one
+            # condition in 17 minutes (rank 8: 3-5 min), and a merged adapter computes the same function.
+            lora: dict[str, Path] = {}
+            merged: dict[str, Path] = {}
             for name, folder in adapters.items():
                 rank = json.loads((folder / "adapter_config.json").read_text())["r"]
-                by_rank.setdefault(rank, {})[name] = folder
-            for rank, group in sorted(by_rank.items()):
-                mods = [f"{n}={p}" for n, p in group.items()]
-                baselines = servers.start_ensemble(
-                    "--model", str(base), "--lora-modules", *mods, "--max-lora-rank", str(rank),
-                    name=f"baselines-r{rank}", timeout=600,
-                )  # fmt: skip
-                for name in group:
-                    label = f"{name} SC@8"
+                (lora if rank <= MAX_SERVED_RANK else merged)[name] = folder
+            groups: list[tuple[str, list[str], list[str]]] = []
+            if lora:
+                mods = [f"{n}={p}" for n, p in lora.items()]
+                groups.append((f"baselines-r{MAX_SERVED_RANK}", ["--model", str(base), "--lora-modules", *mods,
+                               "--max-lora-rank", str(MAX_SERVED_RANK)], list(lora)))  # fmt: skip
+            for name, folder in merged.items():
+                plain = merged_model(base, folder, work / f"{name}-merged")
+                # a plain model still needs one adapter to start `--model` mode; the base (merged) is what is asked
+                groups.append((f"{name}-merged", ["--model", str(plain), "--lora-modules",
+                               f"{best}={pop.member_dir(best)}", "--ignore-base-name"], [name]))  # fmt: skip
+            for server_name, flags, names in groups:
+                baselines = servers.start_ensemble(*flags, name=server_name, timeout=600)
+                ids = [m.id for m in baselines.client().models.list().data]
+                plain_id = next(i for i in ids if i not in {"ensemble", best, *names})
+                for name in names:
+                    label = f"{name} SC@8" + (" (merged into the base)" if name in merged else "")
+                    model = plain_id if name in merged else name
                     t0 = time.perf_counter()
-                    results[label] = asyncio.run(run_condition(baselines, name, problems, "sc", args.concurrency))
+                    results[label] = asyncio.run(run_condition(baselines, model, problems, "sc", args.concurrency))
                     seconds[label] = round(time.perf_counter() - t0, 1)
                     print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
                     write_json("real_rows", {"seconds": seconds, "rows": results})
@@ -307,6 +360,17 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    report(args, problems, best, seconds, results, lat)
+
+
+def report(
+    args: argparse.Namespace,
+    problems: Sequence[Problem],
+    best: str,
+    seconds: dict[str, float],
+    results: dict[str, list[dict]],
+    lat: dict[str, Any] | None,
+) -> None:
     ref = results["ensemble"]
     summary = {label: summarise(label, rows, None if label == "ensemble" else ref) for label, rows in results.items()}
     table = []
@@ -335,12 +399,14 @@ def main() -> None:
     )
     fam = [[f, *(summary[label]["per_family"][f] for label in summary)] for f in NATURAL_FAMILIES]
     print(md_table(["family", *summary], fam))
+    cov = [[f, *(summary[label]["coverage_per_family"][f] for label in summary)] for f in NATURAL_FAMILIES]
+    print("answer found, per family:\n" + md_table(["family", *summary], cov))
     print(json.dumps(lat))
     write_json(
         "real",
         {
             "command": "python bench/real.py "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "from_rows"),
             "machine": machine(),
             "problems": len(problems),
             "best_member": best,

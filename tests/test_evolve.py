@@ -33,9 +33,17 @@ from ensemble_serve.shared.voting import candidate_from_text
 from trainer.evolve import commit as commit_module
 from trainer.evolve import loop as evolve
 from trainer.evolve import operators
+from trainer.evolve.calls import failed_members, trained_weights
 from trainer.evolve.commit import PENDING_FILE
 from trainer.evolve.config import EvolutionConfig, EvolveConfig
-from trainer.evolve.executors import LocalExecutor, RayExecutor, score_member_task, train_member_task
+from trainer.evolve.executors import (
+    LocalExecutor,
+    RayExecutor,
+    TaskError,
+    TaskFailed,
+    score_member_task,
+    train_member_task,
+)
 from trainer.evolve.fitness import (
     FITNESS_TERMS,
     Evidence,
@@ -792,9 +800,12 @@ class RecordingExecutor:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def map(self, fn, calls, on_done=None):
+    def map(self, fn, calls, on_done=None, errors="raise"):
         self.calls.extend(calls)
         return [{"adapter": c["adapter"], "losses": [], "trained": False} for c in calls]
+
+    def take_retries(self) -> list[dict]:
+        return []
 
     def shutdown(self) -> None:
         pass
@@ -974,6 +985,89 @@ def test_local_and_ray_executors_agree(
         np.testing.assert_allclose(ls["output"].sum(-1), 1.0, rtol=1e-5)
     # two members judge differently
     assert local_score[0]["logprob"] != local_score[1]["logprob"]
+
+
+def _bad_input(value: int) -> dict:
+    if value < 0:
+        raise ValueError(f"bad value {value}")
+    return {"value": value}
+
+
+def test_a_task_that_fails_for_its_own_reasons_stops_or_is_returned_as_an_error():
+    local = LocalExecutor()
+    calls = [{"value": 1}, {"value": -2}]
+    with pytest.raises(TaskFailed, match=r"_bad_input \(task 1\) failed: ValueError: bad value -2"):
+        local.map(_bad_input, calls)
+    results = local.map(_bad_input, calls, errors="return")
+    assert results[0] == {"value": 1} and results[1] == TaskError("_bad_input", 1, "ValueError: bad value -2")
+    assert local.take_retries() == []
+
+
+def test_a_failed_training_task_keeps_the_members_weights(pop_weights: dict[str, LoraWeights]):
+    names = ["m00", "m01"]
+    new = lora_to_bytes(pop_weights["m01"])
+    results = [
+        TaskError("train_member_task", 0, "FloatingPointError: nan"),
+        {"adapter": new, "losses": [0.5], "trained": True},
+    ]
+    weights = {"m00": pop_weights["m00"], "m01": pop_weights["m00"]}
+    trained, losses = trained_weights(names, weights, results)
+    assert trained["m00"] is weights["m00"] and losses["m00"] == []
+    assert same_weights(trained["m01"], pop_weights["m01"]) and losses["m01"] == [0.5]
+    assert failed_members(names, results) == [{"member": "m00", "error": "FloatingPointError: nan"}]
+
+
+def test_a_diverging_training_task_fails_instead_of_writing_nan_weights(
+    tiny_substrate: Path, pop_weights: dict[str, LoraWeights]
+):
+    examples = [(p.prompt, p.chain) for p in generate_problems(4, seed=0)]
+    adapter = lora_to_bytes(pop_weights["m00"])
+    call = dict(
+        base=str(tiny_substrate), adapter=adapter, examples=examples, steps=4, batch_size=2, lr=1e30, seed=0, threads=1
+    )
+    with pytest.raises(FloatingPointError, match="training loss is nan"):
+        train_member_task(**call)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"on_train_error": "retry"}, "on_train_error"),
+        ({"ray_max_retries": -1}, "ray_max_retries"),
+        ({"ray_cpus_per_task": 0}, "ray_cpus_per_task"),
+    ],
+)
+def test_bad_fault_settings_are_refused(kwargs: dict, words: str, tiny_population: Path):
+    with pytest.raises(ValidationError, match=words):
+        EvolveConfig(population=tiny_population, **kwargs)
+
+
+@pytest.mark.evolve  # starts a local Ray cluster
+def test_a_lost_ray_worker_is_retried_with_the_same_inputs_and_recorded(ray_executor: RayExecutor, tmp_path: Path):
+    def dies_once(marker: str, value: int) -> dict:
+        import os
+        from pathlib import Path
+
+        if value == 2 and not Path(marker).exists():
+            Path(marker).write_text("died")
+            os._exit(1)  # the worker process dies, as a killed or crashed worker would
+        if value < 0:
+            raise ValueError(f"bad value {value}")
+        return {"value": value * 10}
+
+    marker = str(tmp_path / "died-once")
+    calls = [{"marker": marker, "value": v} for v in (1, 2, 3)]
+    assert ray_executor.map(dies_once, calls) == [{"value": 10}, {"value": 20}, {"value": 30}]
+    assert ray_executor.take_retries() == [
+        {"task": "dies_once", "call": 1, "attempt": 1, "error": "WorkerCrashedError"}
+    ]
+    # a task's own error is not retried: it stops the map, or takes the result's place
+    bad = [{"marker": marker, "value": 1}, {"marker": marker, "value": -1}]
+    with pytest.raises(TaskFailed, match="bad value -1"):
+        ray_executor.map(dies_once, bad)
+    results = ray_executor.map(dies_once, bad, errors="return")
+    assert results[0] == {"value": 10} and isinstance(results[1], TaskError) and "bad value -1" in results[1].error
+    assert ray_executor.take_retries() == []
 
 
 def test_training_without_examples_returns_the_adapter(

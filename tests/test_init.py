@@ -17,8 +17,11 @@ from trainer.models.init_population import (
     branch_budget,
     dataset_domains,
     dataset_stream,
+    in_shard,
     init_population,
     member_plan,
+    spec_stream,
+    total_cost,
 )
 from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, save_jsonl
 
@@ -154,3 +157,102 @@ def test_branched_members_continue_from_the_shared_seed(tiny_substrate: Path, tm
     b = load_file(str(pop.member_dir("m00") / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)  # the seed trained (B left zero)
+
+
+def test_each_cut_gives_members_their_own_slice_of_the_same_union():
+    base = {"members": 4, "domains": ("add", "sub"), "difficulties": (1, 2), "focus_difficulties": (3, 4)}
+    plans = {cut: member_plan(InitConfig(**base, cut=cut)) for cut in ("family", "level", "shard", "seed")}
+    assert [m["focus"] for m in plans["family"]] == ["add", "sub", "add", "sub"]
+    assert all(m["levels"] == [3, 4] and m["shard"] is None for m in plans["family"])
+    assert [m["levels"] for m in plans["level"]] == [[3], [4], [3], [4]] and not any(m["focus"] for m in plans["level"])
+    assert [m["shard"] for m in plans["shard"]] == [0, 1, 2, 3] and all(m["shards"] == 4 for m in plans["shard"])
+    assert all(m["focus"] is None and m["shard"] is None and m["levels"] == [3, 4] for m in plans["seed"])
+    # the same seeds, ranks and learning rates in every cut: only the data differs
+    keys = ("seed", "rank", "lr", "dropout")
+    assert len({tuple(tuple(m[k] for k in keys) for m in plan) for plan in plans.values()}) == 1
+
+    for cut, plan in plans.items():
+        cfg = InitConfig(**base, cut=cut, focus_weight=1.0)  # the member's own slice only
+        own = [list(itertools.islice(spec_stream(cfg, m, None), 40)) for m in plan]
+        if cut == "family":
+            assert all({p.domain for p in rows} == {m["focus"]} for m, rows in zip(plan, own))
+        if cut == "level":
+            assert all({p.difficulty for p in rows} == set(m["levels"]) for m, rows in zip(plan, own))
+        if cut == "shard":
+            assert all(in_shard(p.prompt, m["shard"], 4) for m, rows in zip(plan, own) for p in rows)
+            assert not set.intersection(*({p.prompt for p in rows} for rows in own))  # disjoint shards
+        if cut in ("shard", "seed"):
+            assert all({p.domain for p in rows} == {"add", "sub"} for rows in own)
+        assert all({p.difficulty for p in rows} <= {3, 4} for rows in own)
+
+
+def test_a_cut_of_a_users_dataset(tmp_path: Path):
+    rows = generate_problems(64, seed=1, domains=["add", "sub"], difficulties=[1, 2])  # with chains
+    cfg = InitConfig(members=2, cut="shard", focus_weight=1.0, data=tmp_path / "d.jsonl")
+    own = [
+        [p.prompt for p in itertools.islice(spec_stream(cfg, m, rows), 64)] for m in member_plan(cfg, ["add", "sub"])
+    ]
+    assert own[0] and own[1] and not set(own[0]) & set(own[1])
+    assert all(in_shard(q, 0, 2) for q in own[0]) and all(in_shard(q, 1, 2) for q in own[1])
+    cfg = InitConfig(members=2, cut="level", focus_weight=1.0, data=tmp_path / "d.jsonl", focus_difficulties=(2,))
+    plan = member_plan(cfg, ["add", "sub"])
+    assert {r.difficulty for r in itertools.islice(spec_stream(cfg, plan[0], rows), 32)} == {2}
+
+
+def test_an_unknown_cut_is_refused_when_the_config_is_read():
+    with pytest.raises(ValidationError, match="cut"):
+        InitConfig(cut="domain")
+
+
+def test_the_manifest_carries_the_populations_total_training_cost(tiny_population: Path):
+    manifest = load_population(tiny_population).manifest
+    assert manifest.training_cost == total_cost(manifest.members)
+    assert manifest.training_cost["steps"] == sum(m.info["training_cost"]["steps"] for m in manifest.members) == 12
+
+
+def test_an_interrupted_init_keeps_the_members_it_finished(tiny_substrate: Path, tmp_path: Path, monkeypatch):
+    import trainer.models.init_population as ip
+
+    kw = {"base": tiny_substrate, "members": 2, "warmup_steps": 3, "batch_size": 4, "ranks": (4,), "seed_share": 0.5}
+    ref = init_population(InitConfig(**kw, out=tmp_path / "ref"), progress=False)
+    real, calls, stop_at = ip.warm_up_member, [], ["m01"]
+
+    def interrupted(cfg, spec, *a, **k):
+        calls.append(spec["name"])
+        if spec["name"] in stop_at:
+            raise RuntimeError("interrupted")  # as a SIGKILL would: test_init_resume_e2e.py kills the process
+        return real(cfg, spec, *a, **k)
+
+    monkeypatch.setattr(ip, "warm_up_member", interrupted)
+    cfg = InitConfig(**kw, out=tmp_path / "run")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        init_population(cfg, progress=False)
+    assert calls == ["seed", "m00", "m01"]
+    assert not cfg.out.exists() and ip.staging_dir(cfg).is_dir()  # no population yet, the finished members kept
+
+    calls.clear()
+    stop_at.clear()
+    run = init_population(cfg, progress=False)
+    assert calls == ["m01"]  # the seed and m00 were not trained again
+    assert not ip.staging_dir(cfg).exists()
+    assert _population_bytes(run.root) == _population_bytes(ref.root)
+
+
+def _population_bytes(root: Path) -> dict[str, object]:
+    """Every file of a population, the manifest without its creation time."""
+    out: dict[str, object] = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            rel = str(f.relative_to(root))
+            out[rel] = f.read_bytes()
+    manifest = json.loads(out.pop("population.json"))
+    manifest.pop("created_at")
+    out["population.json"] = manifest
+    return out
+
+
+def test_a_failed_init_leaves_no_staging_folder(tmp_path: Path):
+    cfg = InitConfig(base=tmp_path / "missing", out=tmp_path / "pop")
+    with pytest.raises(FileNotFoundError):
+        init_population(cfg, progress=False)
+    assert list(tmp_path.iterdir()) == []

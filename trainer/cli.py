@@ -19,6 +19,7 @@ from trainer.calibration import command as calibration
 from trainer.calibration.command import CalibrateConfig
 from trainer.evaluate import EvalConfig, format_disagreement, format_table, run_eval
 from trainer.evolve.config import EvolveConfig
+from trainer.evolve.executors import TaskFailed
 from trainer.evolve.loop import run_evolve
 from trainer.evolve.run import EvolveError, Interrupted
 from trainer.models import init_population as population_model
@@ -70,8 +71,10 @@ def substrate(config_file: Path | None, **overrides: Any) -> None:
 def init(config_file: Path | None, **overrides: Any) -> None:
     """Create a diverse starting population of PEFT LoRA adapters on a base model.
 
-    Members differ in seed, rank, dropout, learning rate and warm-up data (each one
-    focuses on one domain). Writes the population directory atomically.
+    Members differ in seed, rank, dropout, learning rate and warm-up data (each one focuses on
+    its slice: a domain, a level, a shard, or none; see `cut`). With `seed_share` > 0 a shared seed
+    trains first and members branch from it. Writes the population directory atomically, with each
+    member's training cost and the population's total.
     """
     cfg = _load(InitConfig, config_file, overrides)
     try:
@@ -79,9 +82,27 @@ def init(config_file: Path | None, **overrides: Any) -> None:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for m in population.manifest.members:
+        cost = m.info["training_cost"]
         click.echo(
-            f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, dropout {m.info['dropout']}, lr {m.info['lr']}, focus {m.info['focus_domain']}"
+            f"  {m.name}: rank {m.rank}, alpha {m.alpha:g}, dropout {m.info['dropout']}, lr {m.info['lr']}, "
+            f"{_slice(m.info)}; {cost['steps']} steps, {cost['target_tokens']} target tokens"
         )
+    total = population.manifest.training_cost or {}
+    click.echo(
+        f"  training cost: {total.get('steps')} steps, {total.get('tokens')} tokens ({total.get('target_tokens')} target)"
+    )
+
+
+def _slice(info: dict[str, Any]) -> str:
+    """What a member of `init` trained on, in words."""
+    if info.get("role") == "seed":
+        return "shared seed (every family)"
+    levels = ",".join(map(str, info.get("focus_difficulties") or []))
+    if info.get("focus_domain"):
+        return f"focus {info['focus_domain']} (levels {levels})"
+    if info.get("shard"):
+        return f"shard {info['shard'][0]} of {info['shard'][1]} (levels {levels})"
+    return f"every family (levels {levels})"
 
 
 @main.command()
@@ -281,6 +302,11 @@ def evolve(config_file: Path | None, resume: bool, quiet: bool, **overrides: Any
         sys.exit(130)
     except (EvolveError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    except TaskFailed as e:  # a member's training or scoring failed for its own reasons; nothing half-written
+        raise click.ClickException(
+            f"{e}; the last committed generation is intact (`--resume` continues from it; "
+            "`on_train_error: keep_member` keeps going past a failed training task)"
+        ) from None
     if records:
         click.echo(summary_table(records))
     click.echo(f"population: {root} (plots: ensemble-train report {root})")

@@ -130,9 +130,16 @@ def train_calls(
 def trained_weights(
     names: Sequence[str], weights: dict[str, LoraWeights], results: Sequence[dict[str, Any]]
 ) -> tuple[dict[str, LoraWeights], dict[str, list[float]]]:
-    """Each member's weights after its training task (unchanged when it did not train) and its losses."""
+    """Each member's weights after its training task (unchanged when it did not train, or when its task failed
+    and left a :class:`~trainer.evolve.executors.TaskError` in its place) and its losses (none then)."""
     trained, losses = {}, {}
     for m, res in zip(names, results):
-        trained[m] = lora_from_bytes(res["adapter"]) if res["trained"] else weights[m]
-        losses[m] = res["losses"]
+        ok = isinstance(res, dict)
+        trained[m] = lora_from_bytes(res["adapter"]) if ok and res["trained"] else weights[m]
+        losses[m] = res["losses"] if ok else []
     return trained, losses
+
+
+def failed_members(names: Sequence[str], results: Sequence[Any]) -> list[dict[str, str]]:
+    """The members whose training task failed (``on_train_error: keep_member``), with the error."""
+    return [{"member": m, "error": res.error} for m, res in zip(names, results) if not isinstance(res, dict)]

@@ -286,6 +286,21 @@ class EvolveConfig(FrozenConfig):
     executor: str = Field("local", description="Where gradient phases and scoring run: local | ray.")
     ray_address: str | None = Field(None, description="Ray cluster address (default: start a local Ray).")
     ray_workers: int = Field(2, ge=1, description="Workers of a local Ray.")
+    ray_max_retries: int = Field(
+        3,
+        ge=0,
+        description="How often a Ray task whose worker or node was lost is sent again (same arguments, same result); "
+        "each retry is recorded in the generation's history line (`retried`).",
+    )
+    ray_cpus_per_task: float = Field(1.0, gt=0, description="CPUs a Ray training or scoring task asks for.")
+    ray_gpus_per_task: float = Field(0.0, ge=0, description="GPUs a Ray training or scoring task asks for.")
+    on_train_error: Literal["stop", "keep_member"] = Field(
+        "stop",
+        description="When a member's training task fails for its own reasons (bad data, a NaN loss; never retried): "
+        "`stop` ends the run with the error (the last committed generation stays, `--resume` continues), "
+        "`keep_member` keeps the member's weights of the generation before and records the failure "
+        "(`train_failed` in the history line).",
+    )
     threads: int = Field(2, gt=0, description="torch threads per training/scoring task (fixed: results depend on it).")
     tensorboard: Path | None = Field(None, description="Also log scalars to TensorBoard in this folder.")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="vLLM memory fraction.")

@@ -23,6 +23,7 @@ import random
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ def train_member_task(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
             loss = model(**batch).loss
+            if not torch.isfinite(loss):  # the task's own failure: a retry would give the same
+                raise FloatingPointError(f"the training loss is {loss.item()} at step {step} of {steps}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -182,33 +185,84 @@ def score_member_task(
     }
 
 
+class TaskFailed(RuntimeError):
+    """A task failed for its own reasons (bad data, a NaN loss, a bug): retrying it would fail again."""
+
+
+@dataclass(frozen=True)
+class TaskError:
+    """In place of a result (``errors="return"``): the task `call` (its index) of `task` failed with `error`."""
+
+    task: str
+    call: int
+    error: str
+
+
+def _failed(fn: Callable[..., Any], i: int, e: BaseException, errors: str) -> TaskError:
+    if errors == "raise":
+        raise TaskFailed(f"{fn.__name__} (task {i}) failed: {type(e).__name__}: {e}") from e
+    return TaskError(fn.__name__, i, f"{type(e).__name__}: {e}")
+
+
 class LocalExecutor:
     """Runs tasks one after another in this process."""
 
     name = "local"
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[dict[str, Any]], on_done: Callable[[], None] | None = None):
+    def __init__(self) -> None:
+        self.retried: list[dict[str, Any]] = []  # never: a task here fails only for its own reasons
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        calls: Sequence[dict[str, Any]],
+        on_done: Callable[[], None] | None = None,
+        errors: str = "raise",
+    ) -> list[Any]:
+        """The results in order. A task that raises: :class:`TaskFailed`, or with ``errors="return"`` a
+        :class:`TaskError` in its place."""
         results = []
-        for kwargs in calls:
-            results.append(fn(**kwargs))
+        for i, kwargs in enumerate(calls):
+            try:
+                results.append(fn(**kwargs))
+            except Exception as e:
+                results.append(_failed(fn, i, e, errors))
             if on_done:
                 on_done()
         return results
+
+    def take_retries(self) -> list[dict[str, Any]]:
+        out, self.retried = self.retried, []
+        return out
 
     def shutdown(self) -> None:
         pass
 
 
 class RayExecutor:
-    """Runs tasks as Ray tasks (one CPU each) on a cluster, or on a local Ray with `workers` CPUs.
+    """Runs tasks as Ray tasks on a cluster (`address`), or on a local Ray with `workers` CPUs.
 
-    The base model is read from the same path on every node (a shared file
-    system, or the same folder on each machine); adapters travel as bytes.
+    The base model is read from the same path on every node (a shared file system, or the same
+    folder on each machine); adapters travel as bytes. Each task asks for `cpus` CPUs and `gpus` GPUs.
+
+    A task whose worker or node is lost (the process crashed or was killed, the node died) is sent
+    again with the same arguments, at most `max_retries` times: a task's result is a pure function of
+    its arguments, so a retry gives what the lost attempt would have. Each retry is recorded in
+    ``retried`` (the generation's history line says what was retried). A task that raises for its own
+    reasons is not retried (see :meth:`map`).
     """
 
     name = "ray"
 
-    def __init__(self, address: str | None, workers: int, threads: int):
+    def __init__(
+        self,
+        address: str | None,
+        workers: int,
+        threads: int,
+        max_retries: int = 3,
+        cpus: float = 1.0,
+        gpus: float = 0.0,
+    ):
         try:
             import ray
         except ImportError:
@@ -227,30 +281,84 @@ class RayExecutor:
                 ray.init(num_cpus=workers, include_dashboard=False, runtime_env=env, log_to_driver=False)
             self._started = True
         self._threads = threads
+        self._max_retries, self._cpus, self._gpus = max_retries, cpus, gpus
         self._remote: dict[Callable[..., Any], Any] = {}
+        self.retried: list[dict[str, Any]] = []
+        # what Ray raises when the attempt, not the task, failed
+        self._lost = (
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError,
+            ray.exceptions.OwnerDiedError,
+            ray.exceptions.ObjectLostError,
+            ray.exceptions.LocalRayletDiedError,
+        )
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[dict[str, Any]], on_done: Callable[[], None] | None = None):
+    def map(
+        self,
+        fn: Callable[..., Any],
+        calls: Sequence[dict[str, Any]],
+        on_done: Callable[[], None] | None = None,
+        errors: str = "raise",
+    ) -> list[Any]:
+        """The results in order. A lost attempt is retried (above); a task that raises: :class:`TaskFailed`,
+        or with ``errors="return"`` a :class:`TaskError` in its place. A task still lost after
+        `max_retries` retries raises :class:`RuntimeError` whatever `errors` says (the cluster is failing)."""
         ray = self._ray
         remote = self._remote.get(fn)
         if remote is None:
-            remote = self._remote[fn] = ray.remote(num_cpus=1, max_retries=0)(fn)
-        refs = [remote.remote(**kwargs) for kwargs in calls]
-        pending = list(refs)
+            # Ray's own retries are off: this loop retries, so that it can count and record them
+            remote = self._remote[fn] = ray.remote(num_cpus=self._cpus, num_gpus=self._gpus, max_retries=0)(fn)
+        which = {remote.remote(**kwargs): i for i, kwargs in enumerate(calls)}
+        results: list[Any] = [None] * len(calls)
+        attempts = [1] * len(calls)
+        pending = list(which)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            if on_done:
-                for _ in done:
+            for ref in done:
+                i = which.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except self._lost as e:
+                    if attempts[i] > self._max_retries:
+                        raise RuntimeError(
+                            f"{fn.__name__} (task {i}): its worker was lost {attempts[i]} times "
+                            f"(ray_max_retries {self._max_retries}); last: {type(e).__name__}"
+                        ) from e
+                    self.retried.append(
+                        {"task": fn.__name__, "call": i, "attempt": attempts[i], "error": type(e).__name__}
+                    )
+                    attempts[i] += 1
+                    again = remote.remote(**calls[i])
+                    which[again] = i
+                    pending.append(again)
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    results[i] = _failed(fn, i, e.cause if e.cause is not None else e, errors)
+                if on_done:
                     on_done()
-        return ray.get(refs)
+        return results
+
+    def take_retries(self) -> list[dict[str, Any]]:
+        """The retries since the last call (and forget them)."""
+        out, self.retried = self.retried, []
+        return out
 
     def shutdown(self) -> None:
         if self._started:
             self._ray.shutdown()
 
 
-def make_executor(kind: str, address: str | None = None, workers: int = 2, threads: int = 2):
+def make_executor(
+    kind: str,
+    address: str | None = None,
+    workers: int = 2,
+    threads: int = 2,
+    max_retries: int = 3,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+):
     if kind == "local":
         return LocalExecutor()
     if kind == "ray":
-        return RayExecutor(address, workers, threads)
+        return RayExecutor(address, workers, threads, max_retries, cpus, gpus)
     raise ValueError(f"unknown executor {kind!r}; known: local, ray")

@@ -62,7 +62,14 @@ from ensemble_serve.shared.voting import Candidate
 from trainer.engines import EngineMismatch, check_engine, population_lora_rank
 from trainer.evolve import operators
 from trainer.evolve.audit import label_audit
-from trainer.evolve.calls import add_scores, embed_chains, score_calls, train_calls, trained_weights
+from trainer.evolve.calls import (
+    add_scores,
+    embed_chains,
+    failed_members,
+    score_calls,
+    train_calls,
+    trained_weights,
+)
 from trainer.evolve.commit import PENDING_FILE, has_record, read_pending, write_generation
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.curriculum import PROPOSERS, CurriculumError, Plan, ProposerContext, after_self_play
@@ -129,6 +136,8 @@ class Evolver:
             except EngineMismatch as e:
                 raise EvolveError(str(e)) from None
         self.executor = None
+        self.retried: list[dict[str, Any]] = []  # this generation's retried Ray tasks
+        self.train_failed: list[dict[str, str]] = []  # this generation's failed training tasks (keep_member)
         self.tb = TensorBoardLog(cfg.tensorboard)
         self._snapshots = tempfile.TemporaryDirectory(prefix="ensemble-evolve-adapters-")
         self.stop_state = {"stop": False}
@@ -153,6 +162,7 @@ class Evolver:
         g = pop.manifest.generation + 1
         record = record_base(self.run, cfg, g)
         seconds: dict[str, float] = {}
+        self.retried, self.train_failed = [], []
 
         plan = None
         if cfg.curriculum.enabled:  # 0. the curriculum: what this generation practises
@@ -195,6 +205,10 @@ class Evolver:
         record.update(
             seconds=seconds, **fitness_summary(result), train=train_summary(ev, labels, examples), members=members
         )
+        if self.retried:  # lost workers whose tasks ran again (same arguments, same results)
+            record["retried"] = list(self.retried)
+        if self.train_failed:
+            record["train_failed"] = list(self.train_failed)
         # reported only: the answers below are drawn apart from the batch and never read back
         truth = plan.truth if plan is not None else generation_truth(cfg, g, self.dataset)
         record["labels_audit"] = label_audit(ev, labels, truth)
@@ -319,7 +333,10 @@ class Evolver:
     ) -> tuple[dict[str, LoraWeights], dict[str, list[float]]]:
         """The gradient phase: every member fine-tuned on its examples; returns the weights and losses."""
         calls = train_calls(pop, weights, examples, self.cfg, g)
-        return trained_weights(pop.names, weights, self._map(train_member_task, calls, "train"))
+        errors = "return" if self.cfg.on_train_error == "keep_member" else "raise"
+        results = self._map(train_member_task, calls, "train", errors)
+        self.train_failed = failed_members(pop.names, results)
+        return trained_weights(pop.names, weights, results)
 
     def _commit(self, manifest: Manifest, adapters: dict[str, LoraWeights], record: dict[str, Any]) -> None:
         """Write generation `manifest` (new adapters + atomic manifest swap); on failure the previous one stays."""
@@ -389,16 +406,30 @@ class Evolver:
 
     def _executor(self):
         if self.executor is None:
+            cfg = self.cfg
             self.executor = make_executor(
-                self.cfg.executor, self.cfg.ray_address, self.cfg.ray_workers, self.cfg.threads
+                cfg.executor,
+                cfg.ray_address,
+                cfg.ray_workers,
+                cfg.threads,
+                cfg.ray_max_retries,
+                cfg.ray_cpus_per_task,
+                cfg.ray_gpus_per_task,
             )
         return self.executor
 
-    def _map(self, task: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]], desc: str) -> list[Any]:
-        """Run the task calls on the executor (results in order), with a progress bar."""
+    def _map(
+        self, task: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]], desc: str, errors: str = "raise"
+    ) -> list[Any]:
+        """Run the task calls on the executor (results in order), with a progress bar; the retries of lost
+        attempts are kept for the generation's record."""
         bar = tqdm(total=len(calls), desc=desc, disable=not self.progress, unit="task", leave=False)
-        results = self._executor().map(task, calls, on_done=lambda: bar.update(1))
-        bar.close()
+        executor = self._executor()
+        try:
+            results = executor.map(task, calls, on_done=lambda: bar.update(1), errors=errors)
+        finally:
+            self.retried.extend(executor.take_retries())
+            bar.close()
         return results
 
     def close(self) -> None:

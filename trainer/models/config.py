@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -83,6 +84,15 @@ class InitConfig(FrozenConfig):
         description="Branch-Train-Merge: the share of the budget (members x warmup_steps) spent first on one shared "
         "seed adapter trained on every domain alike; members then continue from its weights for the rest, and "
         "the seed stays in the population as its general expert (member `seed`). 0: members start from scratch.",
+    )
+    cut: Literal["family", "level", "shard", "seed"] = Field(
+        "family",
+        description="How the members' own data is cut (each member draws `focus_weight` of its warm-up from its own "
+        "slice, the rest from everything): `family`, member i's slice is domain i mod #domains at "
+        "`focus_difficulties`; `level`, one level of `focus_difficulties` (i mod #levels) in every domain; `shard`, "
+        "every domain at `focus_difficulties`, only the problems whose prompt hashes to shard i of #members (a "
+        "random split); `seed`, every domain at `focus_difficulties` for every member, which then differ by seed "
+        "and data order only (a deep ensemble).",
     )
     batch_size: int = Field(32, gt=0, description="Warm-up batch size.")
     focus_weight: float = Field(

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import random
-import tempfile
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -42,11 +42,14 @@ SEED_MEMBER = "seed"
 
 
 def member_plan(cfg: InitConfig, domains: Sequence[str] | None = None) -> list[dict]:
-    """The hyper-parameters of each member: seeds, ranks, dropouts, lrs and focus domains differ.
+    """The hyper-parameters of each member: seeds, ranks, dropouts, lrs and the slice of the data it focuses on.
 
-    Member i focuses on ``domains[i mod len(domains)]`` (default: the config's domains).
+    The slice follows ``cfg.cut``: ``family``, member i focuses on ``domains[i mod len(domains)]`` (default: the
+    config's domains); ``level``, on level i mod #levels of the focus levels in every domain; ``shard``, on
+    shard i (of ``members``) of every domain's focus levels; ``seed``, on every domain's focus levels (no slice).
     """
     domains = list(domains or cfg.domains)
+    levels = list(cfg.focus_difficulties or cfg.difficulties)
     plan = []
     nr, nd, nl = len(cfg.ranks), len(cfg.dropouts), len(cfg.lrs)
     for i in range(cfg.members):
@@ -59,22 +62,54 @@ def member_plan(cfg: InitConfig, domains: Sequence[str] | None = None) -> list[d
                 "alpha": cfg.alpha_over_rank * rank,
                 "dropout": cfg.dropouts[(i // nr) % nd],
                 "lr": cfg.lrs[(i + i // nr) % nl],
-                "focus": domains[i % len(domains)],
+                "focus": domains[i % len(domains)] if cfg.cut == "family" else None,
+                "levels": [levels[i % len(levels)]] if cfg.cut == "level" else levels,
+                "shard": i if cfg.cut == "shard" else None,
+                "shards": cfg.members,
             }
         )
     return plan
 
 
-def focus_stream(cfg: InitConfig, focus: str, seed: int) -> Iterator[Problem]:
-    """Problems for one member: `focus_weight` of them from its focus domain, the rest from all."""
+def in_shard(prompt: str, shard: int, shards: int) -> bool:
+    """Whether a problem belongs to a shard: a stable hash of its prompt, so shards are disjoint and random."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % shards == shard
+
+
+def focus_stream(
+    cfg: InitConfig,
+    focus: str | None,
+    seed: int,
+    levels: Sequence[int] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Iterator[Problem]:
+    """Problems for one member: `focus_weight` of them from its own slice, the rest from all domains.
+
+    The slice: the `focus` domain (None: every domain) at `levels` (default: the focus levels), and with
+    ``shard=(i, n)`` only the problems of shard i of n (:func:`in_shard`).
+    """
     rng = random.Random(f"focus-mix:{seed}")
-    focus_levels = cfg.focus_difficulties or cfg.difficulties
-    focused = iter_problems(seed=seed, split="train", domains=[focus], difficulties=list(focus_levels))
+    focus_levels = list(levels or cfg.focus_difficulties or cfg.difficulties)
+    own = iter_problems(
+        seed=seed, split="train", domains=[focus] if focus else list(cfg.domains), difficulties=focus_levels
+    )
+    focused = (p for p in own if shard is None or in_shard(p.prompt, *shard))
     mixed = iter_problems(
         seed=seed + 10_000, split="train", domains=list(cfg.domains), difficulties=list(cfg.difficulties)
     )
     while True:
         yield next(focused) if rng.random() < cfg.focus_weight else next(mixed)
+
+
+def spec_stream(cfg: InitConfig, spec: dict, user_problems: Sequence[Problem] | None) -> Iterator[Problem]:
+    """A planned member's warm-up stream (its slice of the sandbox, or of the user's dataset)."""
+    shard = None if spec.get("shard") is None else (spec["shard"], spec["shards"])
+    if user_problems is not None:
+        levels = spec.get("levels") if cfg.cut == "level" else cfg.focus_difficulties
+        return dataset_stream(
+            user_problems, spec["seed"], spec["focus"], cfg.focus_weight, levels, shard=shard, whole=cfg.cut != "family"
+        )
+    return focus_stream(cfg, spec["focus"], spec["seed"], spec.get("levels"), shard)
 
 
 def _shuffled_forever(rows: Sequence[Problem], rng: random.Random) -> Iterator[Problem]:
@@ -101,11 +136,14 @@ def dataset_stream(
     focus: str | None = None,
     focus_weight: float = 0.0,
     focus_difficulties: Sequence[int] | None = None,
+    shard: tuple[int, int] | None = None,
+    whole: bool = False,
 ) -> Iterator[Problem]:
     """An endless shuffled stream over a user's dataset (rows need a chain to train on).
 
-    With a `focus` domain, `focus_weight` of the rows come from that domain (at `focus_difficulties`, if
-    given) and the rest from the whole dataset, each part reshuffled after every pass.
+    With a `focus` domain (or ``whole``: every domain), `focus_weight` of the rows come from that slice (at
+    `focus_difficulties`, if given, and in shard ``(i, n)``, if given) and the rest from the whole dataset,
+    each part reshuffled after every pass.
     """
     rng = random.Random(f"dataset:{seed}")
     usable = [p for p in problems if p.chain]
@@ -113,9 +151,13 @@ def dataset_stream(
         raise ValueError("the dataset has no rows with a `chain` to warm members up on")
     mixed = _shuffled_forever(usable, rng)
     focused_rows = [
-        p for p in usable if p.domain == focus and (not focus_difficulties or p.difficulty in set(focus_difficulties))
+        p
+        for p in usable
+        if (whole or p.domain == focus)
+        and (not focus_difficulties or p.difficulty in set(focus_difficulties))
+        and (shard is None or in_shard(p.prompt, *shard))
     ]
-    if focus is None or focus_weight <= 0 or not focused_rows:
+    if (focus is None and not whole) or focus_weight <= 0 or not focused_rows:
         yield from mixed
         return
     focused = _shuffled_forever(focused_rows, random.Random(f"dataset-focus:{seed}"))
@@ -181,10 +223,13 @@ def warm_up_member(
 
 
 def _set_base_name(adapter_dir: Path, base_name: str, base_path: Path | None = None) -> None:
-    """Record the base model's identifier (not this machine's path) in adapter_config.json and PEFT's model card."""
+    """Record the base model's identifier (not this machine's path) in adapter_config.json and PEFT's model card,
+    and its target modules in a stable order (the same bytes from every run)."""
     path = adapter_dir / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base_name
+    if isinstance(config.get("target_modules"), list):  # PEFT writes a set: its order changes from process to process
+        config["target_modules"] = sorted(config["target_modules"])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     card = adapter_dir / "README.md"
     if card.is_file() and base_path is not None:
@@ -206,9 +251,16 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
     started = time.perf_counter()
     members: list[Member] = []
     seed_steps, member_steps = branch_budget(cfg)
-    with tempfile.TemporaryDirectory(prefix="ensemble-init-") as work:
+    out_root = Path(cfg.out)
+    work = staging_dir(cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        done = [n for n in [SEED_MEMBER] * bool(seed_steps) + [spec["name"] for spec in plan] if _trained(work, n)]
+        if done and progress:
+            print(f"resuming: {len(done)} trained member(s) kept from an interrupted run ({', '.join(done)})")
         sources: dict[str, Path] = {}
-        bar = tqdm(total=seed_steps + member_steps * len(plan), desc="warm-up", disable=not progress, unit="step")
+        total_steps = seed_steps + member_steps * len(plan)
+        bar = tqdm(total=total_steps, desc="warm-up", disable=not progress, unit="step")
         seed_dir = None
         if seed_steps:
             # Branch-Train-Merge's shared seed: one adapter on every domain alike, which every member
@@ -219,24 +271,15 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
                 if user_problems is not None
                 else focus_stream(_everything(cfg), cfg.domains[0], spec["seed"])
             )
-            seed_dir = Path(work) / SEED_MEMBER
-            cost = {"steps": seed_steps, "examples": 0, "tokens": 0, "target_tokens": 0}
-            loss = warm_up_member(cfg, spec, stream, seed_dir, base_name, bar, cost)
+            seed_dir, loss, cost = _train_once(cfg, spec, stream, work, base_name, bar, seed_steps)
             sources[SEED_MEMBER] = seed_dir
             members.append(_member(spec, cfg, loss, cost, role="seed"))
         for spec in plan:
-            stream = (
-                dataset_stream(user_problems, spec["seed"], spec["focus"], cfg.focus_weight, cfg.focus_difficulties)
-                if user_problems is not None
-                else focus_stream(cfg, spec["focus"], spec["seed"])
-            )
-            out = Path(work) / spec["name"]
-            cost = {"steps": member_steps, "examples": 0, "tokens": 0, "target_tokens": 0}
-            loss = warm_up_member(cfg, spec, stream, out, base_name, bar, cost, init_from=seed_dir)
+            stream = spec_stream(cfg, spec, user_problems)
+            out, loss, cost = _train_once(cfg, spec, stream, work, base_name, bar, member_steps, init_from=seed_dir)
             sources[spec["name"]] = out
             members.append(_member(spec, cfg, loss, cost, role="branch" if seed_dir else "specialist"))
         bar.close()
-        out_root = Path(cfg.out)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             base_model=BaseModelRef(
@@ -246,13 +289,61 @@ def init_population(cfg: InitConfig, progress: bool = True) -> Population:
             ),
             generation=0,
             members=members,
+            training_cost=total_cost(members),
             config_hash=_config_hash(cfg),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         population = create_population(out_root, manifest, sources, overwrite=cfg.overwrite)
+    except BaseException:
+        if not any(work.iterdir()):  # nothing trained to keep for a rerun
+            work.rmdir()
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     if progress:
         print(f"wrote {len(members)} members to {cfg.out} in {time.perf_counter() - started:.0f}s")
     return population
+
+
+def staging_dir(cfg: InitConfig) -> Path:
+    """Where `init` keeps each member as soon as it is trained, beside the output and named by the config's hash:
+    a run that is killed and started again with the same config keeps the members it finished."""
+    out = Path(cfg.out).absolute()
+    return out.parent / f".{out.name}.init-{_config_hash(cfg)}"
+
+
+def _trained(work: Path, name: str) -> bool:
+    return (work / f"{name}.json").is_file() and (work / name / "adapter_model.safetensors").is_file()
+
+
+def _train_once(
+    cfg: InitConfig,
+    spec: dict,
+    stream: Iterator[Problem],
+    work: Path,
+    base_name: str,
+    bar: tqdm,
+    steps: int,
+    init_from: Path | None = None,
+) -> tuple[Path, float, dict[str, int]]:
+    """Train one member into ``work/<name>`` (written aside, then renamed), or keep the one a killed run finished.
+
+    Its loss and cost go to ``work/<name>.json`` last, so a member counts as done only once all of it is there.
+    """
+    name, out = spec["name"], work / spec["name"]
+    if _trained(work, name):
+        record = json.loads((work / f"{name}.json").read_text())
+        bar.update(steps)
+        return out, record["loss"], record["cost"]
+    partial = work / f"{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    cost = {"steps": steps, "examples": 0, "tokens": 0, "target_tokens": 0}
+    loss = warm_up_member(cfg, spec, stream, partial, base_name, bar, cost, init_from=init_from)
+    partial.rename(out)
+    tmp = work / f"{name}.json.tmp"
+    tmp.write_text(json.dumps({"loss": loss, "cost": cost}))
+    tmp.rename(work / f"{name}.json")
+    return out, loss, cost
 
 
 def _everything(cfg: InitConfig) -> InitConfig:
@@ -272,6 +363,16 @@ def branch_budget(cfg: InitConfig) -> tuple[int, int]:
     return seed_steps, (budget - seed_steps) // cfg.members
 
 
+def total_cost(members: Sequence[Member]) -> dict[str, int]:
+    """The sum of the members' recorded training costs (members without one count nothing)."""
+    total = {"steps": 0, "examples": 0, "tokens": 0, "target_tokens": 0}
+    for m in members:
+        for k, v in (m.info.get("training_cost") or {}).items():
+            if k in total:
+                total[k] += int(v)
+    return total
+
+
 def _member(spec: dict, cfg: InitConfig, loss: float, cost: dict[str, int], role: str) -> Member:
     return Member(
         name=spec["name"],
@@ -284,8 +385,12 @@ def _member(spec: dict, cfg: InitConfig, loss: float, cost: dict[str, int], role
             "role": role,
             "lr": spec["lr"],
             "dropout": spec["dropout"],
+            "cut": cfg.cut if role != "seed" else None,
             "focus_domain": spec["focus"],
-            "focus_difficulties": list(cfg.focus_difficulties or cfg.difficulties) if spec["focus"] else None,
+            "focus_difficulties": (
+                None if role == "seed" else list(spec.get("levels") or cfg.focus_difficulties or cfg.difficulties)
+            ),
+            **({"shard": [spec["shard"], spec["shards"]]} if spec.get("shard") is not None and role != "seed" else {}),
             "warmup_steps": cost["steps"],
             "warmup_loss": round(loss, 4),
             "training_cost": cost,
@@ -294,4 +399,4 @@ def _member(spec: dict, cfg: InitConfig, loss: float, cost: dict[str, int], role
 
 
 def _config_hash(cfg: InitConfig) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    return hashlib.sha256(cfg.model_dump_json(exclude={"out", "overwrite"}).encode()).hexdigest()[:16]

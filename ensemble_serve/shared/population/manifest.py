@@ -176,6 +176,12 @@ class Manifest(_Frozen):
     voting_weights: dict[str, float] | None = Field(
         default=None, description="Per-member voting weight (>= 0); keys must be member names."
     )
+    training_cost: dict[str, int] | None = Field(
+        default=None,
+        description="What training the population cost in all (optional): the sum of its members' "
+        "`info.training_cost` ({'steps', 'examples', 'tokens', 'target_tokens'}), a branched population's seed "
+        "included, as `ensemble-train init` wrote it.",
+    )
     config_hash: str | None = Field(default=None, description="Hash of the training config that produced it.")
     created_at: str | None = Field(default=None, description="Creation time (ISO 8601).")
 
