@@ -342,3 +342,16 @@ def test_specialisation_plot_is_a_png_and_empty_tables_give_none():
     assert png is not None and png.startswith(b"\x89PNG")
     assert plot_specialisation({}) is None
     assert plot_specialisation({"add": {}}) is None
+
+
+def test_the_phases_plot_shows_where_a_generations_time_goes(tmp_path: Path) -> None:
+    from trainer.study.report.figures import plot_phases
+    from trainer.study.report.records import parse_records
+
+    records = parse_records(history())
+    assert records[1].seconds == {"generate": 12.1, "score": 3.2, "train": 20.5, "evolve": 0.4, "eval": 15.0}
+    assert plot_phases(records).startswith(PNG_MAGIC)
+    bare = [{k: v for k, v in r.items() if k != "seconds"} for r in history()]
+    assert plot_phases(parse_records(bare)) is None  # no times recorded: no plot
+    with pytest.raises(ReportError, match="`seconds` must be an object"):
+        parse_records([{**history()[0], "seconds": "fast"}])

@@ -187,3 +187,33 @@ def plot_labels(records: Sequence[GenerationRecord]) -> bytes | None:
     if backoffs:
         title += f" (back-off in generation {', '.join(map(str, backoffs))})"
     return _line_plot(records, png_lines, title, "share")
+
+
+#: The phases of a generation in the order they run (others recorded are drawn after them).
+PHASES = ("propose", "generate", "score", "train", "evolve", "eval")
+
+
+def plot_phases(records: Sequence[GenerationRecord]) -> bytes | None:
+    """Wall seconds per phase of each generation, stacked: which phase to scale out first."""
+    timed = [r for r in records if r.seconds]
+    if not timed:
+        return None
+    phases = [p for p in PHASES if any(p in r.seconds for r in timed)]
+    phases += sorted({p for r in timed for p in r.seconds} - set(phases))
+    fig = new_figure(7, 3.8)
+    ax = fig.add_subplot()
+    x = [r.generation for r in timed]
+    bottom = [0.0] * len(timed)
+    for i, phase in enumerate(phases):
+        h = [r.seconds.get(phase, 0.0) for r in timed]
+        ax.bar(x, h, bottom=bottom, label=phase, color=f"C{i % 10}")
+        bottom = [b + v for b, v in zip(bottom, h)]
+    total = {p: sum(r.seconds.get(p, 0.0) for r in timed) for p in phases}
+    heaviest = max(total, key=lambda p: total[p])
+    ax.set_xlabel("generation")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"time per phase ({heaviest}: {total[heaviest] / max(1e-9, sum(total.values())):.0%} of the run)")
+    ax.legend(fontsize=8, ncols=3)
+    ax.grid(True, axis="y", alpha=0.3)
+    generation_ticks(ax, x, 0.6)
+    return to_png(fig)

@@ -22,6 +22,7 @@ from trainer.study.report.figures import (
     plot_fitness,
     plot_labels,
     plot_levels,
+    plot_phases,
     plot_votes,
 )
 from trainer.study.report.lineage import build_lineage, plot_lineage
@@ -33,7 +34,7 @@ __all__ = ["HTML_FILE", "PLOT_NAMES", "REPORT_DIR", "write_report"]
 REPORT_DIR = "report"
 HTML_FILE = "report.html"
 #: Plot names in page order; each is written as ``<name>.png`` when it has data.
-PLOT_NAMES = ("fitness", "accuracy", "levels", "labels", "diversity", "domains", "lineage", "votes")
+PLOT_NAMES = ("fitness", "accuracy", "levels", "labels", "diversity", "domains", "lineage", "votes", "phases")
 #: Fitness statistics, in column order.
 FITNESS_KEYS = ("best", "mean", "min")
 
@@ -56,6 +57,7 @@ _PLOT_TITLES = {
     "domains": "Accuracy by domain",
     "lineage": "Lineage",
     "votes": "Vote agreement",
+    "phases": "Time per phase",
 }
 
 
@@ -183,6 +185,7 @@ def write_report(
         "domains": lambda: plot_domains(domains),
         "lineage": lambda: plot_lineage(build_lineage(records, manifest)),
         "votes": lambda: plot_votes(records),
+        "phases": lambda: plot_phases(records),
     }
     images: dict[str, bytes] = {}
     paths: dict[str, Path] = {}

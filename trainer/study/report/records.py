@@ -83,6 +83,8 @@ class GenerationRecord:
     backoffs: int = 0
     """Curriculum back-offs this generation."""
     skipped: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per phase (propose, generate, score, train, evolve, eval)."""
 
 
 class _Checker:
@@ -216,6 +218,7 @@ def _parse_record(raw: Mapping[str, Any], index: int, previous: int | None) -> G
             for e in c.sequence(c.mapping(raw.get("curriculum"), "curriculum").get("events"), "curriculum.events")
         ),
         skipped=raw.get("skipped") is not None,
+        seconds=c.number_map(raw.get("seconds"), "seconds"),
     )
 
 
