@@ -302,8 +302,9 @@ def main() -> None:
                 ("ensemble", ensemble, "ensemble", None),
                 ("ensemble + system", ensemble, "ensemble+system", None),
             ]
-            if (pop.manifest.ensemble_defaults or {}) != ALL_MEMBERS:
-                conditions.append(("ensemble, every member x1, no router", ensemble, "ensemble", ALL_MEMBERS))
+            every = {**ALL_MEMBERS, "members": len(pop.names)}  # a count: the defaults' `members` would apply
+            if (pop.manifest.ensemble_defaults or {}) != every:
+                conditions.append(("ensemble, every member x1, no router", ensemble, "ensemble", every))
             conditions += [
                 ("base SC@8", base_name, "sc", None),
                 (f"best member SC@8 ({best})", best, "sc", None),
@@ -363,6 +364,16 @@ def main() -> None:
     report(args, problems, best, seconds, results, lat)
 
 
+def cli_args(args: argparse.Namespace) -> list[str]:
+    """The arguments of this run as a command line (none that is unset; --from-rows is not a setting)."""
+    out = []
+    for k, v in vars(args).items():
+        if v is None or k == "from_rows":
+            continue
+        out += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    return out
+
+
 def report(
     args: argparse.Namespace,
     problems: Sequence[Problem],
@@ -405,8 +416,7 @@ def report(
     write_json(
         "real",
         {
-            "command": "python bench/real.py "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "from_rows"),
+            "command": "python bench/real.py " + " ".join(cli_args(args)),
             "machine": machine(),
             "problems": len(problems),
             "best_member": best,
