@@ -171,13 +171,16 @@ def generalists_for(args: argparse.Namespace, seed: int) -> dict[str, dict[str, 
 async def ask_ensemble(
     client: openai.AsyncOpenAI, model: str, p: Problem, options: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    r = await client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": p.prompt}],
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        extra_body={"ensemble": options},
-    )
+    try:
+        r = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": p.prompt}],
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            extra_body={"ensemble": options},
+        )
+    except openai.APIStatusError as e:  # a rule this population cannot run (said in the results, never chosen)
+        return {"correct": False, "tokens": 0, "error": f"{e.status_code}: {e.message}"}
     text = r.choices[0].message.content or ""
     return {"correct": verify(p, text).correct, "tokens": r.usage.completion_tokens}
 
@@ -213,11 +216,14 @@ async def evaluate_population(
             on_val = {}
             for label, opts in cands.items():
                 recs = await gather([ask_ensemble(client, name, p, opts, args) for p in val], args.concurrency, bar)
+                errors = sorted({r["error"] for r in recs if "error" in r})
                 on_val[label] = {
                     "accuracy": float(np.mean([r["correct"] for r in recs])),
                     "tokens_per_problem": float(np.mean([r["tokens"] for r in recs])),
+                    **({"errors": errors} if errors else {}),
                 }
-            chosen = max(cands, key=lambda k: (on_val[k]["accuracy"], -on_val[k]["tokens_per_problem"]))
+            usable = [k for k in cands if "errors" not in on_val[k]]
+            chosen = max(usable, key=lambda k: (on_val[k]["accuracy"], -on_val[k]["tokens_per_problem"]))
             default = await gather(
                 [ask_ensemble(client, name, p, cands[chosen], args) for p in test], args.concurrency, bar
             )
