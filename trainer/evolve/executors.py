@@ -204,13 +204,22 @@ def _failed(fn: Callable[..., Any], i: int, e: BaseException, errors: str) -> Ta
     return TaskError(fn.__name__, i, f"{type(e).__name__}: {e}")
 
 
-class LocalExecutor:
-    """Runs tasks one after another in this process."""
-
-    name = "local"
+class _Executor:
+    """What every executor keeps: the tasks it ran again because their worker was lost."""
 
     def __init__(self) -> None:
-        self.retried: list[dict[str, Any]] = []  # never: a task here fails only for its own reasons
+        self.retried: list[dict[str, Any]] = []
+
+    def take_retries(self) -> list[dict[str, Any]]:
+        """The retries since the last call (and forget them)."""
+        out, self.retried = self.retried, []
+        return out
+
+
+class LocalExecutor(_Executor):
+    """Runs tasks one after another in this process (nothing to retry: a task here fails only for its own reasons)."""
+
+    name = "local"
 
     def map(
         self,
@@ -231,15 +240,11 @@ class LocalExecutor:
                 on_done()
         return results
 
-    def take_retries(self) -> list[dict[str, Any]]:
-        out, self.retried = self.retried, []
-        return out
-
     def shutdown(self) -> None:
         pass
 
 
-class RayExecutor:
+class RayExecutor(_Executor):
     """Runs tasks as Ray tasks on a cluster (`address`), or on a local Ray with `workers` CPUs.
 
     The base model is read from the same path on every node (a shared file system, or the same
@@ -263,6 +268,7 @@ class RayExecutor:
         cpus: float = 1.0,
         gpus: float = 0.0,
     ):
+        super().__init__()
         try:
             import ray
         except ImportError:
@@ -283,7 +289,6 @@ class RayExecutor:
         self._threads = threads
         self._max_retries, self._cpus, self._gpus = max_retries, cpus, gpus
         self._remote: dict[Callable[..., Any], Any] = {}
-        self.retried: list[dict[str, Any]] = []
         # what Ray raises when the attempt, not the task, failed
         self._lost = (
             ray.exceptions.WorkerCrashedError,
@@ -337,11 +342,6 @@ class RayExecutor:
                 if on_done:
                     on_done()
         return results
-
-    def take_retries(self) -> list[dict[str, Any]]:
-        """The retries since the last call (and forget them)."""
-        out, self.retried = self.retried, []
-        return out
 
     def shutdown(self) -> None:
         if self._started:
