@@ -95,3 +95,17 @@ def test_a_shipped_copy_without_its_base_path_is_refused_in_one_line(tmp_path: P
 def test_an_unknown_embedded_ensemble_is_a_usage_error():
     result = CliRunner().invoke(serve_main, ["up", "--embedded", "toy"])
     assert result.exit_code == 2 and "embedded" in result.output
+
+
+def test_a_toy_lora_offered_to_the_real_base_is_refused_by_name_and_by_shape(two_default_servers, tmp_path: Path):
+    from ensemble_serve.shared.bring_your_own import AdapterSpec, import_adapters
+    from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
+    from ensemble_serve.shared.population import PopulationError
+
+    root, _ = two_default_servers
+    real_base = next(p for p in (root / "cache" / "models").iterdir() if not p.name.startswith("."))
+    toy_member = EMBEDDED_POPULATION / "members" / "m00"  # a LoRA of the sandbox's from-scratch toy
+    for kw, words in (({}, "adapter 'm00' was trained on"), ({"ignore_base_name": True}, "made for another base")):
+        with pytest.raises(PopulationError, match=words):
+            import_adapters(real_base, [AdapterSpec("m00", toy_member)], tmp_path / "pop", **kw)
+        assert not (tmp_path / "pop").exists()
