@@ -33,7 +33,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,8 @@ from scipy import stats
 from ensemble_serve.shared.embedded import EMBEDDED_REAL_POPULATION, embedded_real_gguf
 from ensemble_serve.shared.gguf import cached_conversion
 from ensemble_serve.shared.population import load_population
-from ensemble_serve.shared.voting.answers import answers_equal, extract_answer, normalize_answer
+from ensemble_serve.shared.voting import candidate_from_text, vote
+from ensemble_serve.shared.voting.answers import answers_equal
 from trainer.tasks.natural import NATURAL_FAMILIES, NATURAL_LEVELS, natural_problems
 from trainer.tasks.sandbox import Problem, load_jsonl
 
@@ -109,20 +109,11 @@ def merged_model(base: Path, adapter: Path, out: Path) -> Path:
     return out
 
 
-def vote(texts: Sequence[tuple[str, bool]]) -> tuple[str | None, int]:
-    """The majority answer of (text, finished) chains under `natural` (as the server's majority), and how many had one."""
-    votes: Counter[str] = Counter()
-    first: dict[str, int] = {}
-    for i, (text, finished) in enumerate(texts):
-        ex = extract_answer(text, "natural" if finished else "auto")
-        if ex.ok:
-            key = normalize_answer(ex.value)
-            votes[key] += 1
-            first.setdefault(key, i)
-    if not votes:
-        return None, 0
-    top = max(votes, key=lambda a: (votes[a], -first[a]))
-    return top, sum(votes.values())
+def vote_chains(texts: Sequence[tuple[str, bool]]) -> tuple[str | None, int]:
+    """The majority answer of (text, finished) chains under `natural`, with the voting code the server uses
+    (a chain cut off at max_tokens counts only with a marker), and how many chains had an answer."""
+    cands = [candidate_from_text("sc", i, text, 0, "natural", finished=done) for i, (text, done) in enumerate(texts)]
+    return vote(cands, "majority").answer, sum(c.status == "ok" for c in cands)
 
 
 async def run_condition(
@@ -164,7 +155,7 @@ async def run_condition(
             )
             seconds = time.perf_counter() - t0
         if kind == "sc":
-            answer, found = vote([(c.message.content or "", c.finish_reason != "length") for c in r.choices])
+            answer, found = vote_chains([(c.message.content or "", c.finish_reason != "length") for c in r.choices])
             chains = len(r.choices)
         else:
             info = (r.model_extra or {}).get("ensemble") or {}

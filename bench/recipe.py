@@ -29,19 +29,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openai
 from _common import RESULTS, ServerSet, add_common_args, ask_self_consistency, md_table, wait_quiet, write_results
-from specialists import interval, paired
+from specialists import generalist_lr, generalist_streams, interval, paired
 from tqdm import tqdm
 
 from ensemble_serve.shared.cliutil import load_config
@@ -49,7 +47,7 @@ from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE
 from ensemble_serve.shared.population import load_population
 from ensemble_serve.testing.servers import ROOT
 from trainer.models.config import InitConfig
-from trainer.models.init_population import init_population, member_plan, spec_stream, warm_up_member
+from trainer.models.init_population import init_population, member_plan, warm_up_member
 from trainer.plotting import new_figure, to_png
 from trainer.tasks.sandbox import Problem, generate_problems, verify
 
@@ -130,24 +128,15 @@ def population_for(args: argparse.Namespace, seed: int, share: float, cut: str) 
     }
 
 
-def union_stream(cfg: InitConfig, seed: int) -> Iterator[Problem]:
-    """The union of the family cut's members' data: their own streams, interleaved at random (equal shares)."""
-    streams = [spec_stream(cfg, m, None) for m in member_plan(cfg)]
-    rng = random.Random(f"generalist:{seed}")
-    while True:
-        yield next(rng.choice(streams))
-
-
 def generalists_for(args: argparse.Namespace, seed: int) -> dict[str, dict[str, Any]]:
     """Rank r and rank M x r generalists, each M x steps on the union of the members' data; cached by config."""
     cfg0 = init_config(args, seed, 0.0, "family", WORK / "unused")
     plan = member_plan(cfg0)
     r, m = plan[0]["rank"], len(plan)
     steps = m * args.steps
-    lr = float(np.median([p["lr"] for p in plan]))
     made = {}
     for rank in (r, m * r):
-        rank_lr = lr * math.sqrt(r / rank)  # bench/specialists.py: the specialists' lr diverged at rank N x r
+        rank_lr = generalist_lr(plan, rank)
         name = f"generalist-r{rank}"
         out = WORK / f"seed{seed}-{name}-{steps}-lr{rank_lr:.5f}"
         cost_file = out / "training_cost.json"
@@ -158,7 +147,13 @@ def generalists_for(args: argparse.Namespace, seed: int) -> dict[str, dict[str, 
             with tqdm(total=steps, desc=name, unit="step") as bar:
                 t0 = time.perf_counter()
                 loss = warm_up_member(
-                    cfg, {**spec, "lr": rank_lr}, union_stream(cfg, seed), out, "sandbox-substrate", bar, cost
+                    cfg,
+                    {**spec, "lr": rank_lr},
+                    generalist_streams(cfg, plan, f"generalist:{seed}"),
+                    out,
+                    "sandbox-substrate",
+                    bar,
+                    cost,
                 )
             cost_file.write_text(json.dumps({**cost, "train_s": time.perf_counter() - t0, "final_loss": loss}))
         made[name] = {"rank": rank, "lr": rank_lr, "path": out, "training_cost": json.loads(cost_file.read_text())}

@@ -69,7 +69,7 @@ from ensemble_serve.shared.cliutil import load_config
 from ensemble_serve.shared.embedded import EMBEDDED_SUBSTRATE
 from ensemble_serve.testing.servers import ROOT
 from trainer.models.config import InitConfig
-from trainer.models.init_population import focus_stream, member_plan, warm_up_member
+from trainer.models.init_population import member_plan, spec_stream, warm_up_member
 from trainer.plotting import new_figure, to_png
 from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, verify
 
@@ -89,12 +89,19 @@ CANDIDATES: dict[str, dict] = {
 # ------------------------------------------------------------------ the generalist baselines
 
 
-def generalist_streams(init_cfg, members: list[dict]) -> Iterator[Problem]:
+def generalist_streams(init_cfg, members: list[dict], seed: str = "generalist") -> Iterator[Problem]:
     """The union of the specialists' data: their own streams, interleaved at random (equal shares)."""
-    streams = [focus_stream(init_cfg, m["focus"], m["seed"]) for m in members]
-    rng = random.Random("generalist")
+    streams = [spec_stream(init_cfg, m, None) for m in members]
+    rng = random.Random(seed)
     while True:
         yield next(rng.choice(streams))
+
+
+def generalist_lr(members: list[dict], rank: int) -> float:
+    """The members' median lr, scaled by sqrt(r / rank): at rank N*r the specialists' lr diverged (loss 0.1 -> 2.8
+    within 1400 steps at 0.004), since the update's size grows with the rank at a fixed alpha/rank."""
+    r = max(m["rank"] for m in members)
+    return float(np.median([m["lr"] for m in members])) * math.sqrt(r / rank)
 
 
 def train_generalists(out_root: Path) -> dict[str, dict]:
@@ -103,13 +110,10 @@ def train_generalists(out_root: Path) -> dict[str, dict]:
     plan = member_plan(init_cfg)
     r = max(m["rank"] for m in plan)
     steps = init_cfg.warmup_steps * len(plan)
-    lr = float(np.median([m["lr"] for m in plan]))
     made = {}
     for rank in (r, r * len(plan)):
         name = f"generalist-r{rank}"
-        # the specialists' learning rate diverged at rank N*r (loss 0.1 -> 2.8 within 1400 steps at 0.004):
-        # the update's size grows with the rank at a fixed alpha/rank, so the lr shrinks by sqrt(r / rank)
-        rank_lr = lr * math.sqrt(r / rank)
+        rank_lr = generalist_lr(plan, rank)
         out = out_root / f"{name}-{steps}-lr{rank_lr:.5f}"
         made[name] = {"rank": rank, "steps": steps, "lr": rank_lr, "path": out}
         if (out / "adapter_model.safetensors").is_file():
