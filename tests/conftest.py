@@ -81,11 +81,12 @@ def tiny_engine(tiny_population: Path, tmp_path_factory: pytest.TempPathFactory)
 def realshape():
     """The real-shaped Qwen2 test model and its three PEFT adapters (trainer/testing/realshape.py).
 
-    Built once into <repo>/.cache/ (a few minutes on 2 cores; `make realshape` does it ahead), then reused.
+    Installed into the user's cache from the copy in tests/assets/ when its key is current, else built
+    there (about 90 s on 2 cores; `make realshape` does it ahead), then reused.
     """
     from trainer.testing.realshape import build_realshape
 
-    return build_realshape()
+    return build_realshape(shipped=Path(__file__).parent / "assets")
 
 
 @pytest.fixture(scope="session")

@@ -62,4 +62,4 @@ def test_calibrate_without_labels_then_vote_with_the_table(tmp_path):
             assert cal["used"] is True and cal["domain"] == domain and cal["method"] == "agreement"
             assert resp.model_extra["ensemble"]["rule"] in ("calibrated", "calibrated->majority")
     finally:
-        server.stop()
+        server.kill()

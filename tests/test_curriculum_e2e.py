@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,15 +63,19 @@ def _history_without_times(root: Path) -> list[dict]:
     return out
 
 
-@pytest.mark.timeout(1800)  # three evolve processes, each starting vLLM
-def test_curriculum_run_killed_and_resumed_ends_byte_identical(tiny_population: Path, tmp_path: Path):
+@pytest.mark.timeout(1800)  # two evolve processes, each starting vLLM, and a run on the session's engine
+def test_curriculum_run_killed_and_resumed_ends_byte_identical(tiny_population: Path, tiny_engine, tmp_path: Path):
     cfg = tmp_path / "curriculum.yaml"
     cfg.write_text(yaml.safe_dump({**CURRICULUM, "seed": 4}))
     common = ["--config", str(cfg), "--population", str(tiny_population), "--generations", "3"]
 
+    from trainer.evolve.config import EvolveConfig
+    from trainer.evolve.loop import run_evolve
+
+    # the reference, uninterrupted, in process on the session's engine
     ref = tmp_path / "ref"
-    code, out = _finish(_cli(*common, "--out", str(ref)))
-    assert code == 0, out[-3000:]
+    ref_cfg = EvolveConfig(**CURRICULUM, seed=4, population=tiny_population, out=ref, generations=3)
+    run_evolve(ref_cfg, progress=False, engine=tiny_engine)
 
     run = tmp_path / "run"
     proc = _cli(*common, "--out", str(run))
@@ -113,10 +115,12 @@ def test_curriculum_run_killed_and_resumed_ends_byte_identical(tiny_population: 
     start = {m.info.get("focus_domain") for m in load_population(tiny_population).manifest.members}
     assert start <= {m.info.get("focus_domain") for m in load_population(run).manifest.members}
 
-    report = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "report", str(run)], cwd=ROOT, capture_output=True, text=True
-    )
-    assert report.returncode == 0, report.stderr
+    from click.testing import CliRunner
+
+    from trainer.cli import main as train_main
+
+    report = CliRunner().invoke(train_main, ["report", str(run)])  # in-process: no engine, no second interpreter
+    assert report.exit_code == 0, report.output
     for name in ("levels", "labels"):
         assert (run / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -26,7 +26,7 @@ def shipped(tmp_path_factory: pytest.TempPathFactory):
     population = copy_embedded(root, as_shipped=True)
     srv = start_server(population, root / "server.log", "--no-watch", "--served-model-name", ENSEMBLE)
     yield srv, read_manifest(population)
-    srv.stop()
+    srv.kill()
 
 
 def _ask(client: openai.OpenAI, prompt: str, system: str | None = None, **kw):

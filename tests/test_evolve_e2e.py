@@ -105,17 +105,24 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return train, heldout
 
 
-@pytest.mark.timeout(1800)  # four evolve processes, each starting vLLM
-def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, dataset, tmp_path: Path):
+@pytest.mark.timeout(1800)  # three evolve processes, each starting vLLM, and a run on the session's engine
+def test_kill_resume_and_ray_give_the_same_population(tiny_population: Path, tiny_engine, dataset, tmp_path: Path):
+    from trainer.evolve.config import EvolveConfig
+    from trainer.evolve.loop import run_evolve
+
     train, heldout = dataset
+    settings = {**SMALL, "data": str(train), "eval_data": str(heldout), "seed": 3}
     cfg = tmp_path / "evolve.yaml"
-    cfg.write_text(yaml.safe_dump({**SMALL, "data": str(train), "eval_data": str(heldout), "seed": 3}))
+    cfg.write_text(yaml.safe_dump(settings))
     common = ["--config", str(cfg), "--population", str(tiny_population), "--generations", "3"]
 
-    # reference: uninterrupted, gradient phases and scoring on a local Ray with 2 workers
+    # reference: uninterrupted, gradient phases and scoring on a local Ray with 2 workers, sampling on the
+    # session's engine (other tests used it before: its state must not show in the result either)
     ref = tmp_path / "ref"
-    code, out = _finish(_cli(*common, "--out", str(ref), "--executor", "ray", "--ray-workers", "2"))
-    assert code == 0, out[-3000:]
+    ref_cfg = EvolveConfig(
+        **settings, population=tiny_population, out=ref, generations=3, executor="ray", ray_workers=2
+    )
+    run_evolve(ref_cfg, progress=False, engine=tiny_engine)
     assert [r["generation"] for r in read_history(ref)] == [0, 1, 2, 3]
 
     # the same run on the local executor, SIGKILLed once generation 1 is recorded (mid generation 2)

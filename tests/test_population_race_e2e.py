@@ -44,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     )
     srv = start_server(population, root / "server.log", "--no-watch", "--served-model-name", ENSEMBLE)
     yield srv
-    srv.stop()
+    srv.kill()
 
 
 def _expected(manifest: Any) -> dict[str, Any]:

@@ -37,11 +37,11 @@ def two_default_servers(tmp_path_factory: pytest.TempPathFactory):
         wait_healthy(servers, timeout=900)
     except RuntimeError:
         for s in servers:
-            s.stop()
+            s.kill()
         raise
     yield root, servers
     for s in servers:
-        s.stop()
+        s.kill()
 
 
 @pytest.fixture(scope="module")

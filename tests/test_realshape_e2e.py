@@ -113,7 +113,7 @@ def server(population: Path, tmp_path_factory: pytest.TempPathFactory):
         population, log, "--served-model-name", ENSEMBLE, "--watch-interval", "0.5", "--max-model-len", "2048"
     )
     yield srv
-    srv.stop()
+    srv.kill()
 
 
 @pytest.fixture()
@@ -329,7 +329,7 @@ def test_up_with_model_and_lora_modules(realshape, tmp_path: Path) -> None:
         _clean(resp.choices[0].message.content)
         assert len(resp.model_extra["ensemble"]["members"]) == 4
     finally:
-        srv.stop()
+        srv.kill()
 
 
 # ---------------------------------------------------------------- remote mode and evolve
@@ -399,9 +399,9 @@ def test_remote_mode_with_vllm_servers_holding_part_of_the_members_each(
         assert ens_info["members"] and "all16" not in ens_info["members"], ens_info
     finally:
         if ens is not None:
-            ens.stop()
+            ens.kill()
         for srv in servers.values():
-            srv.stop()
+            srv.kill()
 
 
 def test_one_generation_of_evolve(population: Path, data: Path, tmp_path: Path) -> None:

@@ -225,6 +225,14 @@ def test_the_digest_covers_the_settings(monkeypatch: pytest.MonkeyPatch) -> None
     assert rs.build_digest() != before
 
 
+def test_the_digest_ignores_comments_docstrings_and_formatting_but_not_code() -> None:
+    text = Path(rs.__file__).read_text()
+    key = rs._code_digest(text)
+    reworded = text.replace('"""The cache key', '"""THE cache key').replace("# ---", "#  ---")
+    assert reworded != text and rs._code_digest(reworded) == key
+    assert rs._code_digest(text.replace("def _build(", "def _build_renamed(")) != key
+
+
 def test_a_build_lands_whole_with_done_last_and_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
     _stub_build(monkeypatch, calls)
@@ -257,6 +265,56 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(results) == 3 and len(set(r.base for r in results)) == 1
+
+
+SHIPPED = Path(__file__).parent / "assets"
+
+
+def test_the_shipped_build_is_the_current_key() -> None:
+    """tests/assets holds the build of today's key: a clean clone's suite installs it instead of training.
+
+    After a change to trainer/testing/realshape.py (or its settings, or a library's version) this fails:
+    refresh the copy with `python -m trainer.testing.realshape --ship tests/assets`.
+    """
+    shipped = [p.name for p in SHIPPED.glob("realshape-*")]
+    assert shipped == [f"realshape-{rs.build_digest()}"], (
+        f"tests/assets holds {shipped}, the current key is realshape-{rs.build_digest()}: "
+        "run `python -m trainer.testing.realshape --ship tests/assets`"
+    )
+    folder = SHIPPED / shipped[0]
+    assert (folder / rs.DONE).is_file()
+    for f in rs._base_references(folder):  # no folder of the machine that built it
+        text = f.read_text()
+        assert "/" + "root" not in text and ".cache" not in text, f
+        if f.name == "adapter_config.json":
+            assert json.loads(text)["base_model_name_or_path"] == rs.SHIPPED_BASE
+
+
+def test_a_shipped_build_installs_without_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    _stub_build(monkeypatch, calls)
+    shape = rs.build_realshape(tmp_path / "cache", shipped=SHIPPED)
+    assert calls == [], "trained although a shipped build of the current key exists"
+    assert (shape.base / "model.safetensors").is_file() and (shape.base.parent / rs.DONE).is_file()
+    for name, folder in shape.adapters.items():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(shape.base), name  # named as a build names it
+        assert rs.SHIPPED_BASE not in (folder / "README.md").read_text()
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))
+
+
+def test_a_shipped_build_of_another_key_or_without_done_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    _stub_build(monkeypatch, calls)
+    shipped = tmp_path / "assets"
+    (shipped / "realshape-000000000000").mkdir(parents=True)  # an old key
+    (shipped / "realshape-000000000000" / rs.DONE).write_text("built\n")
+    (shipped / f"realshape-{rs.build_digest()}" / "base").mkdir(parents=True)  # the current key, incomplete
+    out = tmp_path / "cache" / f"realshape-{rs.build_digest()}"
+    rs.build_realshape(tmp_path / "cache", shipped=shipped)
+    assert calls == [out]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     population = copy_embedded(root)
     srv = start_server(population, root / "server.log", "--watch-interval", "0.5", "--served-model-name", ENSEMBLE)
     yield srv
-    srv.stop()
+    srv.kill()
 
 
 def _train_router(population, members: list[str]):

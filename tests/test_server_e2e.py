@@ -29,7 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         population, root / "server.log", "--watch-interval", "0.5", "--served-model-name", "sandbox-ensemble"
     )
     yield srv
-    srv.stop()
+    srv.kill()
 
 
 @pytest.fixture()

@@ -4,7 +4,10 @@ One helper for both: tests and the scripts in bench/ import it as `ensemble_serv
 own session) with its output in a log file, and `wait_healthy` waits until its `GET /health`
 answers 200 (recording `started_s`); one that exits first, or does not come up in time, fails
 with the error lines of its log and its tail. `Server.stop` sends SIGTERM (SIGKILL after a
-grace), then SIGKILL to whatever is left of its group (vLLM's engine core and workers).
+grace), then SIGKILL to whatever is left of its group (vLLM's engine core and workers); `Server.kill`
+SIGKILLs the group at once. Test fixtures end their servers with `kill`: vLLM's engine takes about
+7 s to stop on SIGTERM (its worker and engine-core grace periods), and the graceful path has tests
+of its own (tests/hostile/test_termination_e2e.py).
 Measurements: a Prometheus metric's samples (`metric`) and the CPU time of a server's process
 group (`ServerProcess.cpu_seconds`).
 """
@@ -184,7 +187,7 @@ class ServerProcess:
         return f"server {self.name} {what}:\n" + "\n".join(errors) + "\n...\n" + text[-4000:]
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (API server, engine core, workers) at once: a crash."""
+        """SIGKILL the whole process group (API server, engine core, workers) at once: a crash, or a fast teardown."""
         self._kill_group()
         self.proc.wait()
 

@@ -53,4 +53,4 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield Cluster(root, population, a, b, ensemble, started)
     finally:
         for proc in reversed(started):
-            proc.stop()
+            proc.kill()

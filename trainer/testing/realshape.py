@@ -24,14 +24,22 @@ right, which splits them the same way, so `tokenizers`, transformers and vLLM al
 
 `build_realshape()` builds it once into the user's cache (`~/.cache/ensemble-serve/realshape-<hash>/`,
 see `ensemble_serve.shared.fsutil.cache_dir`), outside any checkout, so every clone and CI run on a
-machine reuses one build while its key holds (the hash covers this file, its settings and the versions
+machine reuses one build while its key holds (the hash covers this file's code, its settings and the versions
 of the libraries that shape the result, so a change rebuilds; a file lock keeps two processes from
 building at once), and returns the paths.
 `python -m trainer.testing.realshape` (or `make realshape`) builds it and prints them.
+
+A built copy also ships in the repository (`tests/assets/realshape-<hash>/`, 2.6 MB, written by
+`python -m trainer.testing.realshape --ship tests/assets`): when its hash is the current key,
+`build_realshape(shipped=...)` installs it into the cache instead of training (a clean clone's test
+run skips the 90 s build); when the key has moved on (this file, its settings or a library changed),
+it builds as before. The shipped adapters name their base as `../../base`; installing names the
+cache's base folder, as a build does.
 """
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
 import json
@@ -126,17 +134,32 @@ class RealShape:
         return json.loads((self.base.parent / REPORT).read_text())
 
 
+def _code_digest(text: str) -> bytes:
+    """This file's code as Python parses it: comments, docstrings and formatting leave the key alone."""
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def build_digest() -> str:
-    """The cache key: this file's text, the settings and the versions of the libraries used."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
+    """The cache key: this file's code, the settings and the versions of the libraries used."""
+    h = hashlib.sha256(_code_digest(Path(__file__).read_text()))
     h.update(json.dumps(SETTINGS, sort_keys=True).encode())
     for name in LIBRARIES:
         h.update(f"{name}=={metadata.version(name)}".encode())
     return h.hexdigest()[:12]
 
 
-def build_realshape(cache_root: Path | None = None) -> RealShape:
-    """The cached build in `cache_root` (default: the user's cache, `cache_dir()`), built first if missing."""
+def build_realshape(cache_root: Path | None = None, shipped: Path | None = None) -> RealShape:
+    """The cached build in `cache_root` (default: the user's cache, `cache_dir()`), made first if missing.
+
+    Made by installing `shipped/realshape-<key>/` when that folder holds a complete build of the current
+    key, else by building.
+    """
     cache_root = Path(cache_root) if cache_root is not None else cache_dir()
     cache_root.mkdir(parents=True, exist_ok=True)
     out = cache_root / f"realshape-{build_digest()}"
@@ -144,8 +167,55 @@ def build_realshape(cache_root: Path | None = None) -> RealShape:
         with open(cache_root / "realshape.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then reuse its build
             if not (out / DONE).is_file():
-                _build(out)
+                source = Path(shipped) / out.name if shipped is not None else None
+                if source is not None and (source / DONE).is_file():
+                    _install(source, out)
+                else:
+                    _build(out)
     return RealShape(base=out / "base", adapters={name: out / "adapters" / name for name in SETTINGS["adapters"]})
+
+
+SHIPPED_BASE = "../../base"  # how a shipped adapter names its base: the base folder, from the adapter's folder
+
+
+def _base_references(folder: Path) -> list[Path]:
+    """The files of a build that name the base folder: each adapter's config and PEFT model card."""
+    return [
+        f
+        for name in SETTINGS["adapters"]
+        for f in (folder / "adapters" / name).glob("*")
+        if f.suffix in (".json", ".md")
+    ]
+
+
+def ship_realshape(dest_root: Path, cache_root: Path | None = None) -> Path:
+    """Copy the current build (made first if missing) to `dest_root/realshape-<key>/` for the repository.
+
+    Older shipped keys in `dest_root` are removed; the copy names no folder of this machine.
+    """
+    shape = build_realshape(cache_root)
+    src = shape.base.parent
+    dest_root = Path(dest_root)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    for old in dest_root.glob("realshape-*"):
+        shutil.rmtree(old)
+    dest = dest_root / src.name
+    shutil.copytree(src, dest)
+    for f in _base_references(dest):
+        f.write_text(f.read_text().replace(str(shape.base), SHIPPED_BASE))
+    return dest
+
+
+def _install(source: Path, out: Path) -> None:
+    """A shipped build into the cache: copied to a temporary sibling, its base named, then renamed into place."""
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    for f in _base_references(tmp):
+        f.write_text(f.read_text().replace(SHIPPED_BASE, str(out / "base")))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,8 +484,15 @@ def _train_adapter(base: Path, tok, name: str, spec: dict[str, Any], folder: Pat
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the real-shaped test model into the cache.")
+    parser.add_argument("--ship", type=Path, help="also copy the build here for the repository (tests/assets)")
+    args = parser.parse_args()
     t0 = time.perf_counter()
     shape = build_realshape()
+    if args.ship:
+        print(f"shipped: {ship_realshape(args.ship)}")
     print(f"base: {shape.base}")
     for adapter_name, adapter_path in shape.adapters.items():
         print(f"adapter {adapter_name}: {adapter_path}")
