@@ -14,6 +14,7 @@ from ensemble_serve.shared.bring_your_own import import_adapters, parse_lora_mod
 from ensemble_serve.shared.cliutil import ConfigError, NargsCommand, config_options, load_config
 from ensemble_serve.shared.embedded import embedded_real_gguf
 from ensemble_serve.shared.gguf import SOURCE_FILE, GGUFError, cached_conversion, convert_gguf
+from ensemble_serve.shared.offline_remote import RemoteRequestError, RemoteSetupError, RemoteUnavailable
 from ensemble_serve.shared.population import PopulationError, copy_with_base_path, load_population
 from trainer.calibration import command as calibration
 from trainer.calibration.command import CalibrateConfig
@@ -32,6 +33,9 @@ from trainer.study.ablate.config import AblateConfig
 from trainer.study.report import ReportError, load_records, summary_table, write_report
 from trainer.tasks.natural import natural_problems
 from trainer.tasks.sandbox import generate_problems, save_jsonl
+
+# what a command on remote vLLM servers (--remote) may meet: each message names the server and what to do
+REMOTE_ERRORS = (RemoteSetupError, RemoteUnavailable, RemoteRequestError)
 
 
 def _load(model: type[BaseModel], config_file: Path | None, overrides: dict[str, Any]) -> Any:
@@ -268,7 +272,7 @@ def eval_(config_file: Path | None, update_manifest: bool, **overrides: Any) -> 
     cfg = _load(EvalConfig, config_file, overrides)
     try:
         result = run_eval(cfg, update_manifest=update_manifest)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, *REMOTE_ERRORS) as e:
         raise click.ClickException(str(e)) from None
     click.echo(
         f"{result['problems']} problems, engine load {result['engine_load_seconds']}s, "
@@ -307,6 +311,11 @@ def evolve(config_file: Path | None, resume: bool, quiet: bool, **overrides: Any
             f"{e}; the last committed generation is intact (`--resume` continues from it; "
             "`on_train_error: keep_member` keeps going past a failed training task)"
         ) from None
+    except (RemoteUnavailable, RemoteRequestError) as e:  # the generation in progress is not committed
+        raise click.ClickException(
+            f"{e}; the last committed generation is intact: `ensemble-train evolve --out {cfg.out or cfg.population} "
+            "--resume` continues from it once a server answers"
+        ) from None
     if records:
         click.echo(summary_table(records))
     click.echo(f"population: {root} (plots: ensemble-train report {root})")
@@ -325,7 +334,7 @@ def calibrate(config_file: Path | None, **overrides: Any) -> None:
     cfg = _load(CalibrateConfig, config_file, overrides)
     try:
         report = calibration.run_calibrate(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, *REMOTE_ERRORS) as e:
         raise click.ClickException(str(e)) from None
     click.echo(calibration.format_report(report))
 
@@ -346,7 +355,7 @@ def router(config_file: Path | None, dry_run: bool, **overrides: Any) -> None:
     cfg = _load(RouterCommandConfig, config_file, overrides)
     try:
         result = router_command.run_router(cfg, dry_run=dry_run)
-    except (router_command.RouteError, FileNotFoundError) as e:
+    except (router_command.RouteError, FileNotFoundError, *REMOTE_ERRORS) as e:
         raise click.ClickException(str(e)) from None
     click.echo(router_command.format_report(result))
     if cfg.out:

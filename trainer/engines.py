@@ -15,7 +15,9 @@ from pathlib import Path
 
 from ensemble_serve.shared.engine_config import smallest_vllm_rank
 from ensemble_serve.shared.offline_engine import OfflineEngine
+from ensemble_serve.shared.offline_remote import RemoteOfflineEngine
 from ensemble_serve.shared.population import Population
+from trainer.settings import RemoteSettings
 
 
 class EngineMismatch(ValueError):
@@ -81,5 +83,17 @@ def check_engine(engine: OfflineEngine, population: Population, rank: int | None
 def attach(engine: OfflineEngine, population: Population, rank: int | None = None) -> OfflineEngine:
     """`engine`, checked (:func:`check_engine`) and serving exactly `population`'s members."""
     check_engine(engine, population, rank)
-    engine.registry.sync(population)
+    engine.sync(population)
     return engine
+
+
+def remote_engine(population: Population, settings: RemoteSettings) -> RemoteOfflineEngine:
+    """An engine on `settings.remote`'s vLLM servers, serving `population` (they are checked first)."""
+    return RemoteOfflineEngine(
+        population,
+        settings.remote,
+        api_key=settings.remote_api_key,
+        adapter_dir=settings.remote_adapter_dir,
+        adapter_dir_on_servers=settings.remote_adapter_dir_on_servers,
+        concurrency=settings.remote_concurrency,
+    )

@@ -19,11 +19,19 @@ from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import load_population
 from ensemble_serve.shared.voting.answers import MODES
 from trainer.scoring import disagreement_table, greedy_answers, member_accuracy, record_domain_scores
-from trainer.settings import ALL_DOMAINS, FrozenConfig, alternatives, check_difficulties, check_domains, one_of
+from trainer.settings import (
+    ALL_DOMAINS,
+    FrozenConfig,
+    RemoteSettings,
+    alternatives,
+    check_difficulties,
+    check_domains,
+    one_of,
+)
 from trainer.tasks.sandbox import Problem, generate_problems, load_jsonl
 
 
-class EvalConfig(FrozenConfig):
+class EvalConfig(FrozenConfig, RemoteSettings):
     """`ensemble-train eval`: per-domain accuracy of each member, generated with vLLM."""
 
     population: Path = Field(Path("runs/population"), description="Population directory to evaluate.")
@@ -102,6 +110,7 @@ def run_eval(cfg: EvalConfig, update_manifest: bool = False, engine: OfflineEngi
         cfg.max_tokens,
         EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=None),
         engine=engine,
+        remote=cfg,
         answer=cfg.answer,
         progress=True,
         seconds=seconds,

@@ -27,10 +27,12 @@ from typing import Any
 
 from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.offline_engine import OfflineEngine
+from ensemble_serve.shared.offline_remote import RemoteOfflineEngine
 from ensemble_serve.shared.population import Population, load_population, read_manifest, write_manifest
 from ensemble_serve.shared.voting import Candidate, candidate_from_text
 from ensemble_serve.shared.voting.answers import answers_equal
-from trainer.engines import attach
+from trainer.engines import attach, remote_engine
+from trainer.settings import RemoteSettings
 from trainer.tasks.sandbox import Problem
 
 BASE = "(base)"
@@ -85,20 +87,24 @@ def greedy_answers(
     engine_cfg: EngineConfig,
     *,
     engine: OfflineEngine | None = None,
+    remote: RemoteSettings | None = None,
     answer: str = "natural",
     progress: bool = False,
     seconds: dict[str, float] | None = None,
 ) -> dict[str | None, list[Candidate]]:
     """:func:`greedy_candidates` on `engine` (a caller's: checked, synced to `population`, left running),
     or on an engine started with `engine_cfg` for this call and dropped before returning, so what
-    the command loads next (the router's features) does not share the memory with it.
+    the command loads next (the router's features) does not share the memory with it; with
+    `remote.remote`, on those vLLM servers instead (this call's adapters are unloaded at the end).
 
     `seconds`, when given, receives ``engine_load`` and ``generate``.
     """
     timing = seconds if seconds is not None else {}
     started = time.perf_counter()
     own = None
-    if engine is None:
+    if engine is None and remote is not None and remote.remote:
+        engine = own = remote_engine(population, remote)
+    elif engine is None:
         engine = own = OfflineEngine(population, engine_cfg)
     else:
         attach(engine, population)
@@ -110,6 +116,8 @@ def greedy_answers(
         timing["generate"] = round(time.perf_counter() - started, 1)
         engine = None
         if own is not None:
+            if isinstance(own, RemoteOfflineEngine):
+                own.close()  # the servers keep running; this command's adapters leave them
             del own
             gc.collect()
 

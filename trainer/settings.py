@@ -12,8 +12,9 @@ code, and the refusal lists the names the registry knows.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trainer.tasks.sandbox import DOMAINS, LEVELS
 
@@ -24,6 +25,38 @@ class FrozenConfig(BaseModel):
     """Base of the command configs: immutable, and a misspelt key is an error, not a silent default."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RemoteSettings(BaseModel):
+    """Where a command's chains are sampled: remote vLLM servers (`--remote`), else an engine in this process.
+
+    Shared by `evolve`, `eval`, `router` and `calibrate` (ensemble_serve/shared/offline_remote.py says
+    what a server must run and how members reach it).
+    """
+
+    remote: tuple[str, ...] = Field(
+        (),
+        description="Base URLs of vLLM OpenAI servers on the population's base model, started with "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora, that sample the chains; empty: an engine in this process.",
+    )
+    remote_api_key: str | None = Field(None, description="API key of the remote vLLM servers (their --api-key).")
+    remote_adapter_dir: Path | None = Field(
+        None,
+        description="A folder the servers read, where the members are copied for them to load "
+        "(default: beside the population, .NAME.remote-adapters).",
+    )
+    remote_adapter_dir_on_servers: Path | None = Field(
+        None, description="remote_adapter_dir as the servers see it, where they mount it at another path."
+    )
+    remote_concurrency: int = Field(32, ge=1, description="Requests in flight per remote server.")
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [u for u in v if not u.strip().startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"remote servers must be http:// or https:// URLs, got {bad}")
+        return tuple(u.strip() for u in v)
 
 
 def check_domains(v: tuple[str, ...]) -> tuple[str, ...]:

@@ -52,6 +52,14 @@ class OfflineEngine:
         self.llm: LLM = LLM(**engine_kwargs(population, self.cfg))
         self.tokenizer = self.llm.get_tokenizer()
 
+    def sync(self, population: Population) -> None:
+        """Serve exactly `population`'s members (new content gets a fresh LoRA id; see `AdapterRegistry`)."""
+        self.registry.sync(population)
+
+    def take_events(self) -> list[dict]:
+        """Faults met since the last call: none in process (the remote engine reports its servers')."""
+        return []
+
     def chat_prompt(self, user_message: str) -> str:
         """The base model's chat template applied to one user turn."""
         return self.tokenizer.apply_chat_template(

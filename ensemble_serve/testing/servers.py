@@ -366,6 +366,9 @@ def start_vllm(
         str(64 * 2**20),
         # the CPU sampler dies on a seeded request whose prefill is split over engine steps
         "--no-enable-chunked-prefill",
+        # every prompt computed whole: which prompts reuse a cached prefix depends on when they arrive,
+        # and a reused prefix can round differently, so the chains would depend on timing
+        "--no-enable-prefix-caching",
         max_loras=4,
     )
     return launch(VLLMServer, name, args, port, log, append=True, env=env, api_key=VLLM_KEY)

@@ -15,6 +15,7 @@ from ensemble_serve.testing.servers import (
 MEMBERS = [f"m0{i}" for i in range(8)]
 SERVED_BY = {"a": MEMBERS[:4], "b": MEMBERS[4:]}
 START_TIMEOUT = 300.0
+RUNTIME_LORA = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}  # POST /v1/load_lora_adapter, for the trainer's --remote
 
 
 @dataclass
@@ -28,7 +29,15 @@ class Cluster:
 
     def restart_b(self) -> VLLMServer:
         """B again on the same port (after a kill)."""
-        b = start_vllm("b", self.root / "substrate", self.population, SERVED_BY["b"], self.b.log, port=self.b.port)
+        b = start_vllm(
+            "b",
+            self.root / "substrate",
+            self.population,
+            SERVED_BY["b"],
+            self.b.log,
+            port=self.b.port,
+            env=RUNTIME_LORA,
+        )
         self.started.append(b)
         self.b = b
         return b

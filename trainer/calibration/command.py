@@ -44,13 +44,13 @@ from ensemble_serve.shared.router import DEFAULT_FEATURE, RouterFeatures
 from ensemble_serve.shared.voting import Candidate, VoteContext, vote
 from trainer.calibration.agreement import fit_one_coin
 from trainer.scoring import answer_is_right, greedy_answers, is_right
-from trainer.settings import ALL_DOMAINS, FrozenConfig, check_difficulties, check_domains
+from trainer.settings import ALL_DOMAINS, FrozenConfig, RemoteSettings, check_difficulties, check_domains
 from trainer.tasks.sandbox import Problem, generate_problems, load_jsonl
 
 ALL = "all"
 
 
-class CalibrateConfig(FrozenConfig):
+class CalibrateConfig(FrozenConfig, RemoteSettings):
     """`ensemble-train calibrate`: the reliability table of a population."""
 
     population: Path = Field(Path("runs/population"), description="Population directory to calibrate.")
@@ -179,7 +179,7 @@ def run_calibrate(cfg: CalibrateConfig, engine: OfflineEngine | None = None) -> 
     elif any(p.answer is None for p in problems):
         raise ValueError("labels: ground_truth needs an answer on every problem (or use labels: hidden)")
     ecfg = EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization)
-    answers = greedy_answers(population, population.names, problems, cfg.max_tokens, ecfg, engine=engine)
+    answers = greedy_answers(population, population.names, problems, cfg.max_tokens, ecfg, engine=engine, remote=cfg)
     cands: dict[str, list[Candidate]] = {m: row for m, row in answers.items() if m is not None}
     method: Method = "labelled" if cfg.labels == "ground_truth" else "agreement"
     estimates = {"agreement": agreement_estimates(problems, cands)}

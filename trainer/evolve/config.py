@@ -23,6 +23,7 @@ from trainer.evolve.lifecycle import LifecycleConfig
 from trainer.settings import (
     ALL_DOMAINS,
     FrozenConfig,
+    RemoteSettings,
     alternatives,
     check_difficulties,
     check_domains,
@@ -166,7 +167,7 @@ class CurriculumConfig(FrozenConfig):
         return self
 
 
-class EvolveConfig(FrozenConfig):
+class EvolveConfig(FrozenConfig, RemoteSettings):
     """`ensemble-train evolve`: population self-play (generate, score, train, evolve, commit)."""
 
     population: Path = Field(Path("runs/population"), description="Population directory to evolve (in place).")

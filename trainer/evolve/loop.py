@@ -48,6 +48,7 @@ from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.fsutil import remove_tree
 from ensemble_serve.shared.lora import LoraError, LoraWeights
 from ensemble_serve.shared.offline_engine import OfflineEngine
+from ensemble_serve.shared.offline_remote import RemoteOfflineEngine, RemoteSetupError
 from ensemble_serve.shared.population import (
     Manifest,
     Population,
@@ -59,7 +60,7 @@ from ensemble_serve.shared.population import (
     read_manifest,
 )
 from ensemble_serve.shared.voting import Candidate
-from trainer.engines import EngineMismatch, check_engine, population_lora_rank
+from trainer.engines import EngineMismatch, check_engine, population_lora_rank, remote_engine
 from trainer.evolve import operators
 from trainer.evolve.audit import label_audit
 from trainer.evolve.calls import (
@@ -129,11 +130,17 @@ class Evolver:
                 "members (a single adapter: label_rule consensus, its own samples' majority)"
             )
         # a caller's engine (same base model) saves vLLM's start-up when one process runs many evolve runs
-        self.engine: OfflineEngine | None = engine
+        self.engine: OfflineEngine | RemoteOfflineEngine | None = engine
+        self._own_remote = None
         if engine is not None:
             try:
                 check_engine(engine, self.population, population_lora_rank(self.population, cfg.evolution.child_rank))
             except EngineMismatch as e:
+                raise EvolveError(str(e)) from None
+        elif cfg.remote:  # the servers are checked now, before anything runs
+            try:
+                self.engine = self._own_remote = remote_engine(self.population, cfg)
+            except RemoteSetupError as e:
                 raise EvolveError(str(e)) from None
         self.executor = None
         self.retried: list[dict[str, Any]] = []  # this generation's retried Ray tasks
@@ -207,6 +214,7 @@ class Evolver:
         )
         if self.retried:  # lost workers whose tasks ran again (same arguments, same results)
             record["retried"] = list(self.retried)
+        self._remote_events(record)
         if self.train_failed:
             record["train_failed"] = list(self.train_failed)
         # reported only: the answers below are drawn apart from the batch and never read back
@@ -353,6 +361,7 @@ class Evolver:
             add_heldout(record, heldout)
             self.population = record_domain_scores(self.root, heldout["members"])
         record.setdefault("seconds", {})["eval"] = secs(started)
+        self._remote_events(record)
         append_history(self.root, record)
         (self.root / PENDING_FILE).unlink()
         self.tb.log(record)
@@ -371,6 +380,7 @@ class Evolver:
             heldout=heldout_summary(heldout),
             seconds={"eval": secs(started)},
         )
+        self._remote_events(record)
         append_history(self.root, record)
         self.tb.log(record)
         return record
@@ -398,10 +408,16 @@ class Evolver:
             self.engine = OfflineEngine(self.population, cfg, snapshot_root=Path(self._snapshots.name))
         return self.engine
 
+    def _remote_events(self, record: dict[str, Any]) -> None:
+        """The remote servers that went down (or came back) and the requests sent again, into `record`."""
+        events = self.engine.take_events() if self.engine is not None else []
+        if events:
+            record.setdefault("remote", []).extend(events)
+
     def _synced_engine(self) -> OfflineEngine:
         """The engine, serving exactly the current generation's adapters."""
         engine = self._engine()
-        engine.registry.sync(self.population)
+        engine.sync(self.population)
         return engine
 
     def _executor(self):
@@ -436,6 +452,8 @@ class Evolver:
         if self.executor is not None:
             self.executor.shutdown()
         self.tb.close()
+        if self._own_remote is not None:
+            self._own_remote.close()  # the servers keep running; this run's adapters leave them
         self.engine = None
         self._snapshots.cleanup()
 

@@ -30,6 +30,7 @@ from ensemble_serve.shared.lora import LoraError, LoraWeights, align_modules, ch
 from ensemble_serve.shared.population import Population, create_population, load_population, read_manifest
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.lifecycle import LifecycleConfig
+from trainer.settings import RemoteSettings
 
 RUN_FILE = "evolve-run.json"
 
@@ -42,9 +43,13 @@ class Interrupted(KeyboardInterrupt):
     """Raised by Ctrl-C or SIGTERM; the last complete generation is on disk."""
 
 
+# where a run's work runs, and how much of it: a resume may change them, and they are not in the config hash
+PLACEMENT = ("executor", "ray_address", "ray_workers", "tensorboard", *RemoteSettings.model_fields)
+
+
 def config_hash(cfg: EvolveConfig) -> str:
     """Hash of everything that decides the result (not where it runs or how many generations)."""
-    data = cfg.model_dump(mode="json", exclude={"generations", "executor", "ray_address", "ray_workers", "tensorboard"})
+    data = cfg.model_dump(mode="json", exclude={"generations", *PLACEMENT})
     data.pop("population", None)
     data.pop("out", None)
     # switches added after runs existed: at their defaults they change nothing, so they leave the hash as it was
@@ -103,15 +108,20 @@ def _resume_run(cfg: EvolveConfig, root: Path) -> tuple[EvolveConfig, Path, dict
     if run is None:
         raise EvolveError(f"{root}: no run to resume ({RUN_FILE} is missing); start one without --resume")
     stored = EvolveConfig.model_validate(run["config"])
-    if config_hash(stored) != config_hash(cfg) and cfg != EvolveConfig(population=cfg.population, out=cfg.out):
+    bare = EvolveConfig(population=cfg.population, out=cfg.out)
+    if config_hash(stored) != config_hash(cfg) and cfg.model_dump(exclude=set(PLACEMENT)) != bare.model_dump(
+        exclude=set(PLACEMENT)
+    ):
         raise EvolveError(
             f"{root}: the run was started with other settings (config {run['config_hash']}, "
             f"given {config_hash(cfg)}); resume with the same config, or with only --population/--out"
         )
-    # executor/tensorboard may change on resume; they do not change the result
-    stored = stored.model_copy(
-        update={k: getattr(cfg, k) for k in ("executor", "ray_address", "ray_workers", "tensorboard")}
-    )
+    # executor/tensorboard may change on resume; they do not change the result. The remote servers are
+    # the stored ones unless this call names others.
+    placement = {k: getattr(cfg, k) for k in ("executor", "ray_address", "ray_workers", "tensorboard")}
+    if cfg.remote:
+        placement |= {k: getattr(cfg, k) for k in RemoteSettings.model_fields}
+    stored = stored.model_copy(update=placement)
     return stored, root, run
 
 

@@ -175,7 +175,9 @@ def generate_answers(
     members = population.names
     ecfg = EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed)
     try:
-        cands = greedy_answers(population, members, problems, cfg.max_tokens, ecfg, engine=engine, progress=progress)
+        cands = greedy_answers(
+            population, members, problems, cfg.max_tokens, ecfg, engine=engine, remote=cfg, progress=progress
+        )
     except EngineMismatch as e:
         raise RouteError(str(e)) from None
     return [[cands[m][i] for m in members] for i in range(len(problems))]

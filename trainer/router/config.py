@@ -11,10 +11,10 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from ensemble_serve.shared.router.model import Anneal, Feature, Variant
-from trainer.settings import ALL_DOMAINS, FrozenConfig, check_difficulties, check_domains
+from trainer.settings import ALL_DOMAINS, FrozenConfig, RemoteSettings, check_difficulties, check_domains
 
 
-class RouterCommandConfig(FrozenConfig):
+class RouterCommandConfig(FrozenConfig, RemoteSettings):
     """`ensemble-train router`: train a population's mixture router on per-prompt member quality and install it."""
 
     population: Path = Field(Path("runs/population"), description="Population directory whose router is trained.")

@@ -30,7 +30,6 @@ import httpx
 from ensemble_serve.engine.remote.calls import Calls
 from ensemble_serve.engine.remote.discovery import (
     DISCOVERY_TIMEOUT,
-    TOKENIZER_PROBE,
     Discovery,
     RemoteDiscoveryError,
     base_source,
@@ -49,6 +48,7 @@ from ensemble_serve.engine.remote.routing import Router
 from ensemble_serve.engine.remote.servers import Found, GateView, RemoteServer, normalize_url, open_server
 from ensemble_serve.engine.remote.wire import RemoteError, RemoteRequestOutput
 from ensemble_serve.shared.population import Population
+from ensemble_serve.shared.vllm_api import TOKENIZER_PROBE
 
 log = logging.getLogger("ensemble_serve")
 

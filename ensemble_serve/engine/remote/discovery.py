@@ -34,12 +34,11 @@ import httpx
 from ensemble_serve.engine.remote.servers import Found, MarkDown, RemoteServer
 from ensemble_serve.engine.remote.wire import error_message, marks_down
 from ensemble_serve.shared.population import Population
+from ensemble_serve.shared.vllm_api import read_model_list, tokenize_body
 
 log = logging.getLogger("ensemble_serve")
 
 DISCOVERY_TIMEOUT = 30.0
-# Encoded here and by each server's /tokenize: a server whose tokenizer differs is refused.
-TOKENIZER_PROBE = "ensemble-serve probe: add 478+365 = 843\n#### The quick brown fox, 0.5 * (2 - 3)!"
 CHUNKED_PREFILL_FLAG = "--no-enable-chunked-prefill"
 
 
@@ -64,19 +63,12 @@ def parse_models(url: str, resp: httpx.Response) -> tuple[str, int, frozenset[st
         error = ServerDown if marks_down(resp.status_code) else RemoteDiscoveryError
         raise error(f"{url}: GET /v1/models answered {resp.status_code}{hint}: {message}")
     try:
-        cards = resp.json()["data"]
-        bases = [c for c in cards if not c.get("parent")]
-        loras = frozenset(c["id"] for c in cards if c.get("parent"))
-        base = bases[0]
-        return str(base["id"]), int(base["max_model_len"]), loras
+        name, _root, max_len, loras = read_model_list(resp.json())
+        return name, max_len, loras
     except (ValueError, KeyError, IndexError, TypeError) as e:
         raise RemoteDiscoveryError(
             f"{url}: GET /v1/models is not a vLLM model list ({type(e).__name__}: {e})"
         ) from None
-
-
-def tokenize_body(base: str) -> dict[str, Any]:
-    return {"model": base, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
 
 
 def settings_problem(url: str, info: httpx.Response | httpx.HTTPError) -> tuple[str | None, bool]:
