@@ -274,3 +274,61 @@ def test_a_server_with_another_tokenizer_or_key_or_none_at_all_is_refused(popula
         RemoteOfflineEngine(population, ["http://127.0.0.1:9"], adapter_dir=tmp_path)
     with pytest.raises(RemoteSetupError, match="no remote servers"):
         RemoteOfflineEngine(population, [], adapter_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- the commands' settings
+
+
+def test_router_and_calibrate_hand_their_remote_settings_to_the_sampling(population, monkeypatch):
+    import trainer.calibration.command as calibrate
+    import trainer.router.command as router
+    from trainer.calibration.command import CalibrateConfig
+    from trainer.router.config import RouterCommandConfig
+
+    seen: list = []
+
+    def capture(*args, **kwargs):
+        seen.append(kwargs["remote"])
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(router, "greedy_answers", capture)
+    monkeypatch.setattr(calibrate, "greedy_answers", capture)
+    urls = ("http://a:1", "http://b:2/v1")
+    with pytest.raises(RuntimeError, match="captured"):
+        router.generate_answers(population, [], RouterCommandConfig(population=EMBEDDED_POPULATION, remote=urls))
+    with pytest.raises(RuntimeError, match="captured"):
+        calibrate.run_calibrate(CalibrateConfig(population=EMBEDDED_POPULATION, remote=urls, per_domain=1))
+    assert [s.remote for s in seen] == [urls, urls]
+
+
+def test_where_a_run_samples_is_not_part_of_its_config_and_a_resume_may_move_it(tmp_path):
+    from trainer.evolve.config import EvolveConfig
+    from trainer.evolve.run import config_hash
+
+    here = EvolveConfig(population=EMBEDDED_POPULATION)
+    there = EvolveConfig(
+        population=EMBEDDED_POPULATION,
+        remote=("http://a:1",),
+        remote_api_key="k",
+        remote_adapter_dir=tmp_path,
+        remote_concurrency=4,
+    )
+    assert config_hash(here) == config_hash(there)
+    with pytest.raises(ValueError, match="http:// or https://"):
+        EvolveConfig(remote=("a:1",))
+    with pytest.raises(ValueError, match="remote_concurrency"):
+        EvolveConfig(remote_concurrency=0)
+
+
+def test_a_resume_keeps_the_runs_servers_unless_it_names_others(tmp_path):
+    from trainer.evolve.config import EvolveConfig
+    from trainer.evolve.run import prepare_run
+
+    out = tmp_path / "run"
+    prepare_run(EvolveConfig(population=EMBEDDED_POPULATION, out=out, remote=("http://a:1",)), resume=False)
+    stored, _, _ = prepare_run(EvolveConfig(population=EMBEDDED_POPULATION, out=out), resume=True)
+    assert stored.remote == ("http://a:1",)
+    moved, _, _ = prepare_run(
+        EvolveConfig(population=EMBEDDED_POPULATION, out=out, remote=("http://c:3",), remote_api_key="k"), resume=True
+    )
+    assert moved.remote == ("http://c:3",) and moved.remote_api_key == "k"

@@ -63,6 +63,19 @@ def servers(cluster: Cluster) -> Cluster:
     return cluster
 
 
+@pytest.fixture(scope="module")
+def engine(servers: Cluster):
+    """One in-process vLLM engine on the servers' base model, for the in-process side of each comparison."""
+    from ensemble_serve.shared.engine_config import EngineConfig
+    from ensemble_serve.shared.offline_engine import OfflineEngine
+
+    engine = OfflineEngine(
+        load_population(servers.population), EngineConfig(max_loras=8, max_cpu_loras=16, max_num_seqs=64)
+    )
+    yield engine
+    del engine
+
+
 def _remote(cluster: Cluster) -> dict:
     return {"remote": (cluster.a.url, cluster.b.url + "/v1"), "remote_api_key": VLLM_KEY}
 
@@ -128,10 +141,6 @@ def _kill_when(what: str, ready, kill, done: threading.Event, log: list[str]) ->
     return thread
 
 
-def _completions_answered(log_file: Path) -> int:
-    return log_file.read_text(errors="replace").count('"POST /v1/completions HTTP/1.1" 200')
-
-
 def _training_worker() -> int | None:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     for line in out.splitlines():
@@ -141,22 +150,31 @@ def _training_worker() -> int | None:
 
 
 @pytest.mark.timeout(1200)
-def test_a_generation_on_two_servers_survives_a_dead_server_and_a_dead_worker(servers: Cluster, tmp_path: Path):
+def test_a_generation_on_two_servers_survives_a_dead_server_and_a_dead_worker(servers: Cluster, engine, tmp_path: Path):
     from trainer.evolve.config import EvolveConfig
     from trainer.evolve.loop import run_evolve
 
     common = {**SETTINGS, "population": servers.population, "members": MEMBERS, "generations": 1}
     ref = tmp_path / "in-process"
-    run_evolve(EvolveConfig(**common, out=ref), progress=False)
+    run_evolve(EvolveConfig(**common, out=ref), progress=False, engine=engine)
 
     # B dies once it has answered a few of this run's requests; a Ray worker dies while it trains a member
-    before = _completions_answered(servers.b.log)
+    # B holds every other member: the held-out evaluation of the start has 3 greedy requests x 2 of them
+    # running on B at most; self-play sends 6 problems x 2 members with 2 chains each at once (24 running):
+    # B dies once more than 8 are running, mid-sampling
     done, killed = threading.Event(), []
     b = servers.b
+
+    def b_sampling() -> bool | None:
+        try:
+            return True if b.metric("vllm:num_requests_running") > 8 else None
+        except httpx.HTTPError:
+            return None
+
     watchers = [
         _kill_when(
             "vLLM server B",
-            lambda: True if _completions_answered(b.log) >= before + 3 else None,
+            b_sampling,
             lambda _: b.kill(),
             done,
             killed,
@@ -178,7 +196,8 @@ def test_a_generation_on_two_servers_survives_a_dead_server_and_a_dead_worker(se
     g0 = load_population(servers.population).manifest.generation  # the remote tests before commit generations
     assert [r["generation"] for r in history] == [g0, g0 + 1]
     downs = [e for r in history for e in r.get("remote", []) if e["event"] == "down"]
-    assert [e["server"] for e in downs] == [servers.b.url] and downs[0]["retried"] >= 1, downs
+    assert [e["server"] for e in downs] == [servers.b.url], downs
+    assert downs[0]["during"] == "sampling" and downs[0]["retried"] >= 1, downs
     assert set(downs[0]["moved"]) and set(downs[0]["moved"].values()) == {servers.a.url}
     retried = [r for rec in history for r in rec.get("retried", [])]
     assert retried and retried[0]["task"] == "train_member_task", retried
@@ -227,7 +246,7 @@ def test_a_killed_remote_run_resumes_without_its_stale_adapters(servers: Cluster
         "--out",
         str(out),
         "--generations",
-        "2",
+        "1",
         *remote,
     )
     deadline = time.monotonic() + 400
@@ -246,21 +265,21 @@ def test_a_killed_remote_run_resumes_without_its_stale_adapters(servers: Cluster
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log[-3000:]
     g0 = load_population(servers.population).manifest.generation
-    assert [r["generation"] for r in read_history(out)] == [g0, g0 + 1, g0 + 2]
+    assert [r["generation"] for r in read_history(out)] == [g0, g0 + 1]
     assert not _loaded(servers, prefix), "adapters of the run are still loaded after it finished"
     final = {f"{prefix}-{m.name}-" for m in load_population(out).manifest.members}
     left = [p.name for p in (out.parent / f".{out.name}.remote-adapters").iterdir()]
     assert all(any(n.startswith(f) for f in final) for n in left), left  # only the last generation's snapshots
 
 
-def test_eval_on_the_servers_gives_the_in_process_figures(servers: Cluster, tmp_path: Path):
+def test_eval_on_the_servers_gives_the_in_process_figures(servers: Cluster, engine, tmp_path: Path):
     from trainer.evaluate import EvalConfig, run_eval
 
     if not servers.b.healthy():
         wait_healthy([servers.restart_b()])
     # 6 problems x 9 models: one engine step in process, so no prompt there reuses a cached prefix either
     settings = {"population": servers.population, "per_domain": 1, "difficulties": (1,), "max_tokens": 32}
-    here = run_eval(EvalConfig(**settings))
+    here = run_eval(EvalConfig(**settings), engine=engine)
     there = run_eval(EvalConfig(**settings, **_remote(servers)))
     members = [m for m in here["accuracy"] if m != "(base)"]
     assert {m: there["accuracy"][m] for m in members} == {m: here["accuracy"][m] for m in members}
@@ -270,3 +289,12 @@ def test_eval_on_the_servers_gives_the_in_process_figures(servers: Cluster, tmp_
     base_here, base_there = here["accuracy"]["(base)"], there["accuracy"]["(base)"]
     assert base_here.keys() == base_there.keys()
     assert abs(base_here["all"] - base_there["all"]) <= 1 / 6 + 1e-9, (base_here, base_there)
+
+    # calibrate too (router takes the same path: trainer.scoring.greedy_answers with the command's remote settings)
+    from trainer.calibration.command import CalibrateConfig, run_calibrate
+
+    cal = {"population": servers.population, "per_domain": 1, "difficulties": (1,), "dry_run": True, "centroids": False}
+    table_here = run_calibrate(CalibrateConfig(**cal), engine=engine)["table"]
+    table_there = run_calibrate(CalibrateConfig(**cal, **_remote(servers)))["table"]
+    assert table_there["domains"] == table_here["domains"] and table_there["overall"] == table_here["overall"]
+    assert not _loaded(servers, run_prefix(servers.population.parent / f".{servers.population.name}.remote-adapters"))
