@@ -38,6 +38,7 @@ from trainer.evolve.nextgen import apply_lifecycle, next_manifest, run_lifecycle
 from trainer.evolve.records import lifecycle_summary
 from trainer.evolve.run import config_hash, prepare_run
 from trainer.evolve.step import evolutionary_step
+from trainer.settings import RemoteSettings
 from trainer.tasks.sandbox import Problem
 
 MEMBERS = ["m00", "m01", "m02"]
@@ -362,7 +363,8 @@ def test_lifecycle_in_the_next_generation(pop_copy: Path, tmp_path: Path, pop_we
 
 def test_default_lifecycle_and_scope_keep_the_config_hash() -> None:
     cfg = EvolveConfig()
-    data = cfg.model_dump(mode="json", exclude={"generations", "executor", "ray_address", "ray_workers", "tensorboard"})
+    placement = {"executor", "ray_address", "ray_workers", "tensorboard", *RemoteSettings.model_fields}  # added later
+    data = cfg.model_dump(mode="json", exclude={"generations", *placement})
     for key in ("population", "out", "lifecycle", "fitness_scope"):
         data.pop(key)
     before = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -72,6 +72,12 @@ class ScriptedEngine:
         self.index = {self.chat_prompt(p.prompt): (i, p) for i, p in enumerate(problems)}
         self.calls = 0
 
+    def sync(self, population: Population) -> None:
+        self.registry.sync(population)
+
+    def take_events(self) -> list[dict]:
+        return []
+
     def chat_prompt(self, user_message: str) -> str:
         return f"<user>{user_message}<assistant>"
 
