@@ -216,7 +216,10 @@ class RemoteOfflineEngine:
                         raise RemoteSetupError(f"{s.url}: GET /v1/models is not a vLLM model list ({e})") from None
                     self._check_base(s.url, base_id, root)
                     tok = c.post(s.url + "/tokenize", json=tokenize_body(base_id))
-                    ids = tok.json().get("tokens") if tok.status_code == 200 else None
+                    try:
+                        ids = tok.json().get("tokens") if tok.status_code == 200 else None
+                    except (ValueError, AttributeError):
+                        ids = None  # not vLLM's answer: refused below, as a different tokenizer
                     if ids != probe:
                         raise RemoteSetupError(
                             f"remote vLLM server {s.url} serves {base_id!r}, whose tokenizer is not the one of "
