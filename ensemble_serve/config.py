@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ensemble_serve.shared.bring_your_own import AdapterSpec, parse_lora_module
 from ensemble_serve.shared.embedded import EMBEDDED_NAME, EMBEDDED_POPULATION, EMBEDDED_REAL_NAME
 from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS, EngineConfig, parse_bytes
+from ensemble_serve.shared.vllm_api import check_server_urls
 
 API_KEY_ENV = "ENSEMBLE_SERVE_API_KEY"
 BYO_NAME = "ensemble"  # the ensemble's default name when serving --model with --lora-modules
@@ -192,10 +193,7 @@ class ServeConfig(BaseModel):
     @field_validator("remote")
     @classmethod
     def _remote(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [u for u in v if not u.strip().startswith(("http://", "https://"))]
-        if bad:
-            raise ValueError(f"remote servers must be http:// or https:// URLs, got {bad}")
-        return tuple(u.strip() for u in v)
+        return check_server_urls(v)
 
     @property
     def population_dir(self) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ensemble_serve.shared.vllm_api import check_server_urls
 from trainer.tasks.sandbox import DOMAINS, LEVELS
 
 ALL_DOMAINS = tuple(DOMAINS)
@@ -53,10 +54,7 @@ class RemoteSettings(BaseModel):
     @field_validator("remote")
     @classmethod
     def _remote(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [u for u in v if not u.strip().startswith(("http://", "https://"))]
-        if bad:
-            raise ValueError(f"remote servers must be http:// or https:// URLs, got {bad}")
-        return tuple(u.strip() for u in v)
+        return check_server_urls(v)
 
 
 def check_domains(v: tuple[str, ...]) -> tuple[str, ...]:

@@ -48,7 +48,14 @@ from ensemble_serve.shared.adapters import ADAPTER_FILES, adapter_digest, check_
 from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.offline_engine import Generation
 from ensemble_serve.shared.population import Population
-from ensemble_serve.shared.vllm_api import TOKENIZER_PROBE, read_model_list, tokenize_body
+from ensemble_serve.shared.vllm_api import (
+    TOKENIZER_PROBE,
+    error_text,
+    is_missing_route,
+    normalize_server_url,
+    read_model_list,
+    tokenize_body,
+)
 
 log = logging.getLogger("ensemble_serve")
 
@@ -97,11 +104,6 @@ class RemoteServerState:
     loaded: set[str] = field(default_factory=set)  # this run's adapters it holds
 
 
-def normalize(url: str) -> str:
-    url = url.strip().rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
 def run_prefix(adapter_dir: Path) -> str:
     """This run's adapter name prefix: the same for a resumed run (it has the same adapter folder)."""
     return "es" + hashlib.sha256(str(Path(adapter_dir).resolve()).encode()).hexdigest()[:8]
@@ -121,33 +123,6 @@ def request_body(prompt: str, model: str, params: Any) -> dict[str, Any]:
             continue
         body[name] = list(value) if isinstance(value, list | tuple | set) else value
     return body
-
-
-def _error_text(resp: httpx.Response) -> str:
-    try:
-        data = resp.json()
-    except ValueError:
-        return resp.text[:300]
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if "message" in data:
-            return str(data["message"])
-        if "detail" in data:
-            return str(data["detail"])
-    return resp.text[:300]
-
-
-def _is_missing_route(resp: httpx.Response) -> bool:
-    """FastAPI's own 404 (`{"detail": "Not Found"}`): the route is not there, as opposed to vLLM's error object."""
-    if resp.status_code not in (404, 405):
-        return False
-    try:
-        data = resp.json()
-    except ValueError:
-        return True
-    return isinstance(data, dict) and "error" not in data
 
 
 class RemoteOfflineEngine:
@@ -171,7 +146,7 @@ class RemoteOfflineEngine:
         from transformers import AutoTokenizer
 
         self.population = population
-        self.servers = [RemoteServerState(normalize(u)) for u in dict.fromkeys(urls)]
+        self.servers = [RemoteServerState(normalize_server_url(u)) for u in dict.fromkeys(urls)]
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else default_adapter_dir(population.root)
         self.adapter_dir_on_servers = Path(adapter_dir_on_servers) if adapter_dir_on_servers else None
         self.prefix = run_prefix(self.adapter_dir)
@@ -208,7 +183,7 @@ class RemoteOfflineEngine:
                     if resp.status_code != 200:
                         raise RemoteSetupError(
                             f"remote vLLM server {s.url}: GET /v1/models answered {resp.status_code}: "
-                            f"{_error_text(resp)}"
+                            f"{error_text(resp)}"
                         )
                     try:
                         base_id, root, _max_len, _loras = read_model_list(resp.json())
@@ -231,7 +206,7 @@ class RemoteOfflineEngine:
                     raise RemoteSetupError(
                         f"cannot reach remote vLLM server {s.url} ({type(e).__name__}: {e})"
                     ) from None
-                if _is_missing_route(unload):
+                if is_missing_route(unload):
                     raise RemoteSetupError(
                         f"remote vLLM server {s.url} does not load adapters at run time: start it with "
                         f"{RUNTIME_LORA_FLAG} in its environment (and --enable-lora)"
@@ -357,15 +332,15 @@ class RemoteOfflineEngine:
     def _load(self, c: httpx.Client, s: RemoteServerState, name: str) -> None:
         path = self._server_path(name)
         resp = c.post(s.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
-        if resp.status_code >= 500 and "not found" not in _error_text(resp).lower():
-            raise _ServerFailed(f"POST /v1/load_lora_adapter answered {resp.status_code}: {_error_text(resp)}")
-        if resp.status_code != 200 and "already been loaded" not in _error_text(resp):
+        if resp.status_code >= 500 and "not found" not in error_text(resp).lower():
+            raise _ServerFailed(f"POST /v1/load_lora_adapter answered {resp.status_code}: {error_text(resp)}")
+        if resp.status_code != 200 and "already been loaded" not in error_text(resp):
             raise RemoteSetupError(self._unreadable(s.url, path, resp))
         s.loaded.add(name)
 
     def _unreadable(self, url: str, path: str, resp: httpx.Response) -> str:
         return (
-            f"remote vLLM server {url} could not load {path} (answered {resp.status_code}: {_error_text(resp)}). "
+            f"remote vLLM server {url} could not load {path} (answered {resp.status_code}: {error_text(resp)}). "
             "The servers read the members from a folder they share with this machine: check that they see "
             f"{self.adapter_dir_on_servers or self.adapter_dir.resolve()} (set remote_adapter_dir to a shared "
             "folder, and remote_adapter_dir_on_servers if they mount it at another path), and that their "
@@ -429,12 +404,12 @@ class RemoteOfflineEngine:
                     resp = await ac.post(
                         target.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
                     )
-                    if resp.status_code >= 500 and "not found" not in _error_text(resp).lower():
+                    if resp.status_code >= 500 and "not found" not in error_text(resp).lower():
                         raise _ServerFailed(f"POST /v1/load_lora_adapter answered {resp.status_code}")
                 except (httpx.TransportError, _ServerFailed) as e:
                     self._mark_down(target, e, "sampling")
                     continue
-                if resp.status_code != 200 and "already been loaded" not in _error_text(resp):
+                if resp.status_code != 200 and "already been loaded" not in error_text(resp):
                     raise RemoteSetupError(self._unreadable(target.url, path, resp))
                 target.loaded.add(name)
                 break
@@ -484,7 +459,7 @@ class RemoteOfflineEngine:
                         self._mark_down(server, e, "sampling")["retried"] += 1
                         continue
                     if resp.status_code >= 500:
-                        self._mark_down(server, f"{resp.status_code}: {_error_text(resp)}", "sampling")["retried"] += 1
+                        self._mark_down(server, f"{resp.status_code}: {error_text(resp)}", "sampling")["retried"] += 1
                         continue
                     if resp.status_code == 404 and member is not None:  # restarted since: it lost the adapter
                         server.loaded.discard(model)
@@ -493,7 +468,7 @@ class RemoteOfflineEngine:
                     if resp.status_code != 200:
                         raise RemoteRequestError(
                             f"remote vLLM server {server.url} refused a request for {member or 'the base model'} "
-                            f"({resp.status_code}): {_error_text(resp)}"
+                            f"({resp.status_code}): {error_text(resp)}"
                         )
                     choices = sorted(resp.json()["choices"], key=lambda ch: ch.get("index", 0))
                     results[i] = [
