@@ -372,13 +372,17 @@ def test_client_disconnect_aborts_every_generation(server):
         "ensemble": {"samples_per_member": 4},
     }
     for stream in (False, True):
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(
+        try:
+            r = httpx.post(
                 server.url + "/v1/chat/completions",
                 headers=server.headers,
                 json={**body, "stream": stream},
                 timeout=1.0,
             )
+        except httpx.ReadTimeout:
+            pass  # the client went away while the 32 chains were still generating
+        else:  # seen once in a whole-suite run: say what came back, so the cause can be found
+            pytest.fail(f"answered within the client's 1 s timeout: {r.status_code} {r.text[:500]}")
         deadline = time.monotonic() + 15
         inflight = None
         while time.monotonic() < deadline:
