@@ -19,7 +19,6 @@ works out the scaling from these per-phase times.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -50,7 +49,9 @@ def evolve(config: Path, population: Path, out: Path, *extra: str) -> float:
 def files(root: Path) -> dict[str, bytes]:
     pop = load_population(root)
     return {
-        f"{m.name}/{f.name}": f.read_bytes() for m in pop.manifest.members for f in sorted(pop.member_dir(m.name).iterdir())
+        f"{m.name}/{f.name}": f.read_bytes()
+        for m in pop.manifest.members
+        for f in sorted(pop.member_dir(m.name).iterdir())
     }
 
 
@@ -77,7 +78,12 @@ def main() -> None:
     wall = {"in-process": evolve(config, population, OUT / "in-process")}
     os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # the servers load each generation's members
     with ServerSet() as servers:
-        common = ("--kv-cache-memory-bytes", str(256 * 2**20), "--no-enable-chunked-prefill", "--no-enable-prefix-caching")
+        common = (
+            "--kv-cache-memory-bytes",
+            str(256 * 2**20),
+            "--no-enable-chunked-prefill",
+            "--no-enable-prefix-caching",
+        )
         a = servers.start_vllm(*common, name="vllm-a", lora_modules=["m00=" + str(population / "members" / "m00")])
         b = servers.start_vllm(*common, name="vllm-b", lora_modules=["m00=" + str(population / "members" / "m00")])
         remote = ["--remote", f"{a.url},{b.url}", "--executor", "ray", "--ray-workers", "2"]

@@ -111,3 +111,55 @@ def test_ensemble_train_eval_cli_runs_vllm_over_a_fresh_population(tiny_populati
     for m in pop.manifest.members:
         assert m.fitness == pytest.approx(result["accuracy"][m.name]["all"])
         assert m.domain_scores["add"] == pytest.approx(result["accuracy"][m.name]["add"])
+
+
+def test_members_that_forget_are_rolled_back_and_teachers_stay_frozen(engine, embedded_population: Path, tmp_path):
+    """Retention on the sandbox's specialists: frozen teachers label their families, the others train on
+    those labels plus their own replay at a learning rate that wrecks them, and the forgetting guard
+    rolls every one of them back: generation 1 is recorded and every adapter is the one it was."""
+    from ensemble_serve.shared.adapters import adapter_digest
+    from ensemble_serve.shared.population import read_history, read_manifest
+    from trainer.evolve.config import EvolveConfig
+    from trainer.evolve.loop import run_evolve
+
+    members = ("m00", "m06", "m01", "m07")  # two add and two sub specialists (levels 3-4)
+    cfg = EvolveConfig(
+        population=embedded_population,
+        out=tmp_path / "pop",
+        members=members,
+        generations=1,
+        labels="hidden",
+        fitness={"consensus": 1.0},
+        domains=("add", "sub"),
+        difficulties=(3, 4),
+        problems_per_generation=8,
+        samples_per_member=2,
+        train_steps=2,
+        train_batch_size=4,
+        train_lr=0.5,
+        evolution={"enabled": False},
+        heldout_per_domain=0,
+        retention={"replay": 4, "teachers": True, "guard": True, "per_level": 4},
+    )
+    src = load_population(embedded_population)
+    before = {m: adapter_digest(src.member_dir(m)) for m in members}
+    root, records = run_evolve(cfg, progress=False, engine=engine)
+
+    (record,) = records
+    assert record["generation"] == 1 and read_manifest(root).generation == 1
+    teachers = record["teachers"]
+    assert set(teachers) == {"add", "sub"} and set(teachers.values()) < set(members)
+    learners = [m for m in members if m not in teachers.values()]
+    examples = record["train"]["examples"]
+    assert all(examples[t] == 0 for t in teachers.values())  # frozen: nothing to learn from
+    assert all(examples[m] >= 4 for m in learners)  # the replay alone gives 4
+    guard = record["guard"]
+    assert all(
+        guard["members"][t] == {"before": guard["members"][t]["before"], "trained": False} for t in teachers.values()
+    )
+    assert all(guard["members"][m]["before"] > 0.02 for m in learners)  # there was something to forget
+    assert sorted(guard["rolled_back"]) == sorted(learners)
+    assert all(guard["members"][m]["after"] < guard["members"][m]["before"] - 0.02 for m in learners)
+    after = load_population(root)
+    assert {m: adapter_digest(after.member_dir(m)) for m in members} == before
+    assert read_history(root)[-1]["guard"] == guard

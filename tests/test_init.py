@@ -17,13 +17,12 @@ from trainer.models.init_population import (
     branch_budget,
     dataset_domains,
     dataset_stream,
-    in_shard,
     init_population,
     member_plan,
     spec_stream,
     total_cost,
 )
-from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, save_jsonl
+from trainer.tasks.sandbox import DOMAINS, Problem, generate_problems, in_shard, save_jsonl
 
 
 def test_member_plan_is_diverse():

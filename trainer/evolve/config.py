@@ -20,6 +20,7 @@ from ensemble_serve.shared.voting.answers import MODES
 from trainer.evolve import operators
 from trainer.evolve.fitness import FITNESS_TERMS, Scope
 from trainer.evolve.lifecycle import LifecycleConfig
+from trainer.evolve.retention import RetentionConfig
 from trainer.settings import (
     ALL_DOMAINS,
     FrozenConfig,
@@ -272,6 +273,11 @@ class EvolveConfig(FrozenConfig, RemoteSettings):
         default_factory=LifecycleConfig,
         description="The adapter lifecycle after the evolutionary step (off by default).",
     )
+    retention: RetentionConfig = Field(
+        default_factory=RetentionConfig,
+        description="What members keep through self-play: replay of their own data, frozen teachers, the "
+        "forgetting guard (off by default; trainer.evolve.retention).",
+    )
     fitness_scope: Scope = Field(
         "global",
         description="Scope of the per-problem fitness terms (correctness, consensus): global (all problems) or "
@@ -354,6 +360,14 @@ class EvolveConfig(FrozenConfig, RemoteSettings):
             start = self.curriculum.start_level
             if start is not None and start not in self.difficulties:
                 raise ValueError(f"curriculum.start_level {start} is not one of difficulties {list(self.difficulties)}")
+        ret = self.retention
+        if ret.teachers and self.labels != "hidden":
+            raise ValueError("retention.teachers labels with the teachers' chains: it needs labels: hidden")
+        if ret.validates and self.data is not None and ret.data is None:
+            raise ValueError(
+                "retention.guard and retention.teachers validate on labelled problems: a run on a dataset needs "
+                "retention.data (a labelled JSONL file that is not the held-out test set)"
+            )
         if self.members is not None and self.out is None:
             raise ValueError("`members` selects a subset for a copy: it needs `out`")
         return self

@@ -36,6 +36,7 @@ imported before the config is read; ``curriculum.proposer: name`` then selects i
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -384,3 +385,22 @@ def after_self_play(
         "state": plan.state,
         **({"skipped": plan.skipped} if plan.skipped else {}),
     }
+
+
+def start_level(configured: int | None, population: Any, ladder: Sequence[int]) -> int:
+    """`curriculum.start_level`, else the level above the base's `trained_difficulties` (its
+    ``substrate.json``), else the ladder's lowest."""
+    if configured is not None:
+        return configured
+    info = population.base_model_path / "substrate.json"
+    trained = json.loads(info.read_text()).get("trained_difficulties") if info.is_file() else None
+    above = max(trained) + 1 if trained else None
+    return above if above in ladder else ladder[0]
+
+
+def curriculum_state(history: Sequence[Mapping[str, Any]], run_id: str, g: int) -> dict[str, Any]:
+    """The proposer's state after the last generation of run `run_id` before `g` (empty at its start)."""
+    for record in reversed(history):
+        if record.get("run_id") == run_id and record.get("generation", g) < g and "curriculum" in record:
+            return record["curriculum"]["state"]
+    return {}

@@ -52,9 +52,13 @@ def labellers(
     members: Sequence[str],
     cfg: EvolveConfig,
     focus: Mapping[str, str | None] | None = None,
+    teachers: Mapping[str, str] | None = None,
 ) -> list[list[str]]:
     """Per problem, the members whose chains label it: every member, or with ``label_peers: niche``
-    the members whose focus domain is the problem's domain (every member when none is)."""
+    the members whose focus domain is the problem's domain (every member when none is); with frozen
+    `teachers` ({family: member}, :mod:`trainer.evolve.retention`) the family's teacher alone."""
+    if teachers:
+        return [[teachers[p.domain]] if p.domain in teachers else list(members) for p in problems]
     if cfg.label_peers != "niche" or not focus:
         return [list(members) for _ in problems]
     return [niche_group(members, focus, p.domain) for p in problems]
@@ -81,16 +85,20 @@ def _majority(ev: Evidence, i: int, group: Sequence[str], min_agreement: float) 
 
 
 def member_labels(
-    ev: Evidence, cfg: EvolveConfig, focus: Mapping[str, str | None] | None = None
+    ev: Evidence,
+    cfg: EvolveConfig,
+    focus: Mapping[str, str | None] | None = None,
+    teachers: Mapping[str, str] | None = None,
 ) -> dict[str, list[str | None]]:
     """Each member's labels: the truth with labels visible; with labels hidden the confident majority
     of the labelling members' chains (:func:`labellers`), all of them (``label_rule: consensus``) or
-    all but the member itself (``leave_self_out``: a member never grades its own chains)."""
+    all but the member itself (``leave_self_out``: a member never grades its own chains); with
+    `teachers`, the family's teacher's chains."""
     if cfg.labels == "ground_truth":
         shared = pseudo_labels(ev, cfg)
         return {m: shared for m in ev.members}
-    groups = labellers(ev.problems, ev.members, cfg, focus)
-    if cfg.label_rule == "consensus" and cfg.label_peers == "all":
+    groups = labellers(ev.problems, ev.members, cfg, focus, teachers)
+    if cfg.label_rule == "consensus" and cfg.label_peers == "all" and not teachers:
         shared = pseudo_labels(ev, cfg)
         return {m: shared for m in ev.members}
     out: dict[str, list[str | None]] = {}

@@ -13,7 +13,8 @@ Each generation (:meth:`Evolver.step`, one method per phase):
    right answers with labels, consensus or peer labels with labels hidden
    (:mod:`trainer.evolve.labels`; :mod:`trainer.evolve.executors` runs the tasks,
    here or on Ray); the labels are audited against the hidden answers for the
-   record only (:mod:`trainer.evolve.audit`);
+   record only (:mod:`trainer.evolve.audit`); what members keep (replay, frozen teachers,
+   the forgetting guard's rollback) is :mod:`trainer.evolve.retention`'s;
 4. **evolution**: elites stay, selected parents make children by crossover and
    mutation, children replace the members chosen by the replacement operator
    (:mod:`trainer.evolve.step`, :mod:`trainer.evolve.operators`); then, when switched on,
@@ -34,7 +35,6 @@ generation that was committed but not yet recorded is completed on resume.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -73,13 +73,27 @@ from trainer.evolve.calls import (
 )
 from trainer.evolve.commit import PENDING_FILE, has_record, read_pending, write_generation
 from trainer.evolve.config import EvolveConfig
-from trainer.evolve.curriculum import PROPOSERS, CurriculumError, Plan, ProposerContext, after_self_play
+from trainer.evolve.curriculum import (
+    PROPOSERS,
+    CurriculumError,
+    Plan,
+    ProposerContext,
+    after_self_play,
+    curriculum_state,
+    start_level,
+)
 from trainer.evolve.evaluation import add_heldout, evaluate_heldout, heldout_summary
 from trainer.evolve.executors import make_executor, score_member_task, train_member_task
 from trainer.evolve.fitness import Evidence, compute_fitness
 from trainer.evolve.labels import labelling_chains, member_labels, training_examples
 from trainer.evolve.nextgen import apply_lifecycle, next_manifest, run_lifecycle
-from trainer.evolve.problems import generation_problems, generation_truth, heldout_problems, load_dataset
+from trainer.evolve.problems import (
+    generation_problems,
+    generation_truth,
+    heldout_problems,
+    load_dataset,
+    validation,
+)
 from trainer.evolve.records import (
     TensorBoardLog,
     fitness_summary,
@@ -92,6 +106,7 @@ from trainer.evolve.records import (
     timed,
     train_summary,
 )
+from trainer.evolve.retention import choose_teachers, retained_examples
 from trainer.evolve.run import RUN_FILE, EvolveError, Interrupted, load_members, prepare_run, stop_signals
 from trainer.evolve.sampling import self_play
 from trainer.evolve.step import check_operators, evolutionary_step
@@ -119,6 +134,7 @@ class Evolver:
         self.progress = progress
         self.dataset = load_dataset(cfg.data, cfg.skip_invalid) if cfg.data is not None else None
         self.heldout = heldout_problems(cfg)
+        self.validation = validation(cfg, self.heldout)
         self.population = load_population(root)
         # member folders of a commit that was killed before its manifest swap are not part of any generation
         prune_unreferenced(root)
@@ -189,11 +205,19 @@ class Evolver:
             self._score(ev, weights)
             result = compute_fitness(ev, cfg.fitness, cfg.fitness_scope)
 
+        with timed(seconds, "validate"):  # what members keep (retention): validation figures and teachers
+            before = self.validation.figures(self._engine(), pop) if self.validation is not None else None
+            teachers = choose_teachers(pop, before) if before is not None and cfg.retention.teachers else {}
         with timed(seconds, "train"):  # 3. gradient phase
             focus = self._focus(pop)
-            labels = member_labels(ev, cfg, focus)
-            examples = training_examples(ev, labels, cfg, focus)
+            labels = member_labels(ev, cfg, focus, teachers)
+            examples = retained_examples(
+                training_examples(ev, labels, cfg, focus), pop, teachers, cfg.retention, cfg, g, self.dataset
+            )
             trained, losses = self._train(pop, weights, examples, g)
+        if before is not None and cfg.retention.guard:
+            with timed(seconds, "guard"):  # members that forgot their own family go back
+                trained, record["guard"] = self.validation.guard(self._engine(), pop, before, weights, trained)
 
         with timed(seconds, "evolve"):  # 4. evolution
             niches = focus if cfg.niche else None
@@ -212,6 +236,8 @@ class Evolver:
         record.update(
             seconds=seconds, **fitness_summary(result), train=train_summary(ev, labels, examples), members=members
         )
+        if teachers:
+            record["teachers"] = teachers
         if self.retried:  # lost workers whose tasks ran again (same arguments, same results)
             record["retried"] = list(self.retried)
         self._remote_events(record)
@@ -232,26 +258,6 @@ class Evolver:
     def _ladder(self) -> tuple[int, ...]:
         return tuple(sorted(self.cfg.difficulties))
 
-    def _start_level(self) -> int:
-        """`curriculum.start_level`, else the level above the base's `trained_difficulties`, else the lowest."""
-        if self.cfg.curriculum.start_level is not None:
-            return self.cfg.curriculum.start_level
-        info = self.population.base_model_path / "substrate.json"
-        trained = json.loads(info.read_text()).get("trained_difficulties") if info.is_file() else None
-        above = max(trained) + 1 if trained else None
-        return above if above in self._ladder else self._ladder[0]
-
-    def _curriculum_state(self, g: int) -> dict[str, Any]:
-        """The proposer's state after the last generation of this run (empty at its start)."""
-        for record in reversed(read_history(self.root)):
-            if (
-                record.get("run_id") == self.run["run_id"]
-                and record.get("generation", g) < g
-                and "curriculum" in record
-            ):
-                return record["curriculum"]["state"]
-        return {}
-
     def _propose(self, g: int) -> Plan:
         """Generation `g`'s plan from the configured proposer (it probes with the current members)."""
         cfg, cur = self.cfg, self.cfg.curriculum
@@ -268,13 +274,13 @@ class Evolver:
             n_problems=cfg.problems_per_generation,
             domains=tuple(cfg.domains),
             ladder=self._ladder,
-            start_level=self._start_level(),
+            start_level=start_level(cfg.curriculum.start_level, self.population, self._ladder),
             low=cur.low,
             high=cur.high,
             probe_problems=cur.probe_problems,
             replay=cur.replay,
             labels_visible=cfg.labels != "hidden",
-            state=self._curriculum_state(g),
+            state=curriculum_state(read_history(self.root), self.run["run_id"], g),
             probe=probe,
             dataset=self.dataset,
         )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainer.evolve.config import EvolveConfig
+from trainer.evolve.retention import Validation, validation_problems
 from trainer.evolve.run import EvolveError
 from trainer.evolve.seeds import derive_seed
 from trainer.tasks.sandbox import DatasetError, Problem, generate_problems, load_jsonl
@@ -78,3 +79,16 @@ def heldout_problems(cfg: EvolveConfig) -> list[Problem]:
         domains=list(cfg.domains),
         difficulties=list(cfg.difficulties),
     )
+
+
+def validation(cfg: EvolveConfig, heldout: Sequence[Problem]) -> Validation | None:
+    """The retention's validation problems and figures (:mod:`trainer.evolve.retention`), when the guard or
+    frozen teachers need them (None otherwise); a validation file that cannot be read is refused here."""
+    ret = cfg.retention
+    if not ret.validates:
+        return None
+    try:
+        problems = validation_problems(ret, cfg.domains, cfg.difficulties, heldout)
+        return Validation(ret, problems, cfg.answer)
+    except (DatasetError, ValueError, OSError) as e:
+        raise EvolveError(f"retention: {e}") from None

@@ -35,7 +35,7 @@ from ensemble_serve.shared.population import (
 )
 from trainer.models.config import InitConfig
 from trainer.tasks.data import IGNORE, batches, lr_at
-from trainer.tasks.sandbox import Problem, iter_problems, load_jsonl
+from trainer.tasks.sandbox import Problem, in_shard, iter_problems, load_jsonl
 
 SEED_MEMBER = "seed"
 """The name of a branched population's shared seed adapter (`seed_share` > 0), kept as its general expert."""
@@ -69,11 +69,6 @@ def member_plan(cfg: InitConfig, domains: Sequence[str] | None = None) -> list[d
             }
         )
     return plan
-
-
-def in_shard(prompt: str, shard: int, shards: int) -> bool:
-    """Whether a problem belongs to a shard: a stable hash of its prompt, so shards are disjoint and random."""
-    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % shards == shard
 
 
 def focus_stream(

@@ -348,6 +348,11 @@ def rng_for(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
 
 
+def in_shard(prompt: str, shard: int, shards: int) -> bool:
+    """Whether a problem belongs to a shard: a stable hash of its prompt, so shards are disjoint and random."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % shards == shard
+
+
 def sample_in_split(domain: Domain, rng: random.Random, difficulty: int, split: str) -> Problem:
     """The next problem of `domain` (anything with `name` and `generate(rng, level)`) that falls in `split`."""
     for _ in range(MAX_TRIES):
