@@ -8,7 +8,16 @@ every seed, into runs/bench-curriculum/<arm>-s<seed>/:
 * ``verifier``  configs/evolve-curriculum-verifier.yaml: the same with the answers visible;
 * ``control``   configs/evolve-curriculum-control.yaml --members m07: one adapter (the best member
                 on validation, BENCHMARKS section 10) on the same curriculum, self-consistency labels
-                over the population's chain count, the population's gradient budget.
+                over the population's chain count, the population's gradient budget;
+* ``retained``  configs/evolve-curriculum-retained.yaml: ``hidden`` plus each member's replay of its
+                own warm-up slice and the forgetting guard (issue 23, trainer/evolve/retention.py);
+* ``teachers``  configs/evolve-curriculum-teachers.yaml: ``retained`` with frozen teachers labelling
+                their families.
+
+``--population`` starts every run from another population instead of the embedded default; a
+``{seed}`` in it is replaced by the run's seed (e.g. the branched populations that bench/recipe.py
+caches, one per seed). For the retention arms the bench also reports each surviving member's change
+on its own family (held-out, all levels) and the guard's rollbacks.
 
 Measured from each run's history.jsonl: held-out accuracy per level and generation (greedy chains,
 the same problems for every run) of the population vote (majority of every member), the niche vote
@@ -19,6 +28,7 @@ The target levels are the two above the substrate's `trained_difficulties`. Inte
 t-intervals over the seeds (the held-out problems are the same, so differences are paired by seed).
 
     python bench/curriculum.py [--seeds 0,1,2] [--generations 3] [--arms hidden,verifier,control]
+        [--population PATH_WITH_{seed}] [--name curriculum]
 """
 
 from __future__ import annotations
@@ -35,27 +45,35 @@ from pathlib import Path
 from _common import EMBEDDED_POPULATION, ROOT, md_table, rel, write_json
 from scipy import stats
 
+from ensemble_serve.shared.population import load_population
+
 OUT = ROOT / "runs" / "bench-curriculum"
 ARMS = {
     "hidden": ("configs/evolve-curriculum.yaml", None),
     "verifier": ("configs/evolve-curriculum-verifier.yaml", None),
     "control": ("configs/evolve-curriculum-control.yaml", "m07"),
+    "retained": ("configs/evolve-curriculum-retained.yaml", None),
+    "teachers": ("configs/evolve-curriculum-teachers.yaml", None),
 }
 FIGURES = ("ensemble_vote", "niche_vote", "best_member", "mean_member")
 
 
-def trained_levels() -> list[int]:
-    info = json.loads((EMBEDDED_POPULATION.parent / "substrate" / "substrate.json").read_text())
+def trained_levels(population: Path) -> list[int]:
+    info = json.loads((load_population(population).base_model_path / "substrate.json").read_text())
     return list(info["trained_difficulties"])
 
 
-def run_one(arm: str, seed: int, generations: int) -> dict:
+def population_of(pattern: str, seed: int) -> Path:
+    return Path(pattern.replace("{seed}", str(seed))).resolve()
+
+
+def run_one(arm: str, seed: int, generations: int, population: Path, name: str) -> dict:
     config, members = ARMS[arm]
-    out = OUT / f"{arm}-s{seed}"
+    out = OUT / (f"{arm}-s{seed}" if name == "curriculum" else f"{name}-{arm}-s{seed}")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "trainer.cli", "evolve", "--config", config, "--seed", str(seed),
-        "--population", str(EMBEDDED_POPULATION), "--out", str(out), "--generations", str(generations),
+        "--population", str(population), "--out", str(out), "--generations", str(generations),
     ]  # fmt: skip
     if members:
         cmd += ["--members", members]
@@ -66,7 +84,27 @@ def run_one(arm: str, seed: int, generations: int) -> dict:
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
-    return {"arm": arm, "seed": seed, "wall_s": round(wall, 1), "history": [slim(r) for r in history]}
+    focus = {m.name: m.info.get("focus_domain") for m in load_population(population).manifest.members}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "history": [slim(r) for r in history],
+        "own_family": own_family(history, focus),
+    }
+
+
+def own_family(history: list[dict], focus: dict[str, str | None]) -> dict[str, float]:
+    """Each starting member still present at the end: its held-out change on its own family (every
+    family, "all", for a member without one), last generation minus the first."""
+    first = {m["name"]: m.get("heldout") or {} for m in history[0].get("members", [])}
+    last = {m["name"]: m.get("heldout") or {} for m in history[-1].get("members", [])}
+    out = {}
+    for name, fam in focus.items():
+        key = fam or "all"
+        if name in first and name in last and key in first[name] and key in last[name]:
+            out[name] = round(last[name][key] - first[name][key], 4)
+    return out
 
 
 def slim(rec: dict) -> dict:
@@ -86,6 +124,8 @@ def slim(rec: dict) -> dict:
         "events": cur.get("events"),
         "train_steps": [m.get("train_steps") for m in rec.get("members", [])],
         "examples": (rec.get("train") or {}).get("examples"),
+        "guard": rec.get("guard"),
+        "teachers": rec.get("teachers"),
     }
 
 
@@ -135,16 +175,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--generations", type=int, default=3)
-    ap.add_argument("--arms", default=",".join(ARMS), help="Comma-separated subset of: " + ", ".join(ARMS))
+    ap.add_argument("--arms", default="hidden,verifier,control", help="Comma-separated subset of: " + ", ".join(ARMS))
+    ap.add_argument(
+        "--population", default=str(EMBEDDED_POPULATION), help="Starting population ({seed}: the run's seed)."
+    )
+    ap.add_argument(
+        "--name", default="curriculum", help="Results: bench/results/NAME.json, runs/bench-curriculum/NAME-*."
+    )
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for a in arms:
         if a not in ARMS:
             raise SystemExit(f"unknown arm {a!r}; known: {', '.join(ARMS)}")
-    target = [max(trained_levels()) + 1, max(trained_levels()) + 2]
+    trained = trained_levels(population_of(args.population, seeds[0]))
+    target = [max(trained) + 1, max(trained) + 2]
     started = time.perf_counter()
-    runs = [run_one(a, s, args.generations) for s in seeds for a in arms]
+    runs = [run_one(a, s, args.generations, population_of(args.population, s), args.name) for s in seeds for a in arms]
     total = time.perf_counter() - started
 
     levels = sorted({int(lv) for r in runs for rec in r["history"] for lv in rec["levels"]})
@@ -181,7 +228,31 @@ def main() -> None:
             sum("back off" in e for e in (rec.get("events") or [])) for r in mine for rec in r["history"]
         )
         entry["signal_tracking"] = signal_tracking(mine)
+        changes = [d for r in mine for d in r["own_family"].values()]
+        entry["own_family"] = {
+            "members": len(changes),
+            "mean_change": round(statistics.fmean(changes), 4) if changes else None,
+            "lost_over_2_points": sum(d < -0.02 for d in changes),
+            "worst": round(min(changes), 4) if changes else None,
+        }
+        entry["rolled_back"] = [
+            [len((rec.get("guard") or {}).get("rolled_back", [])) for rec in r["history"][1:]] for r in mine
+        ]
         summary["arms"][a] = entry
+    for a in ("retained", "teachers"):
+        if "hidden" in arms and a in arms:
+            h = [r for r in runs if r["arm"] == "hidden"]
+            x = [r for r in runs if r["arm"] == a]
+            summary[f"{a}_minus_hidden"] = {
+                fig: interval(
+                    [
+                        pooled(u["history"][-1]["levels"], target, fig)
+                        - pooled(v["history"][-1]["levels"], target, fig)
+                        for u, v in zip(x, h)
+                    ]
+                )
+                for fig in ("ensemble_vote", "niche_vote", "best_member", "mean_member")
+            }
     if "hidden" in arms and "control" in arms:
         h = [r for r in runs if r["arm"] == "hidden"]
         c = [r for r in runs if r["arm"] == "control"]
@@ -200,8 +271,15 @@ def main() -> None:
             ]
         )
     path = write_json(
-        "curriculum",
-        {"seeds": seeds, "generations": args.generations, "wall_s": round(total, 1), "summary": summary, "runs": runs},
+        args.name,
+        {
+            "seeds": seeds,
+            "generations": args.generations,
+            "population": rel(Path(args.population)),
+            "wall_s": round(total, 1),
+            "summary": summary,
+            "runs": runs,
+        },
     )
     rows = []
     for a, e in summary["arms"].items():
@@ -214,6 +292,11 @@ def main() -> None:
     for k in ("hidden_vote_minus_control", "hidden_niche_vote_minus_control"):
         if k in summary:
             print(f"{k}: {fmt(summary[k])}")
+    for a in ("retained", "teachers"):
+        for fig, ci in summary.get(f"{a}_minus_hidden", {}).items():
+            print(f"{a} minus hidden, {fig} at the end: {fmt(ci)}")
+    for a, e in summary["arms"].items():
+        print(f"{a}: own family {e['own_family']}; rolled back per generation {e['rolled_back']}")
     print(f"wall time: {total / 60:.1f} min; results: {rel(path)}")
 
 
