@@ -28,7 +28,7 @@ The target levels are the two above the substrate's `trained_difficulties`. Inte
 t-intervals over the seeds (the held-out problems are the same, so differences are paired by seed).
 
     python bench/curriculum.py [--seeds 0,1,2] [--generations 3] [--arms hidden,verifier,control]
-        [--population PATH_WITH_{seed}] [--name curriculum]
+        [--population PATH_WITH_{seed}] [--name curriculum] [--reuse]
 """
 
 from __future__ import annotations
@@ -67,10 +67,18 @@ def population_of(pattern: str, seed: int) -> Path:
     return Path(pattern.replace("{seed}", str(seed))).resolve()
 
 
-def run_one(arm: str, seed: int, generations: int, population: Path, name: str) -> dict:
+def finished(out: Path, generations: int, cmd: list[str]) -> float | None:
+    """The wall time of an earlier run of the same command that reached `generations`, or None."""
+    mark = out / ".bench-run.json"
+    if not mark.is_file():
+        return None
+    done = json.loads(mark.read_text())
+    return done["wall_s"] if done.get("cmd") == cmd[1:] and done.get("generations") == generations else None
+
+
+def run_one(arm: str, seed: int, generations: int, population: Path, name: str, reuse: bool = False) -> dict:
     config, members = ARMS[arm]
     out = OUT / (f"{arm}-s{seed}" if name == "curriculum" else f"{name}-{arm}-s{seed}")
-    shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "trainer.cli", "evolve", "--config", config, "--seed", str(seed),
         "--population", str(population), "--out", str(out), "--generations", str(generations),
@@ -80,9 +88,15 @@ def run_one(arm: str, seed: int, generations: int, population: Path, name: str) 
     print(
         f"[bench] {arm} seed {seed}: {' '.join(rel(Path(c)) if c.startswith('/') else c for c in cmd[1:])}", flush=True
     )
-    started = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - started
+    wall = finished(out, generations, cmd) if reuse else None
+    if wall is None:
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        (out / ".bench-run.json").write_text(json.dumps({"cmd": cmd[1:], "generations": generations, "wall_s": wall}))
+    else:
+        print(f"[bench] {arm} seed {seed}: reused the finished run in {rel(out)}", flush=True)
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
     focus = {m.name: m.info.get("focus_domain") for m in load_population(population).manifest.members}
     return {
@@ -175,6 +189,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--generations", type=int, default=3)
+    ap.add_argument("--reuse", action="store_true", help="Reuse a finished run of the same command (its wall time).")
     ap.add_argument("--arms", default="hidden,verifier,control", help="Comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument(
         "--population", default=str(EMBEDDED_POPULATION), help="Starting population ({seed}: the run's seed)."
@@ -191,7 +206,11 @@ def main() -> None:
     trained = trained_levels(population_of(args.population, seeds[0]))
     target = [max(trained) + 1, max(trained) + 2]
     started = time.perf_counter()
-    runs = [run_one(a, s, args.generations, population_of(args.population, s), args.name) for s in seeds for a in arms]
+    runs = [
+        run_one(a, s, args.generations, population_of(args.population, s), args.name, args.reuse)
+        for s in seeds
+        for a in arms
+    ]
     total = time.perf_counter() - started
 
     levels = sorted({int(lv) for r in runs for rec in r["history"] for lv in rec["levels"]})

@@ -121,6 +121,7 @@ def test_members_that_forget_are_rolled_back_and_teachers_stay_frozen(engine, em
     from ensemble_serve.shared.population import read_history, read_manifest
     from trainer.evolve.config import EvolveConfig
     from trainer.evolve.loop import run_evolve
+    from trainer.evolve.retention import RetentionConfig
 
     members = ("m00", "m06", "m01", "m07")  # two add and two sub specialists (levels 3-4)
     cfg = EvolveConfig(
@@ -163,3 +164,18 @@ def test_members_that_forget_are_rolled_back_and_teachers_stay_frozen(engine, em
     after = load_population(root)
     assert {m: adapter_digest(after.member_dir(m)) for m in members} == before
     assert read_history(root)[-1]["guard"] == guard
+
+    # without teachers every member trains, every member forgets, and every member is rolled back
+    plain = cfg.model_copy(
+        update={
+            "out": tmp_path / "plain",
+            "labels": "ground_truth",
+            "fitness": {"correctness": 1.0},
+            "retention": RetentionConfig(guard=True, per_level=4),
+        }
+    )
+    root, (record,) = run_evolve(plain, progress=False, engine=engine)
+    assert "teachers" not in record and sorted(record["guard"]["rolled_back"]) == sorted(members)
+    assert read_manifest(root).generation == 1 and read_history(root)[-1]["generation"] == 1
+    after = load_population(root)
+    assert {m: adapter_digest(after.member_dir(m)) for m in members} == before
