@@ -179,3 +179,34 @@ def test_members_that_forget_are_rolled_back_and_teachers_stay_frozen(engine, em
     assert read_manifest(root).generation == 1 and read_history(root)[-1]["generation"] == 1
     after = load_population(root)
     assert {m: adapter_digest(after.member_dir(m)) for m in members} == before
+
+
+def test_calibrate_evolves_the_routing_table_with_the_members_frozen(engine, embedded_population: Path, tmp_path):
+    """Routing-only evolution on the real engine: the members' greedy chains once, then the table's weights
+    evolve; the table is written as `evolved` only when its vote beats the labelled one on the check half."""
+    from ensemble_serve.shared.adapters import adapter_digest
+    from ensemble_serve.testing.servers import copy_embedded
+    from trainer.calibration.command import CalibrateConfig, format_report, run_calibrate
+
+    pop = copy_embedded(tmp_path, as_shipped=True)
+    names = load_population(pop).names
+    before = {m: adapter_digest(load_population(pop).member_dir(m)) for m in names}
+    cfg = CalibrateConfig(
+        population=pop,
+        per_domain=6,
+        domains=("add", "sub"),
+        difficulties=(3, 4),
+        centroids=False,
+        routing_generations=4,
+        routing_population=6,
+    )
+    report = run_calibrate(cfg, engine=engine)
+    routing = report["routing"]
+    assert routing["generations"] == 4 and len(routing["best_per_generation"]) == 5
+    assert routing["best_per_generation"] == sorted(routing["best_per_generation"])
+    assert all(0 <= v <= 1 for half in ("fit_accuracy", "check_accuracy") for v in routing[half].values())
+    assert routing["kept"] == (routing["check_accuracy"]["evolved"] > routing["check_accuracy"]["start"])
+    table = json.loads((pop / "reliability.json").read_text())
+    assert table["method"] == report["method"] == ("evolved" if routing["kept"] else "labelled")
+    assert "routing evolution (4 generations)" in format_report(report)
+    assert {m: adapter_digest(load_population(pop).member_dir(m)) for m in names} == before  # frozen

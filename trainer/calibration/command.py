@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.offline_engine import OfflineEngine
@@ -35,15 +35,15 @@ from ensemble_serve.shared.population.reliability import (
     Estimate,
     Method,
     ReliabilityTable,
-    log_odds_weight,
     smoothed,
     table_entry,
     write_reliability,
 )
 from ensemble_serve.shared.router import DEFAULT_FEATURE, RouterFeatures
-from ensemble_serve.shared.voting import Candidate, VoteContext, vote
+from ensemble_serve.shared.voting import Candidate
+from trainer.calibration import routing
 from trainer.calibration.agreement import fit_one_coin
-from trainer.scoring import answer_is_right, greedy_answers, is_right
+from trainer.scoring import greedy_answers, is_right
 from trainer.settings import ALL_DOMAINS, FrozenConfig, RemoteSettings, check_difficulties, check_domains
 from trainer.tasks.sandbox import Problem, generate_problems, load_jsonl
 
@@ -67,11 +67,30 @@ class CalibrateConfig(FrozenConfig, RemoteSettings):
     difficulties: tuple[int, ...] = Field((1, 2, 3, 4), description="Sandbox levels.")
     centroids: bool = Field(True, description="Store each domain's centroid of base-model features (domain lookup).")
     max_tokens: int = Field(128, gt=0, description="Generation limit per chain.")
+    routing_generations: int = Field(
+        0,
+        ge=0,
+        description="Routing-only evolution (labels: ground_truth): evolve the table for this many generations "
+        "so the calibrated vote is right most often on half of the problems, the members frozen; the table is "
+        "kept only if its vote beats the labelled table's on the other half (0: off).",
+    )
+    routing_population: int = Field(12, ge=4, description="Tables per generation of the routing evolution.")
+    routing_sigma: float = Field(
+        0.5, gt=0, le=5, allow_inf_nan=False, description="Mutation step of the routing evolution (logits)."
+    )
     dry_run: bool = Field(False, description="Report only; do not write the table.")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="vLLM memory fraction.")
 
     _domains = field_validator("domains")(check_domains)
     _diffs = field_validator("difficulties")(check_difficulties)
+
+    @model_validator(mode="after")
+    def _routing_needs_labels(self) -> CalibrateConfig:
+        if self.routing_generations and self.labels != "ground_truth":
+            raise ValueError(
+                "routing_generations evolves the table against checked answers: it needs labels: ground_truth"
+            )
+        return self
 
 
 def calibration_problems(cfg: CalibrateConfig) -> list[Problem]:
@@ -150,12 +169,8 @@ def vote_accuracy(problems: Sequence[Problem], cands: dict[str, list[Candidate]]
     """Accuracy of a `calibrated` vote of every member on these problems, with the given estimates."""
     if any(p.answer is None for p in problems):
         return None
-    right = 0
-    for i, p in enumerate(problems):
-        weights = {m: log_odds_weight(e.p) for m, e in per_domain[p.domain].items()}
-        result = vote([cands[m][i] for m in cands], "calibrated", VoteContext(member_weights=weights))
-        right += answer_is_right(result.answer, p)
-    return right / len(problems)
+    p = {d: {m: e.p for m, e in row.items()} for d, row in per_domain.items()}
+    return routing.vote_accuracy(problems, cands, p, range(len(problems)))
 
 
 def compare(labelled: dict, agreement: dict) -> dict[str, float]:
@@ -186,6 +201,24 @@ def run_calibrate(cfg: CalibrateConfig, engine: OfflineEngine | None = None) -> 
     if method == "labelled":
         estimates["labelled"] = labelled_estimates(problems, cands)
     per_domain, overall = estimates[method]
+    routed = None
+    if cfg.routing_generations:
+        start = {d: {m: e.p for m, e in row.items()} for d, row in per_domain.items()}
+        routed = routing.evolve_routing(
+            problems,
+            cands,
+            start,
+            cfg.routing_generations,
+            cfg.routing_population,
+            cfg.routing_sigma,
+            cfg.seed,
+            progress=True,
+        )
+        if routed.kept:
+            method = "evolved"
+            per_domain = {
+                d: {m: Estimate(p=routed.p[d][m], n=e.n) for m, e in row.items()} for d, row in per_domain.items()
+            }
     feature = DEFAULT_FEATURE["sigmoid_floor"]
     centroids = None
     if cfg.centroids and population.base_model_path is not None:
@@ -205,10 +238,18 @@ def run_calibrate(cfg: CalibrateConfig, engine: OfflineEngine | None = None) -> 
         "method": method,
         "table": table.model_dump(exclude={"centroids"}),
     }
-    if method == "labelled":
+    if "labelled" in estimates:
         report["agreement_vs_labelled"] = compare(estimates["labelled"][0], estimates["agreement"][0])
         report["calibrated_vote_accuracy"] = {
             name: vote_accuracy(problems, cands, tables[0]) for name, tables in estimates.items()
+        }
+    if routed is not None:
+        report["routing"] = {
+            "generations": cfg.routing_generations,
+            "fit_accuracy": routed.fit_accuracy,
+            "check_accuracy": routed.check_accuracy,
+            "best_per_generation": routed.best_per_generation,
+            "kept": routed.kept,
         }
     if not cfg.dry_run:
         write_reliability(population.root, table)
@@ -232,6 +273,16 @@ def format_report(report: dict[str, Any]) -> str:
         )
         acc = report["calibrated_vote_accuracy"]
         lines.append("calibrated vote accuracy here: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    if "routing" in report:
+        r = report["routing"]
+        verdict = (
+            "kept" if r["kept"] else "not kept (the labelled table's vote is as good where the search did not look)"
+        )
+        lines.append(
+            f"routing evolution ({r['generations']} generations): vote on the fit half {r['fit_accuracy']['start']:.3f} "
+            f"-> {r['fit_accuracy']['evolved']:.3f}, on the check half {r['check_accuracy']['start']:.3f} -> "
+            f"{r['check_accuracy']['evolved']:.3f}: {verdict}"
+        )
     if "written" in report:
         lines.append(f"wrote {report['written']} and the manifest's reliability entry")
     return "\n".join(lines)

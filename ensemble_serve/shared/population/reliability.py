@@ -6,8 +6,10 @@
 * ``domains``: domain -> member -> ``{"p", "n"}``: the member's estimated accuracy on that domain and
   the number of problems the estimate rests on; ``overall`` the same over all domains (used when a
   request's domain cannot be told);
-* ``method``: ``labelled`` (p from answers checked against held-out labels) or ``agreement`` (p
-  estimated from who agrees with whom, no labels: a one-coin Dawid-Skene model);
+* ``method``: ``labelled`` (p from answers checked against held-out labels), ``agreement`` (p
+  estimated from who agrees with whom, no labels: a one-coin Dawid-Skene model) or ``evolved`` (the
+  labelled table evolved so that the vote is right most often, members frozen: then p is a weight,
+  no longer an accuracy estimate; ``overall`` stays labelled);
 * ``centroids`` (optional): domain -> the mean base-model feature (``feature``, as the router
   computes it) of that domain's calibration prompts; the server gives a request the domain whose
   centroid is nearest (cosine) to the prompt's feature.
@@ -32,7 +34,7 @@ from ensemble_serve.shared.fsutil import atomic_write_text
 RELIABILITY_FILE = "reliability.json"
 RELIABILITY_FORMAT = 1
 P_MIN, P_MAX = 0.05, 0.95
-Method = Literal["labelled", "agreement"]
+Method = Literal["labelled", "agreement", "evolved"]
 
 
 class ReliabilityError(ValueError):

@@ -1,0 +1,152 @@
+"""Evolution on the routing channel only: the reliability table's weights evolve, the members stay frozen.
+
+The calibrated vote weighs each member's chain by log(p / (1 - p)) of its table entry for the
+prompt's domain (:func:`ensemble_serve.shared.population.reliability.log_odds_weight`). `calibrate`
+estimates p per member and domain; this evolves the table instead, as a genetic algorithm over the
+entries' logits, so that the vote itself (not each member alone) is right as often as it can be:
+a member that agrees with a stronger one can lose weight, a weak but independent one gain it. The
+members' greedy chains on the calibration problems are computed once (members frozen), so a
+generation costs votes only, with the vote rule the server runs.
+
+Fit and check: the problems are cut in two halves by a stable hash of the prompt. Fitness is the
+vote's accuracy on the fit half, ties broken by the smaller mean distance (in logits) from the
+labelled table, the starting point. The evolved table is kept only when its vote beats the labelled
+table's on the check half, which the search never saw; the report gives both figures.
+
+Deterministic: everything random comes from one generator seeded with the config's seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from ensemble_serve.shared.population.reliability import P_MAX, P_MIN, log_odds_weight
+from ensemble_serve.shared.voting import Candidate, VoteContext, vote
+from trainer.scoring import answer_is_right
+from trainer.tasks.sandbox import Problem
+
+
+@dataclass(frozen=True)
+class RoutingResult:
+    """What the search found: the evolved p per domain and member, and the figures that decide."""
+
+    p: dict[str, dict[str, float]]
+    fit_accuracy: dict[str, float]
+    """The vote's accuracy on the fit half: ``start`` (the labelled table) and ``evolved``."""
+    check_accuracy: dict[str, float]
+    """The same on the check half (never seen by the search)."""
+    best_per_generation: list[float]
+    """The best fitness of each generation (fit half), for the record and the plot."""
+
+    @property
+    def kept(self) -> bool:
+        """Whether the evolved table beats the labelled one where the search did not look."""
+        return self.check_accuracy["evolved"] > self.check_accuracy["start"]
+
+
+def halves(problems: Sequence[Problem]) -> tuple[list[int], list[int]]:
+    """(fit, check) indices: a stable hash of each prompt decides its half."""
+    fit, check = [], []
+    for i, p in enumerate(problems):
+        (fit if hashlib.sha256(p.prompt.encode()).digest()[0] % 2 == 0 else check).append(i)
+    return fit, check
+
+
+def _logit(p: float) -> float:
+    q = min(max(p, P_MIN), P_MAX)
+    return math.log(q / (1.0 - q))
+
+
+def vote_accuracy(
+    problems: Sequence[Problem],
+    cands: Mapping[str, Sequence[Candidate]],
+    p: Mapping[str, Mapping[str, float]],
+    idx: Sequence[int],
+) -> float:
+    """The calibrated vote's accuracy on the problems `idx`, every member weighted by `p` of the problem's domain."""
+    if not idx:
+        return 0.0
+    right = 0
+    for i in idx:
+        d = problems[i].domain
+        weights = {m: log_odds_weight(p[d][m]) for m in cands}
+        result = vote([cands[m][i] for m in cands], "calibrated", VoteContext(member_weights=weights))
+        right += answer_is_right(result.answer, problems[i])
+    return right / len(idx)
+
+
+def _tournament(
+    pop: Sequence[np.ndarray], scores: Sequence[tuple[float, float]], rng: np.random.Generator
+) -> np.ndarray:
+    """The fittest of three distinct entrants."""
+    entrants = rng.choice(len(pop), 3, replace=False)
+    return pop[max(entrants, key=lambda k: scores[k])]
+
+
+def evolve_routing(
+    problems: Sequence[Problem],
+    cands: Mapping[str, Sequence[Candidate]],
+    start: Mapping[str, Mapping[str, float]],
+    generations: int,
+    size: int = 12,
+    sigma: float = 0.5,
+    seed: int = 0,
+    progress: bool = False,
+) -> RoutingResult:
+    """Evolve the table's p (per domain and member) from `start` for `generations` generations of `size`.
+
+    Elitism (the best two stay), tournaments of three, uniform crossover, and a Gaussian step of `sigma`
+    on a quarter of the logits of each child."""
+    if generations < 1 or size < 4:
+        raise ValueError("routing evolution needs at least 1 generation and a population of at least 4")
+    members = list(cands)
+    domains = sorted(start)
+    fit, check = halves(problems)
+    x0 = np.array([[_logit(start[d][m]) for m in members] for d in domains])
+    rng = np.random.default_rng(seed)
+
+    def table(x: np.ndarray) -> dict[str, dict[str, float]]:
+        return {
+            d: {m: round(1.0 / (1.0 + math.exp(-x[i, j])), 6) for j, m in enumerate(members)}
+            for i, d in enumerate(domains)
+        }
+
+    def fitness(x: np.ndarray) -> tuple[float, float]:
+        return vote_accuracy(problems, cands, table(x), fit), -float(np.abs(x - x0).mean())
+
+    pop = [x0] + [x0 + rng.normal(0.0, sigma, x0.shape) for _ in range(size - 1)]
+    scores = [fitness(x) for x in pop]
+    best = []
+    for _ in tqdm(range(generations), desc="routing evolution", disable=not progress, unit="gen", leave=False):
+        order = sorted(range(size), key=lambda k: scores[k], reverse=True)
+        best.append(round(scores[order[0]][0], 4))
+
+        children = []
+        while len(children) < size - 2:
+            a, b = (_tournament(pop, scores, rng) for _ in range(2))
+            child = np.where(rng.random(x0.shape) < 0.5, a, b)
+            mask = rng.random(x0.shape) < 0.25
+            children.append(child + mask * rng.normal(0.0, sigma, x0.shape))
+        pop = [pop[order[0]], pop[order[1]]] + children
+        scores = [scores[order[0]], scores[order[1]]] + [fitness(x) for x in children]
+    winner = pop[max(range(size), key=lambda k: scores[k])]
+    best.append(round(max(scores)[0], 4))
+    evolved, labelled = table(winner), table(x0)
+    return RoutingResult(
+        p=evolved,
+        fit_accuracy={
+            "start": round(vote_accuracy(problems, cands, labelled, fit), 4),
+            "evolved": round(vote_accuracy(problems, cands, evolved, fit), 4),
+        },
+        check_accuracy={
+            "start": round(vote_accuracy(problems, cands, labelled, check), 4),
+            "evolved": round(vote_accuracy(problems, cands, evolved, check), 4),
+        },
+        best_per_generation=best,
+    )
