@@ -55,6 +55,11 @@ def record(generation: int, members: list[dict[str, Any]], *, heldout: bool = Tr
         "time": f"2026-11-23T10:0{generation}:00+00:00",
         "labels": "ground_truth",
         "seconds": {"generate": 12.1, "score": 3.2, "train": 20.5, "evolve": 0.4, "eval": 15.0},
+        "guard": {
+            "max_drop": 0.02,
+            "members": {m["name"]: {"before": 0.5, "after": 0.45 if i == 0 else 0.55} for i, m in enumerate(members)},
+            "rolled_back": [members[0]["name"]],
+        },
         "fitness": {"best": max(fits), "mean": sum(fits) / len(fits), "min": min(fits)},
         "terms": {"correctness": {m["name"]: 0.5 for m in members}},
         "diversity": {"embedding": 0.12 - 0.01 * generation, "output": 0.03},
@@ -355,3 +360,28 @@ def test_the_phases_plot_shows_where_a_generations_time_goes(tmp_path: Path) -> 
     assert plot_phases(parse_records(bare)) is None  # no times recorded: no plot
     with pytest.raises(ReportError, match="`seconds` must be an object"):
         parse_records([{**history()[0], "seconds": "fast"}])
+
+
+def test_the_retention_plot_shows_the_guard_and_bad_guard_fields_are_refused() -> None:
+    from trainer.study.report.figures import plot_retention
+    from trainer.study.report.records import parse_records
+
+    guard = {
+        "max_drop": 0.02,
+        "members": {
+            "m0": {"before": 0.5, "after": 0.4},
+            "m1": {"before": 0.3, "after": 0.31},
+            "m2": {"before": 0.2, "trained": False},
+        },
+        "rolled_back": ["m0"],
+    }
+    records = parse_records([history()[0], {**history()[1], "guard": guard}])
+    assert records[0].rolled_back and records[0].guard
+    assert records[1].rolled_back == ("m0",) and records[1].guard["m2"] == {"before": 0.2}
+    assert plot_retention(records).startswith(PNG_MAGIC)
+    bare = [{k: v for k, v in r.items() if k != "guard"} for r in history()]
+    assert plot_retention(parse_records(bare)) is None  # no guard ran: no plot
+    with pytest.raises(ReportError, match="generation 1: `guard.rolled_back` must be a list"):
+        parse_records([{**history()[1], "guard": {**guard, "rolled_back": "m0"}}])
+    with pytest.raises(ReportError, match="generation 1: `guard.members.m0.before` must be a number"):
+        parse_records([{**history()[1], "guard": {**guard, "members": {"m0": {"before": "high"}}}}])

@@ -11,6 +11,7 @@ writes, into ``<population>/report`` by default:
 * ``lineage.png``    the family tree (x = generation, one node per member per generation);
 * ``votes.png``      histogram of the ensemble vote agreement (only when recorded);
 * ``phases.png``     wall seconds per phase of each generation, stacked (which phase to scale out);
+* ``retention.png``  the forgetting guard: own-family validation before and after training, rollbacks in red;
 * ``report.html``    all of the above embedded as data URIs, plus the tables.
 
 Every history key except ``generation`` is optional: a plot without data is

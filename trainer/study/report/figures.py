@@ -190,7 +190,7 @@ def plot_labels(records: Sequence[GenerationRecord]) -> bytes | None:
 
 
 #: The phases of a generation in the order they run (others recorded are drawn after them).
-PHASES = ("propose", "generate", "score", "train", "evolve", "eval")
+PHASES = ("propose", "generate", "score", "validate", "train", "guard", "evolve", "eval")
 
 
 def plot_phases(records: Sequence[GenerationRecord]) -> bytes | None:
@@ -216,4 +216,37 @@ def plot_phases(records: Sequence[GenerationRecord]) -> bytes | None:
     ax.legend(fontsize=8, ncols=3)
     ax.grid(True, axis="y", alpha=0.3)
     generation_ticks(ax, x, 0.6)
+    return to_png(fig)
+
+
+def plot_retention(records: Sequence[GenerationRecord]) -> bytes | None:
+    """The forgetting guard: each member's own-family validation figure before (dot) and after (arrow head)
+    its gradient phase, per generation; the members rolled back in red."""
+    guarded = [r for r in records if r.guard]
+    if not guarded:
+        return None
+    members = sorted({m for r in guarded for m in r.guard})
+    fig = new_figure(7, 3.8)
+    ax = fig.add_subplot()
+    width = 0.7 / max(1, len(members))
+    for r in guarded:
+        for j, m in enumerate(members):
+            fig_m = r.guard.get(m)
+            if not fig_m or "before" not in fig_m:
+                continue
+            x = r.generation - 0.35 + (j + 0.5) * width
+            before = fig_m["before"]
+            ax.plot([x], [before], "o", color="0.4", markersize=3)
+            if "after" in fig_m:
+                color = "C3" if m in r.rolled_back else "C2"
+                ax.annotate(
+                    "", xy=(x, fig_m["after"]), xytext=(x, before), arrowprops={"arrowstyle": "->", "color": color}
+                )
+    rolled = sum(len(r.rolled_back) for r in guarded)
+    trained = sum(1 for r in guarded for f in r.guard.values() if "after" in f)
+    ax.set_xlabel("generation (one column per member)")
+    ax.set_ylabel("own-family validation accuracy")
+    ax.set_title(f"forgetting guard: {rolled} of {trained} trained members rolled back (red)")
+    ax.grid(True, axis="y", alpha=0.3)
+    generation_ticks(ax, [r.generation for r in guarded], 0.6)
     return to_png(fig)

@@ -23,6 +23,7 @@ from trainer.study.report.figures import (
     plot_labels,
     plot_levels,
     plot_phases,
+    plot_retention,
     plot_votes,
 )
 from trainer.study.report.lineage import build_lineage, plot_lineage
@@ -34,7 +35,18 @@ __all__ = ["HTML_FILE", "PLOT_NAMES", "REPORT_DIR", "write_report"]
 REPORT_DIR = "report"
 HTML_FILE = "report.html"
 #: Plot names in page order; each is written as ``<name>.png`` when it has data.
-PLOT_NAMES = ("fitness", "accuracy", "levels", "labels", "diversity", "domains", "lineage", "votes", "phases")
+PLOT_NAMES = (
+    "fitness",
+    "accuracy",
+    "levels",
+    "labels",
+    "diversity",
+    "domains",
+    "lineage",
+    "votes",
+    "phases",
+    "retention",
+)
 #: Fitness statistics, in column order.
 FITNESS_KEYS = ("best", "mean", "min")
 
@@ -58,6 +70,7 @@ _PLOT_TITLES = {
     "lineage": "Lineage",
     "votes": "Vote agreement",
     "phases": "Time per phase",
+    "retention": "Forgetting guard (own-family validation before and after training)",
 }
 
 
@@ -186,6 +199,7 @@ def write_report(
         "lineage": lambda: plot_lineage(build_lineage(records, manifest)),
         "votes": lambda: plot_votes(records),
         "phases": lambda: plot_phases(records),
+        "retention": lambda: plot_retention(records),
     }
     images: dict[str, bytes] = {}
     paths: dict[str, Path] = {}

@@ -84,7 +84,11 @@ class GenerationRecord:
     """Curriculum back-offs this generation."""
     skipped: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall seconds per phase (propose, generate, score, train, evolve, eval)."""
+    """Wall seconds per phase (propose, generate, score, validate, train, guard, evolve, eval)."""
+    guard: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The forgetting guard's figures per member: {"before": ..., "after": ...} (no "after": did not train)."""
+    rolled_back: tuple[str, ...] = ()
+    """The members the guard rolled back this generation."""
 
 
 class _Checker:
@@ -191,6 +195,7 @@ def _parse_record(raw: Mapping[str, Any], index: int, previous: int | None) -> G
         x = c.number(heldout_raw.get(k), f"heldout.{k}")
         if x is not None:
             heldout[k] = x
+    guard_raw = c.mapping(raw.get("guard"), "guard")
     votes = (
         c.number(v, f"heldout.vote_agreement[{i}]")
         for i, v in enumerate(c.sequence(heldout_raw.get("vote_agreement"), "heldout.vote_agreement"))
@@ -219,6 +224,17 @@ def _parse_record(raw: Mapping[str, Any], index: int, previous: int | None) -> G
         ),
         skipped=raw.get("skipped") is not None,
         seconds=c.number_map(raw.get("seconds"), "seconds"),
+        guard={
+            str(m): c.number_map(
+                {k: x for k, x in c.mapping(v, f"guard.members.{m}").items() if k in ("before", "after")},
+                f"guard.members.{m}",
+            )
+            for m, v in c.mapping(guard_raw.get("members"), "guard.members").items()
+        },
+        rolled_back=tuple(
+            str(c.string(m, f"guard.rolled_back[{i}]"))
+            for i, m in enumerate(c.sequence(guard_raw.get("rolled_back"), "guard.rolled_back"))
+        ),
     )
 
 
