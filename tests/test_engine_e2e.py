@@ -113,7 +113,9 @@ def test_ensemble_train_eval_cli_runs_vllm_over_a_fresh_population(tiny_populati
         assert m.domain_scores["add"] == pytest.approx(result["accuracy"][m.name]["add"])
 
 
-def test_members_that_forget_are_rolled_back_and_teachers_stay_frozen(engine, embedded_population: Path, tmp_path):
+def test_members_that_forget_are_rolled_back_and_teachers_stay_frozen(
+    engine, embedded_population: Path, tiny_population: Path, tmp_path
+):
     """Retention on the sandbox's specialists: frozen teachers label their families, the others train on
     those labels plus their own replay at a learning rate that wrecks them, and the forgetting guard
     rolls every one of them back: generation 1 is recorded and every adapter is the one it was."""
@@ -145,6 +147,7 @@ def test_members_that_forget_are_rolled_back_and_teachers_stay_frozen(engine, em
     src = load_population(embedded_population)
     before = {m: adapter_digest(src.member_dir(m)) for m in members}
     root, records = run_evolve(cfg, progress=False, engine=engine)
+    tiny_adapter = load_population(tiny_population).member_dir(load_population(tiny_population).names[0])
 
     (record,) = records
     assert record["generation"] == 1 and read_manifest(root).generation == 1
@@ -165,20 +168,40 @@ def test_members_that_forget_are_rolled_back_and_teachers_stay_frozen(engine, em
     assert {m: adapter_digest(after.member_dir(m)) for m in members} == before
     assert read_history(root)[-1]["guard"] == guard
 
-    # without teachers every member trains, every member forgets, and every member is rolled back
+    # without teachers every member trains, every member forgets, and every member is rolled back; a control
+    # (another specialist's adapter) trains beside them on the union of their examples for the sum of their steps
+    control = src.member_dir("m03")
     plain = cfg.model_copy(
         update={
             "out": tmp_path / "plain",
             "labels": "ground_truth",
             "fitness": {"correctness": 1.0},
             "retention": RetentionConfig(guard=True, per_level=4),
+            "heldout_per_domain": 2,
+            "control": control,
         }
     )
-    root, (record,) = run_evolve(plain, progress=False, engine=engine)
+    root, (start, record) = run_evolve(plain, progress=False, engine=engine)
     assert "teachers" not in record and sorted(record["guard"]["rolled_back"]) == sorted(members)
     assert read_manifest(root).generation == 1 and read_history(root)[-1]["generation"] == 1
     after = load_population(root)
     assert {m: adapter_digest(after.member_dir(m)) for m in members} == before
+    steps = sum(m["train_steps"] for m in record["members"])
+    assert record["control"]["steps"] == steps > 0 and record["control"]["examples"] >= max(
+        record["train"]["examples"].values()
+    )
+    for rec in (start, record):
+        assert 0 <= rec["control"]["heldout"]["all"] <= 1 and set(rec["control"]["heldout"]["levels"]) == {"3", "4"}
+    run_id = json.loads((root / "evolve-run.json").read_text())["run_id"]
+    assert (root / "control" / run_id / "g1" / "adapter_model.safetensors").is_file()
+    assert adapter_digest(control) == adapter_digest(src.member_dir("m03"))  # the source is never written
+
+    # a control that does not fit the members is refused before anything runs, and leaves nothing behind
+    from trainer.evolve.run import EvolveError
+
+    with pytest.raises(EvolveError, match="control .* does not fit the population's members"):
+        run_evolve(plain.model_copy(update={"out": tmp_path / "bad", "control": tiny_adapter}), engine=engine)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_calibrate_evolves_the_routing_table_with_the_members_frozen(engine, embedded_population: Path, tmp_path):

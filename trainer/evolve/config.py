@@ -278,6 +278,12 @@ class EvolveConfig(FrozenConfig, RemoteSettings):
         description="What members keep through self-play: replay of their own data, frozen teachers, the "
         "forgetting guard (off by default; trainer.evolve.retention).",
     )
+    control: Path | None = Field(
+        None,
+        description="A PEFT adapter on the same base trained beside the population as a compute-matched control: "
+        "each generation on the union of the members' training examples for the sum of their gradient steps; it "
+        "never labels, votes or evolves, and is evaluated on the held-out problems (trainer.evolve.control).",
+    )
     fitness_scope: Scope = Field(
         "global",
         description="Scope of the per-problem fitness terms (correctness, consensus): global (all problems) or "
@@ -368,6 +374,8 @@ class EvolveConfig(FrozenConfig, RemoteSettings):
                 "retention.guard and retention.teachers validate on labelled problems: a run on a dataset needs "
                 "retention.data (a labelled JSONL file that is not the held-out test set)"
             )
+        if self.control is not None and self.heldout_per_domain == 0 and self.eval_data is None:
+            raise ValueError("a `control` is there to be compared on the held-out problems: set heldout_per_domain > 0")
         if self.members is not None and self.out is None:
             raise ValueError("`members` selects a subset for a copy: it needs `out`")
         return self

@@ -73,6 +73,7 @@ from trainer.evolve.calls import (
 )
 from trainer.evolve.commit import PENDING_FILE, has_record, read_pending, write_generation
 from trainer.evolve.config import EvolveConfig
+from trainer.evolve.control import ControlArm, ControlError
 from trainer.evolve.curriculum import (
     PROPOSERS,
     CurriculumError,
@@ -138,7 +139,13 @@ class Evolver:
         self.population = load_population(root)
         # member folders of a commit that was killed before its manifest swap are not part of any generation
         prune_unreferenced(root)
-        load_members(self.population)  # the members can evolve together, or the run is refused here
+        members = load_members(self.population)  # the members can evolve together, or the run is refused here
+        self.control = None
+        if cfg.control is not None:
+            try:
+                self.control = ControlArm(cfg.control, root, run["run_id"], members)
+            except ControlError as e:
+                raise EvolveError(str(e)) from None
         check_operators(cfg.evolution, self.population)
         if cfg.labels == "hidden" and cfg.label_rule == "leave_self_out" and len(self.population.names) < 2:
             raise EvolveError(
@@ -150,7 +157,7 @@ class Evolver:
         self._own_remote = None
         if engine is not None:
             try:
-                check_engine(engine, self.population, population_lora_rank(self.population, cfg.evolution.child_rank))
+                check_engine(engine, self.population, self._lora_rank())
             except EngineMismatch as e:
                 raise EvolveError(str(e)) from None
         elif cfg.remote:  # the servers are checked now, before anything runs
@@ -215,6 +222,9 @@ class Evolver:
                 training_examples(ev, labels, cfg, focus), pop, teachers, cfg.retention, cfg, g, self.dataset
             )
             trained, losses = self._train(pop, weights, examples, g)
+        if self.control is not None:
+            with timed(seconds, "control"):
+                record["control"] = self.control.train(self.cfg, examples, g, pop, self._map)
         if before is not None and cfg.retention.guard:
             with timed(seconds, "guard"):  # members that forgot their own family go back
                 trained, record["guard"] = self.validation.guard(self._engine(), pop, before, weights, trained)
@@ -352,6 +362,11 @@ class Evolver:
         self.train_failed = failed_members(pop.names, results)
         return trained_weights(pop.names, weights, results)
 
+    def _control_heldout(self) -> dict[str, Any]:
+        engine, pop = self._engine(), self.population
+        g = pop.manifest.generation
+        return self.control.evaluate(engine, pop, g, self.heldout, self.cfg.answer, self._synced_engine)
+
     def _commit(self, manifest: Manifest, adapters: dict[str, LoraWeights], record: dict[str, Any]) -> None:
         """Write generation `manifest` (new adapters + atomic manifest swap); on failure the previous one stays."""
         self.population = write_generation(self.root, manifest, adapters, record)
@@ -365,6 +380,8 @@ class Evolver:
         if self.heldout:
             heldout = self._evaluate()
             add_heldout(record, heldout)
+            if self.control is not None:
+                record.setdefault("control", {})["heldout"] = self._control_heldout()
             self.population = record_domain_scores(self.root, heldout["members"])
         record.setdefault("seconds", {})["eval"] = secs(started)
         self._remote_events(record)
@@ -385,6 +402,7 @@ class Evolver:
             members=initial_members(self.population.manifest, heldout),
             heldout=heldout_summary(heldout),
             seconds={"eval": secs(started)},
+            **({"control": {"heldout": self._control_heldout()}} if self.control is not None else {}),
         )
         self._remote_events(record)
         append_history(self.root, record)
@@ -406,13 +424,20 @@ class Evolver:
             cfg = EngineConfig(
                 max_loras=min(max(n, 1), 16),
                 max_cpu_loras=max(2 * n, 4),
-                max_lora_rank=population_lora_rank(self.population, self.cfg.evolution.child_rank),
+                max_lora_rank=self._lora_rank(),
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                 max_num_seqs=self.cfg.max_num_seqs,
                 seed=self.cfg.seed,
             )
             self.engine = OfflineEngine(self.population, cfg, snapshot_root=Path(self._snapshots.name))
         return self.engine
+
+    def _lora_rank(self) -> int:
+        """The max_lora_rank the engine needs: the members', the children's and the control's."""
+        child = self.cfg.evolution.child_rank
+        if self.control is not None:
+            child = max(child or 0, self.control.rank)
+        return population_lora_rank(self.population, child)
 
     def _remote_events(self, record: dict[str, Any]) -> None:
         """The remote servers that went down (or came back) and the requests sent again, into `record`."""
