@@ -28,7 +28,7 @@ The target levels are the two above the substrate's `trained_difficulties`. Inte
 t-intervals over the seeds (the held-out problems are the same, so differences are paired by seed).
 
     python bench/curriculum.py [--seeds 0,1,2] [--generations 3] [--arms hidden,verifier,control]
-        [--population PATH_WITH_{seed}] [--name curriculum] [--reuse]
+        [--population PATH_WITH_{seed}] [--name curriculum] [--reuse] [--control PATH_WITH_{seed}]
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def finished(out: Path, generations: int, cmd: list[str]) -> float | None:
     return done["wall_s"] if done.get("cmd") == cmd[1:] and done.get("generations") == generations else None
 
 
-def run_one(arm: str, seed: int, generations: int, population: Path, name: str, reuse: bool = False) -> dict:
+def run_one(
+    arm: str, seed: int, generations: int, population: Path, name: str, reuse: bool = False, control: Path | None = None
+) -> dict:
     config, members = ARMS[arm]
     out = OUT / (f"{arm}-s{seed}" if name == "curriculum" else f"{name}-{arm}-s{seed}")
     cmd = [
@@ -85,6 +87,8 @@ def run_one(arm: str, seed: int, generations: int, population: Path, name: str, 
     ]  # fmt: skip
     if members:
         cmd += ["--members", members]
+    if control is not None and arm != "control":
+        cmd += ["--control", str(control)]
     print(
         f"[bench] {arm} seed {seed}: {' '.join(rel(Path(c)) if c.startswith('/') else c for c in cmd[1:])}", flush=True
     )
@@ -105,6 +109,7 @@ def run_one(arm: str, seed: int, generations: int, population: Path, name: str, 
         "wall_s": round(wall, 1),
         "history": [slim(r) for r in history],
         "own_family": own_family(history, focus),
+        "control": [(r.get("control") or {}) for r in history],
     }
 
 
@@ -150,6 +155,11 @@ def pooled(levels: dict, wanted: list[int], figure: str) -> float | None:
     return sum(r[figure] * r["problems"] for r in rows) / n if n else None
 
 
+def pooled_levels(levels: dict, wanted: list[int]) -> float:
+    """The control's accuracy over several levels (equal problems per level in the sandbox's held-out set)."""
+    return statistics.fmean(levels[str(lv)] for lv in wanted if str(lv) in levels)
+
+
 def interval(xs: list[float]) -> dict:
     """Mean and 95% t-interval over seeds."""
     m = statistics.fmean(xs)
@@ -189,6 +199,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--generations", type=int, default=3)
+    ap.add_argument(
+        "--control",
+        help="A compute-matched control adapter trained beside every population arm ({seed}: the run's seed); "
+        "reported as `control` (its held-out accuracy on the target levels, its steps and examples).",
+    )
     ap.add_argument("--reuse", action="store_true", help="Reuse a finished run of the same command (its wall time).")
     ap.add_argument("--arms", default="hidden,verifier,control", help="Comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument(
@@ -207,7 +222,15 @@ def main() -> None:
     target = [max(trained) + 1, max(trained) + 2]
     started = time.perf_counter()
     runs = [
-        run_one(a, s, args.generations, population_of(args.population, s), args.name, args.reuse)
+        run_one(
+            a,
+            s,
+            args.generations,
+            population_of(args.population, s),
+            args.name,
+            args.reuse,
+            population_of(args.control, s) if args.control else None,
+        )
         for s in seeds
         for a in arms
     ]
@@ -258,6 +281,24 @@ def main() -> None:
             [len((rec.get("guard") or {}).get("rolled_back", [])) for rec in r["history"][1:]] for r in mine
         ]
         summary["arms"][a] = entry
+    for a in arms:
+        mine = [r for r in runs if r["arm"] == a]
+        if not all(r["control"] and "heldout" in r["control"][-1] for r in mine):
+            continue
+        ctl_start = [pooled_levels(r["control"][0]["heldout"]["levels"], target) for r in mine]
+        ctl_end = [pooled_levels(r["control"][-1]["heldout"]["levels"], target) for r in mine]
+        vote_end = [pooled(r["history"][-1]["levels"], target, "ensemble_vote") for r in mine]
+        vote_start = [pooled(r["history"][0]["levels"], target, "ensemble_vote") for r in mine]
+        summary["arms"][a]["control"] = {
+            "start": interval(ctl_start),
+            "end": interval(ctl_end),
+            "gain": interval([e - s for s, e in zip(ctl_start, ctl_end)]),
+            "steps": [sum(c.get("steps", 0) for c in r["control"]) for r in mine],
+            "vote_gain_minus_control_gain": interval(
+                [(ve - vs) - (ce - cs) for vs, ve, cs, ce in zip(vote_start, vote_end, ctl_start, ctl_end)]
+            ),
+            "vote_minus_control_at_the_end": interval([v - c for v, c in zip(vote_end, ctl_end)]),
+        }
     for a in ("retained", "teachers"):
         if "hidden" in arms and a in arms:
             h = [r for r in runs if r["arm"] == "hidden"]
@@ -316,6 +357,13 @@ def main() -> None:
             print(f"{a} minus hidden, {fig} at the end: {fmt(ci)}")
     for a, e in summary["arms"].items():
         print(f"{a}: own family {e['own_family']}; rolled back per generation {e['rolled_back']}")
+        if "control" in e:
+            c = e["control"]
+            print(
+                f"{a}: control on levels {target} {c['start']['mean']:.3f} -> {c['end']['mean']:.3f} "
+                f"(gain {fmt(c['gain'])}, steps {c['steps']}); vote gain minus control gain "
+                f"{fmt(c['vote_gain_minus_control_gain'])}; vote minus control at the end {fmt(c['vote_minus_control_at_the_end'])}"
+            )
     print(f"wall time: {total / 60:.1f} min; results: {rel(path)}")
 
 
