@@ -212,9 +212,11 @@ class Evolver:
             self._score(ev, weights)
             result = compute_fitness(ev, cfg.fitness, cfg.fitness_scope)
 
-        with timed(seconds, "validate"):  # what members keep (retention): validation figures and teachers
-            before = self.validation.figures(self._engine(), pop) if self.validation is not None else None
-            teachers = choose_teachers(pop, before) if before is not None and cfg.retention.teachers else {}
+        before, teachers = None, {}
+        if self.validation is not None:  # what members keep (retention): validation figures and teachers
+            with timed(seconds, "validate"):
+                before = self.validation.figures(self._engine(), pop)
+                teachers = choose_teachers(pop, before) if cfg.retention.teachers else {}
         with timed(seconds, "train"):  # 3. gradient phase
             focus = self._focus(pop)
             labels = member_labels(ev, cfg, focus, teachers)
