@@ -255,9 +255,9 @@ def replay_examples(
     )
     out: list[tuple[str, str]] = []
     for p in stream:
-        if shard is not None and not in_shard(p.prompt, *shard):
+        if not p.chain or (shard is not None and not in_shard(p.prompt, *shard)):
             continue
-        out.append((p.prompt, p.chain or ""))
+        out.append((p.prompt, p.chain))
         if len(out) == n:
             return out
     return out
