@@ -30,6 +30,7 @@ resolution (``per_level`` 16 over 4 levels: 1.6 points, under the default 2-poin
 
 from __future__ import annotations
 
+import itertools
 import random
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -254,7 +255,7 @@ def replay_examples(
         seed=rng_seed, split="train", domains=[focus] if focus else list(domains), difficulties=levels
     )
     out: list[tuple[str, str]] = []
-    for p in stream:
+    for p in itertools.islice(stream, 200 * n):  # bounded: a slice without worked chains gives what it has
         if not p.chain or (shard is not None and not in_shard(p.prompt, *shard)):
             continue
         out.append((p.prompt, p.chain))
