@@ -101,8 +101,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     started = time.perf_counter()
     engine = OfflineEngine(load_population(EMBEDDED_POPULATION), EngineConfig(gpu_memory_utilization=0.2, max_loras=12))
-    runs = [measure(engine, (ROOT / BRANCHED.format(seed=s)).resolve(), s, args) for s in seeds]
-    runs.append(measure(engine, EMBEDDED_POPULATION, 0, args))
+    runs = [{**measure(engine, (ROOT / BRANCHED.format(seed=s)).resolve(), s, args), "branched": True} for s in seeds]
+    runs.append({**measure(engine, EMBEDDED_POPULATION, 0, args), "branched": False})
     total = time.perf_counter() - started
     rows = [
         [
@@ -116,7 +116,7 @@ def main() -> None:
         ]
         for r in runs
     ]
-    branched = [r for r in runs if "bench-recipe" in r["population"]]
+    branched = [r for r in runs if r["branched"]]
     diff = [r["test"]["evolved"] - r["test"]["labelled"] for r in branched]
     summary = {"evolved_minus_labelled_branched": diff}
     path = write_json("routing", {"args": vars(args), "wall_s": round(total, 1), "summary": summary, "runs": runs})

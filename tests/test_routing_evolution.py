@@ -87,3 +87,11 @@ def test_too_small_a_search_is_refused():
     problems, cands = _twins_outvote_the_expert(20)
     with pytest.raises(ValueError, match="at least 1 generation"):
         evolve_routing(problems, cands, {"add": {"a": 0.8, "b": 0.7, "c": 0.7}}, generations=0)
+
+
+def test_held_out_calibration_problems_fall_in_both_halves():
+    """The sandbox's held-out split is a function of the prompt's sha256: the halves must not be."""
+    from trainer.calibration.command import calibration_problems
+
+    fit, check = halves(calibration_problems(CalibrateConfig(per_domain=4)))
+    assert len(fit) > 30 and len(check) > 30

@@ -51,10 +51,13 @@ class RoutingResult:
 
 
 def halves(problems: Sequence[Problem]) -> tuple[list[int], list[int]]:
-    """(fit, check) indices: a stable hash of each prompt decides its half."""
+    """(fit, check) indices: a salted hash of each prompt decides its half. Salted, because the sandbox's
+    train/held-out split is itself a function of the prompt's plain sha256 (its first byte), so every
+    held-out prompt would land in one half of an unsalted cut."""
     fit, check = [], []
     for i, p in enumerate(problems):
-        (fit if hashlib.sha256(p.prompt.encode()).digest()[0] % 2 == 0 else check).append(i)
+        digest = hashlib.sha256(b"routing-halves:" + p.prompt.encode()).digest()
+        (fit if digest[0] % 2 == 0 else check).append(i)
     return fit, check
 
 
