@@ -11,7 +11,8 @@ generation costs votes only, with the vote rule the server runs.
 Fit and check: the problems are cut in two halves by a stable hash of the prompt. Fitness is the
 vote's accuracy on the fit half, ties broken by the smaller mean distance (in logits) from the
 labelled table, the starting point. The evolved table is kept only when its vote beats the labelled
-table's on the check half, which the search never saw; the report gives both figures.
+table's on the check half, which the search never saw; the report gives both figures. The comparison
+leans towards the labelled table: its estimates counted the check half's answers too.
 
 Deterministic: everything random comes from one generator seeded with the config's seed.
 """
