@@ -31,8 +31,7 @@ from ensemble_serve.shared.population import (
 )
 from ensemble_serve.shared.voting import candidate_from_text
 from trainer.evolve import commit as commit_module
-from trainer.evolve import loop as evolve
-from trainer.evolve import operators
+from trainer.evolve import operators, workers
 from trainer.evolve.calls import failed_members, trained_weights
 from trainer.evolve.commit import PENDING_FILE
 from trainer.evolve.config import EvolutionConfig, EvolveConfig
@@ -461,8 +460,8 @@ def test_evolutionary_step_generational_replaces_every_non_elite(pop_weights: di
 def no_engine(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records any attempt to start the engine or an executor (none is expected)."""
     started: list[str] = []
-    monkeypatch.setattr(evolve, "OfflineEngine", lambda *a, **k: started.append("engine"))
-    monkeypatch.setattr(evolve, "make_executor", lambda *a, **k: started.append("executor"))
+    monkeypatch.setattr(workers, "OfflineEngine", lambda *a, **k: started.append("engine"))
+    monkeypatch.setattr(workers, "make_executor", lambda *a, **k: started.append("executor"))
     return started
 
 

@@ -38,13 +38,12 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.fsutil import remove_tree
 from ensemble_serve.shared.lora import LoraError, LoraWeights
 from ensemble_serve.shared.offline_engine import OfflineEngine
@@ -60,7 +59,7 @@ from ensemble_serve.shared.population import (
     read_manifest,
 )
 from ensemble_serve.shared.voting import Candidate
-from trainer.engines import EngineMismatch, check_engine, population_lora_rank, remote_engine
+from trainer.engines import EngineMismatch, check_engine, remote_engine
 from trainer.evolve import operators
 from trainer.evolve.audit import label_audit
 from trainer.evolve.calls import (
@@ -84,7 +83,7 @@ from trainer.evolve.curriculum import (
     start_level,
 )
 from trainer.evolve.evaluation import add_heldout, evaluate_heldout, heldout_summary
-from trainer.evolve.executors import make_executor, score_member_task, train_member_task
+from trainer.evolve.executors import score_member_task, train_member_task
 from trainer.evolve.fitness import Evidence, compute_fitness
 from trainer.evolve.labels import labelling_chains, member_labels, training_examples
 from trainer.evolve.nextgen import apply_lifecycle, next_manifest, run_lifecycle
@@ -111,6 +110,7 @@ from trainer.evolve.retention import choose_teachers, retained_examples
 from trainer.evolve.run import RUN_FILE, EvolveError, Interrupted, load_members, prepare_run, stop_signals
 from trainer.evolve.sampling import self_play
 from trainer.evolve.step import check_operators, evolutionary_step
+from trainer.evolve.workers import Workers
 from trainer.scoring import record_domain_scores
 from trainer.tasks.sandbox import DatasetError, Problem
 
@@ -118,7 +118,7 @@ JUDGE_TERMS = ("cross_eval", "diversity_hidden", "diversity_output")
 """Fitness terms that need every member run as a judge and probe subject (torch tasks on the executor)."""
 
 
-class Evolver:
+class Evolver(Workers):
     """One evolve run over one population directory: the engine, the executor and the logs it holds."""
 
     def __init__(
@@ -417,69 +417,6 @@ class Evolver:
         return evaluate_heldout(
             engine, self.population.names, self.heldout, self.cfg.answer, self.progress, self._focus(self.population)
         )
-
-    # -- the engine and the executor
-
-    def _engine(self) -> OfflineEngine:
-        if self.engine is None:
-            n = len(self.population.names)
-            cfg = EngineConfig(
-                max_loras=min(max(n, 1), 16),
-                max_cpu_loras=max(2 * n, 4),
-                max_lora_rank=self._lora_rank(),
-                gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-                max_num_seqs=self.cfg.max_num_seqs,
-                seed=self.cfg.seed,
-            )
-            self.engine = OfflineEngine(self.population, cfg, snapshot_root=Path(self._snapshots.name))
-        return self.engine
-
-    def _lora_rank(self) -> int:
-        """The max_lora_rank the engine needs: the members', the children's and the control's."""
-        child = self.cfg.evolution.child_rank
-        if self.control is not None:
-            child = max(child or 0, self.control.rank)
-        return population_lora_rank(self.population, child)
-
-    def _remote_events(self, record: dict[str, Any]) -> None:
-        """The remote servers that went down (or came back) and the requests sent again, into `record`."""
-        events = self.engine.take_events() if self.engine is not None else []
-        if events:
-            record.setdefault("remote", []).extend(events)
-
-    def _synced_engine(self) -> OfflineEngine:
-        """The engine, serving exactly the current generation's adapters."""
-        engine = self._engine()
-        engine.sync(self.population)
-        return engine
-
-    def _executor(self):
-        if self.executor is None:
-            cfg = self.cfg
-            self.executor = make_executor(
-                cfg.executor,
-                cfg.ray_address,
-                cfg.ray_workers,
-                cfg.threads,
-                cfg.ray_max_retries,
-                cfg.ray_cpus_per_task,
-                cfg.ray_gpus_per_task,
-            )
-        return self.executor
-
-    def _map(
-        self, task: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]], desc: str, errors: str = "raise"
-    ) -> list[Any]:
-        """Run the task calls on the executor (results in order), with a progress bar; the retries of lost
-        attempts are kept for the generation's record."""
-        bar = tqdm(total=len(calls), desc=desc, disable=not self.progress, unit="task", leave=False)
-        executor = self._executor()
-        try:
-            results = executor.map(task, calls, on_done=lambda: bar.update(1), errors=errors)
-        finally:
-            self.retried.extend(executor.take_retries())
-            bar.close()
-        return results
 
     def close(self) -> None:
         if self.executor is not None:
