@@ -401,3 +401,20 @@ async def ask_self_consistency(
     result = vote(cands, "majority")
     text = cands[result.winner].text if result.winner is not None else (cands[0].text if cands else "")
     return {"text": text, "tokens": tokens, "samples": len(texts), "answer": result.answer}
+
+
+def seed_interval(xs: list[float]) -> dict:
+    """Mean and 95% t-interval over seeds (paired differences go in as one value per seed)."""
+    from scipy import stats
+
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return {"mean": round(m, 4), "low": None, "high": None, "per_seed": [round(x, 4) for x in xs]}
+    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=m, scale=stats.sem(xs)) if statistics.pstdev(xs) > 0 else (m, m)
+    return {"mean": round(m, 4), "low": round(lo, 4), "high": round(hi, 4), "per_seed": [round(x, 4) for x in xs]}
+
+
+def fmt_interval(ci: dict) -> str:
+    if ci["low"] is None:
+        return f"{ci['mean']:+.3f}"
+    return f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import EMBEDDED_POPULATION, ROOT, md_table, rel, write_json
+from _common import EMBEDDED_POPULATION, ROOT, fmt_interval, md_table, rel, seed_interval, write_json
 from scipy import stats
 
 from ensemble_serve.shared.population import load_population
@@ -160,21 +160,6 @@ def pooled_levels(levels: dict, wanted: list[int]) -> float:
     return statistics.fmean(levels[str(lv)] for lv in wanted if str(lv) in levels)
 
 
-def interval(xs: list[float]) -> dict:
-    """Mean and 95% t-interval over seeds."""
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return {"mean": round(m, 4), "low": None, "high": None, "per_seed": [round(x, 4) for x in xs]}
-    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=m, scale=stats.sem(xs)) if statistics.pstdev(xs) > 0 else (m, m)
-    return {"mean": round(m, 4), "low": round(lo, 4), "high": round(hi, 4), "per_seed": [round(x, 4) for x in xs]}
-
-
-def fmt(ci: dict) -> str:
-    if ci["low"] is None:
-        return f"{ci['mean']:+.3f}"
-    return f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
-
-
 def signal_tracking(runs: list[dict]) -> dict:
     """Spearman correlation of each label-free signal with the label precision of the same cell and generation."""
     pairs: dict[str, list[tuple[float, float]]] = {"agreement": [], "margin": [], "length": []}
@@ -247,9 +232,9 @@ def main() -> None:
             if None in start or None in end:
                 continue
             entry[fig] = {
-                "start": interval(start),
-                "end": interval(end),
-                "gain": interval([e - s for s, e in zip(start, end)]),
+                "start": seed_interval(start),
+                "end": seed_interval(end),
+                "gain": seed_interval([e - s for s, e in zip(start, end)]),
             }
         entry["per_level"] = {
             fig: {
@@ -290,21 +275,21 @@ def main() -> None:
         vote_end = [pooled(r["history"][-1]["levels"], target, "ensemble_vote") for r in mine]
         vote_start = [pooled(r["history"][0]["levels"], target, "ensemble_vote") for r in mine]
         summary["arms"][a]["control"] = {
-            "start": interval(ctl_start),
-            "end": interval(ctl_end),
-            "gain": interval([e - s for s, e in zip(ctl_start, ctl_end)]),
+            "start": seed_interval(ctl_start),
+            "end": seed_interval(ctl_end),
+            "gain": seed_interval([e - s for s, e in zip(ctl_start, ctl_end)]),
             "steps": [sum(c.get("steps", 0) for c in r["control"]) for r in mine],
-            "vote_gain_minus_control_gain": interval(
+            "vote_gain_minus_control_gain": seed_interval(
                 [(ve - vs) - (ce - cs) for vs, ve, cs, ce in zip(vote_start, vote_end, ctl_start, ctl_end)]
             ),
-            "vote_minus_control_at_the_end": interval([v - c for v, c in zip(vote_end, ctl_end)]),
+            "vote_minus_control_at_the_end": seed_interval([v - c for v, c in zip(vote_end, ctl_end)]),
         }
     for a in ("retained", "teachers"):
         if "hidden" in arms and a in arms:
             h = [r for r in runs if r["arm"] == "hidden"]
             x = [r for r in runs if r["arm"] == a]
             summary[f"{a}_minus_hidden"] = {
-                fig: interval(
+                fig: seed_interval(
                     [
                         pooled(u["history"][-1]["levels"], target, fig)
                         - pooled(v["history"][-1]["levels"], target, fig)
@@ -316,14 +301,14 @@ def main() -> None:
     if "hidden" in arms and "control" in arms:
         h = [r for r in runs if r["arm"] == "hidden"]
         c = [r for r in runs if r["arm"] == "control"]
-        summary["hidden_vote_minus_control"] = interval(
+        summary["hidden_vote_minus_control"] = seed_interval(
             [
                 pooled(x["history"][-1]["levels"], target, "ensemble_vote")
                 - pooled(y["history"][-1]["levels"], target, "best_member")
                 for x, y in zip(h, c)
             ]
         )
-        summary["hidden_niche_vote_minus_control"] = interval(
+        summary["hidden_niche_vote_minus_control"] = seed_interval(
             [
                 pooled(x["history"][-1]["levels"], target, "niche_vote")
                 - pooled(y["history"][-1]["levels"], target, "best_member")
@@ -346,23 +331,29 @@ def main() -> None:
         for fig in FIGURES:
             if fig in e:
                 rows.append(
-                    [a, fig, f"{e[fig]['start']['mean']:.3f}", f"{e[fig]['end']['mean']:.3f}", fmt(e[fig]["gain"])]
+                    [
+                        a,
+                        fig,
+                        f"{e[fig]['start']['mean']:.3f}",
+                        f"{e[fig]['end']['mean']:.3f}",
+                        fmt_interval(e[fig]["gain"]),
+                    ]
                 )
     print(md_table(["arm", "figure", f"levels {target} start", "end", "gain [95% CI over seeds]"], rows))
     for k in ("hidden_vote_minus_control", "hidden_niche_vote_minus_control"):
         if k in summary:
-            print(f"{k}: {fmt(summary[k])}")
+            print(f"{k}: {fmt_interval(summary[k])}")
     for a in ("retained", "teachers"):
         for fig, ci in summary.get(f"{a}_minus_hidden", {}).items():
-            print(f"{a} minus hidden, {fig} at the end: {fmt(ci)}")
+            print(f"{a} minus hidden, {fig} at the end: {fmt_interval(ci)}")
     for a, e in summary["arms"].items():
         print(f"{a}: own family {e['own_family']}; rolled back per generation {e['rolled_back']}")
         if "control" in e:
             c = e["control"]
             print(
                 f"{a}: control on levels {target} {c['start']['mean']:.3f} -> {c['end']['mean']:.3f} "
-                f"(gain {fmt(c['gain'])}, steps {c['steps']}); vote gain minus control gain "
-                f"{fmt(c['vote_gain_minus_control_gain'])}; vote minus control at the end {fmt(c['vote_minus_control_at_the_end'])}"
+                f"(gain {fmt_interval(c['gain'])}, steps {c['steps']}); vote gain minus control gain "
+                f"{fmt_interval(c['vote_gain_minus_control_gain'])}; vote minus control at the end {fmt_interval(c['vote_minus_control_at_the_end'])}"
             )
     print(f"wall time: {total / 60:.1f} min; results: {rel(path)}")
 

@@ -20,12 +20,10 @@ paired difference (evolved minus labelled) on the same test problems.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
-from _common import EMBEDDED_POPULATION, ROOT, md_table, rel, write_json
-from scipy import stats
+from _common import EMBEDDED_POPULATION, ROOT, fmt_interval, md_table, rel, seed_interval, write_json
 
 from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.offline_engine import OfflineEngine
@@ -80,14 +78,6 @@ def measure(engine: OfflineEngine, pop_dir: Path, seed: int, args: argparse.Name
     }
 
 
-def ci(xs: list[float]) -> str:
-    m = statistics.fmean(xs)
-    if len(xs) < 2 or statistics.pstdev(xs) == 0:
-        return f"{m:+.3f}"
-    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=m, scale=stats.sem(xs))
-    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -134,7 +124,7 @@ def main() -> None:
             rows,
         )
     )
-    print(f"branched, evolved minus labelled on test: {ci(diff)}")
+    print(f"branched, evolved minus labelled on test: {fmt_interval(seed_interval(diff))}")
     print(f"wall time: {total / 60:.1f} min; results: {rel(path)}")
 
 
