@@ -33,11 +33,12 @@ from ensemble_serve.shared.lora import (
     lora_to_bytes,
     save_lora,
 )
-from ensemble_serve.shared.population import Member, Population
+from ensemble_serve.shared.population import Population
 from trainer.evolve.calls import DEFAULT_LR, train_steps
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.evaluation import evaluate_heldout
 from trainer.evolve.executors import train_member_task
+from trainer.evolve.retention import stage
 from trainer.evolve.seeds import derive_seed
 from trainer.tasks.sandbox import Problem
 
@@ -146,16 +147,8 @@ class ControlArm:
     ) -> dict[str, Any]:
         """The control's greedy accuracy on the held-out problems, overall and per level; `synced()` puts
         the engine back on the population afterwards."""
-        weights = self.weights(generation)
         with tempfile.TemporaryDirectory(prefix="ensemble-control-") as work:
-            save_lora(weights, Path(work) / "members" / CONTROL_NAME)
-            member = Member(name=CONTROL_NAME, path=f"members/{CONTROL_NAME}", rank=weights.rank, alpha=weights.alpha)
-            staged = Population(
-                root=Path(work),
-                manifest=pop.manifest.model_copy(update={"members": [member]}),
-                base_model_path=pop.base_model_path,
-            )
-            engine.sync(staged)
+            engine.sync(stage(pop, {CONTROL_NAME: self.weights(generation)}, Path(work)))
             result = evaluate_heldout(engine, [CONTROL_NAME], problems, answer)
         synced()
         levels = {lv: row["best_member"] for lv, row in result.get("levels", {}).items()}

@@ -118,12 +118,14 @@ def focus_of(member: Member) -> str | None:
 
 
 def stage(pop: Population, weights: Mapping[str, LoraWeights], folder: Path) -> Population:
-    """A scratch population in `folder` holding `weights` under their members' names (for the engine only)."""
+    """A scratch population in `folder` holding `weights` (for the engine only): a member of `pop` keeps its
+    manifest entry, another name (a control adapter) gets one from its weights."""
     members = []
-    for m in pop.manifest.members:
-        if m.name in weights:
-            save_lora(weights[m.name], folder / "members" / m.name)
-            members.append(m.model_copy(update={"path": f"members/{m.name}"}))
+    known = {m.name: m for m in pop.manifest.members}
+    for name, w in weights.items():
+        save_lora(w, folder / "members" / name)
+        entry = known.get(name) or Member(name=name, path=f"members/{name}", rank=w.rank, alpha=w.alpha)
+        members.append(entry.model_copy(update={"path": f"members/{name}", "rank": w.rank, "alpha": w.alpha}))
     manifest = pop.manifest.model_copy(update={"members": members})
     return Population(root=folder, manifest=manifest, base_model_path=pop.base_model_path)
 
