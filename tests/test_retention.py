@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from ensemble_serve.shared.lora import load_lora
 from ensemble_serve.shared.population import load_population
 from ensemble_serve.shared.voting import candidate_from_text
-from trainer.evolve import retention
+from trainer import scoring
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.fitness import Evidence
 from trainer.evolve.labels import labellers, member_labels
@@ -199,7 +199,7 @@ class FakeEngine:
 
 
 def test_the_guard_rolls_back_exactly_the_members_that_forgot(embedded_population: Path, monkeypatch):
-    monkeypatch.setattr(retention, "greedy_params", lambda n: None)
+    monkeypatch.setattr(scoring, "greedy_params", lambda n: None)  # no vLLM import in the fast tier
     pop = load_population(embedded_population)
     names = pop.names[:3]
     pop = pop.__class__(

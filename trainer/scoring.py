@@ -68,15 +68,32 @@ def greedy_candidates(
     All (member, problem) pairs go into one multi-LoRA ``generate`` call, so vLLM batches every
     member in the same engine steps. ``None`` is the base model without an adapter.
     """
-    params = greedy_params(max_tokens)
-    chat = [engine.chat_prompt(p.prompt) for p in problems]
     pairs = [(m, i) for m in members for i in range(len(problems))]
-    outputs = engine.generate([chat[i] for _, i in pairs], [m for m, _ in pairs], params, progress=progress)
     cands: dict[str | None, list[Candidate]] = {m: [] for m in members}
-    for (m, _), gens in zip(pairs, outputs):
-        done = gens[0].finish_reason != "length"
-        cands[m].append(candidate_from_text(member_name(m), 0, gens[0].text, gens[0].tokens, answer, finished=done))
+    for (m, _), chain in zip(pairs, greedy_chains(engine, pairs, problems, max_tokens, answer, progress)):
+        cands[m].append(chain)
     return cands
+
+
+def greedy_chains(
+    engine: OfflineEngine,
+    pairs: Sequence[tuple[str | None, int]],
+    problems: Sequence[Problem],
+    max_tokens: int,
+    answer: str = "natural",
+    progress: bool = False,
+) -> list[Candidate]:
+    """The greedy chain of each (member, problem index) pair, its answer extracted, in one multi-LoRA batch."""
+    chat = [engine.chat_prompt(p.prompt) for p in problems]
+    outputs = engine.generate(
+        [chat[i] for _, i in pairs], [m for m, _ in pairs], greedy_params(max_tokens), progress=progress
+    )
+    return [
+        candidate_from_text(
+            member_name(m), 0, gens[0].text, gens[0].tokens, answer, finished=gens[0].finish_reason != "length"
+        )
+        for (m, _), gens in zip(pairs, outputs)
+    ]
 
 
 def greedy_answers(

@@ -41,9 +41,8 @@ from pydantic import Field
 
 from ensemble_serve.shared.lora import LoraWeights, save_lora
 from ensemble_serve.shared.population import Member, Population
-from ensemble_serve.shared.voting import candidate_from_text
 from trainer.evolve.seeds import derive_seed
-from trainer.scoring import greedy_params, is_right, share
+from trainer.scoring import greedy_chains, is_right, share
 from trainer.settings import FrozenConfig
 from trainer.tasks.sandbox import Problem, generate_problems, in_shard, iter_problems, load_jsonl
 
@@ -146,14 +145,9 @@ class Validation:
         engine.sync(pop)
         members = list(pop.manifest.members)
         pairs = [(m.name, i) for m in members for i in own_problems(self.problems, focus_of(m))]
-        chat = [engine.chat_prompt(p.prompt) for p in self.problems]
-        outputs = engine.generate(
-            [chat[i] for _, i in pairs], [m for m, _ in pairs], greedy_params(VALIDATION_MAX_TOKENS)
-        )
+        chains = greedy_chains(engine, pairs, self.problems, VALIDATION_MAX_TOKENS, self.answer)
         right: dict[str, list[tuple[str, bool]]] = {m.name: [] for m in members}
-        for (m, i), gens in zip(pairs, outputs):
-            g = gens[0]
-            chain = candidate_from_text(m, 0, g.text, g.tokens, self.answer, finished=g.finish_reason != "length")
+        for (m, i), chain in zip(pairs, chains):
             right[m].append((self.problems[i].domain, is_right(self.problems[i], chain)))
         out = {}
         for m, rows in right.items():
