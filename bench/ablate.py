@@ -15,6 +15,11 @@ populations, per-cell JSON) go under ``--out-root``; a rerun with the same folde
 recomputes nothing that finished.
 
     python bench/ablate.py [--out-root runs/bench-ablate] [--seeds 0,1,2]
+
+The probes on a branched population (issue 23; the populations come from bench/recipe.py):
+
+    python bench/ablate.py --name ablation-branched \
+        --configs configs/ablate-branched-regime.yaml,configs/ablate-branched-inheritance.yaml
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def main() -> None:
     )
     parser.add_argument("--seeds", default=None, help="Comma-separated seeds (default: the configs' own, 0,1,2).")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="Comma-separated ablation configs to run.")
+    parser.add_argument(
+        "--name", default="ablation", help="Results file bench/results/NAME.json (e.g. ablation-branched)."
+    )
     args = parser.parse_args()
 
     from ensemble_serve.shared.cliutil import load_config
@@ -70,7 +78,7 @@ def main() -> None:
         }
     total = round(time.perf_counter() - started, 1)
     print(f"total: {total} s")
-    write_json("ablation", {"seconds": total, "runs": runs})
+    write_json(args.name, {"seconds": total, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -195,6 +195,8 @@ def test_levels_hold_fixed_and_default_levels(tmp_path: Path):
         "lifecycle": DEFAULT_LEVELS["lifecycle"],
         "evolution": "off",
         "init": "random",
+        "inheritance": "blend",
+        "alignment": "aligned",
     }
     for c in plan(cfg):
         assert set(c.levels) == set(ABLATION_FACTORS)

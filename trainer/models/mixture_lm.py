@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ensemble_serve.shared.lora import LoraWeights
+from trainer.evolve.seeds import derive_seed
 from trainer.router.train import fit_router
 from trainer.tasks.data import IGNORE, collate, encode_example
 from trainer.tasks.sandbox import Problem
@@ -146,6 +147,28 @@ class MixtureLM:
             return output + (u * cols.unsqueeze(1)) @ slot.b.T
 
         return hook
+
+    def perturb_base(self, sigma: float, seed: int) -> list[str]:
+        """Add Gaussian noise to the base's weight matrices in place: N(0, (sigma x the matrix's RMS)^2) per entry.
+
+        Every parameter with two or more dimensions (linear layers, embeddings; a tied embedding
+        once) gets its own generator, seeded by ``seed`` and its name, so the same call on the same
+        base gives the same weights; norms and biases stay. The adapters are untouched. Returns
+        the names of the perturbed parameters.
+        """
+        if not (sigma > 0 and torch.isfinite(torch.tensor(sigma))):
+            raise MixtureLMError(f"a base perturbation needs a finite sigma > 0, got {sigma}")
+        done = []
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if param.dim() < 2:
+                    continue
+                rms = param.float().pow(2).mean().sqrt()
+                rng = torch.Generator().manual_seed(derive_seed("base-perturbation", seed, name))
+                noise = torch.randn(param.shape, generator=rng, dtype=torch.float32)
+                param.add_((noise * (sigma * rms)).to(param.dtype))
+                done.append(name)
+        return done
 
     def close(self) -> None:
         """Remove the hooks (the base model is then plain again)."""

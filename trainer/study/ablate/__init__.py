@@ -10,7 +10,14 @@ scope       global            domain_loo     fitness of the per-problem terms (e
 lifecycle   off               on             death, inheritance, SVD mutation, reallocation
 evolution   off               on             selection/crossover/mutation (off: gradient phase only)
 init        random            pre_aligned    starting adapters: PEFT's initialisation vs warmed-up
+inheritance blend             none           the alpha = 0 counterfactual: the lifecycle without inheritance
+alignment   aligned           misaligned     members' weights rotated among the focus families
 =========== ================= ============== =====================================================
+
+The base-perturbation probe (``base_perturbation``) is not a switch: every cell is also scored on
+a copy of the base with seeded Gaussian noise in its weight matrices, under the same router and
+adapters, and the report gives every effect on that base beside the plain one: do the adapters'
+gains hold only in the exact base they were trained in?
 
 A **cell** is one combination of levels; it runs once per seed with the same budget
 (``generations`` evolve generations of ``evolve.train_steps`` gradient steps per member):
@@ -25,7 +32,8 @@ A **cell** is one combination of levels; it runs once per seed with the same bud
 3. **evaluation**: each held-out prompt's reference chain is scored under the prompt's mixture of
    the members (:class:`trainer.models.mixture_lm.MixtureLM`, the server's ``mixture`` weights); the
    cell's value is the balanced log-PPL (mean over domains of log-PPL). The uniform mixture,
-   the best single member and the bare base are scored too, for reference.
+   the best single member and the bare base are scored too, for reference (and all of it again on
+   the perturbed base when the probe is on).
 
 Each cell's result is one JSON file written atomically, so an interrupted ablation resumes where it
 stopped and finished cells are never recomputed. A cell that raises is recorded as failed (its

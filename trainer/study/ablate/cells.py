@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
 from ensemble_serve.shared.lora import load_lora
 from ensemble_serve.shared.population import Population, load_population
 from ensemble_serve.shared.router import DEFAULT_FEATURE, Router, RouterFeatures
@@ -62,6 +61,8 @@ class StageScores:
     """``[train prompts, members]``: each member's mean token log-likelihood of the reference chain."""
     reference: dict[str, Any]
     """The uniform mixture, the best single member and the bare base on the held-out chains."""
+    perturbed: tuple[MixtureLM, dict[str, Any]] | None = None
+    """The base-perturbation probe: the same members on the perturbed base, and its references (None: off)."""
 
 
 class CellRunner:
@@ -69,8 +70,7 @@ class CellRunner:
 
     def __init__(self, cfg: AblateConfig, progress: bool = False) -> None:
         self.cfg = cfg
-        source = Path(cfg.population) if cfg.population is not None else EMBEDDED_POPULATION
-        self.stages = EvolveStages(cfg, source, progress=progress)
+        self.stages = EvolveStages(cfg, progress=progress)
         self.features: RouterFeatures | None = None
         self._stage_cache: tuple[Path, StageScores] | None = None
         self._failed_stages: dict[str, str] = {}
@@ -102,8 +102,13 @@ class CellRunner:
         t3 = time.perf_counter()
         note("evaluate")
         summary, held_table = self._evaluate(s, router, x_held)
+        probe = {}
+        if s.perturbed is not None:
+            lm, reference = s.perturbed
+            probe = {"perturbed": {**self._evaluate(s, router, x_held, lm)[0], "reference": reference}}
         return {
             **summary,
+            **probe,
             "reference": s.reference,
             "router": {
                 "variant": rcfg.variant,
@@ -165,6 +170,11 @@ class CellRunner:
         train, heldout = self._problems(seed)
         enc_train, enc_held = encode_chains(lm, train), encode_chains(lm, heldout)
         train_nll, train_count = member_nll(lm, enc_train)
+        perturbed = None
+        if self.cfg.base_perturbation is not None:
+            plm = MixtureLM(pop.base_model_path, weights, pop.names)
+            plm.perturb_base(self.cfg.base_perturbation, self.cfg.eval_seed)
+            perturbed = (plm, _reference(plm, pop.names, heldout, enc_held))
         scores = StageScores(
             population=pop,
             lm=lm,
@@ -174,6 +184,7 @@ class CellRunner:
             enc_held=enc_held,
             train_loglik=-(train_nll / train_count.clamp(min=1).unsqueeze(1)),
             reference=_reference(lm, pop.names, heldout, enc_held),
+            perturbed=perturbed,
         )
         self._stage_cache = (population_dir, scores)
         return scores
@@ -190,13 +201,13 @@ class CellRunner:
         return train_router_mixture(s.lm, x_train, s.enc_train, base_model, rcfg, domains=domains)
 
     def _evaluate(
-        self, s: StageScores, router: Router, x_held: torch.Tensor
+        self, s: StageScores, router: Router, x_held: torch.Tensor, lm: MixtureLM | None = None
     ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-        """The held-out chains under the routed mixture, and the router's mean gate per domain on them."""
+        """The held-out chains under the routed mixture (on ``lm``, default the stage's), and the mean gates per domain."""
         with torch.no_grad():
             gates = router(x_held)
         weights = mixture_weights(gates, self.cfg.top_k)
-        routed = domain_nll(s.lm, s.heldout, weights, encoded=s.enc_held)
+        routed = domain_nll(lm or s.lm, s.heldout, weights, encoded=s.enc_held)
         held_table = specialisation_table(gates, [p.domain for p in s.heldout], s.population.names)
         return _domain_summary(routed), held_table
 

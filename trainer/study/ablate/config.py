@@ -23,8 +23,32 @@ ABLATION_FACTORS: dict[str, tuple[str, str]] = {
     "lifecycle": ("off", "on"),
     "evolution": ("off", "on"),
     "init": ("random", "pre_aligned"),
+    "inheritance": ("blend", "none"),
+    "alignment": ("aligned", "misaligned"),
 }
-"""The switches the ablation can vary, each with its (reference, test) levels: an effect is ref - test."""
+"""The switches the ablation can vary, each with its (reference, test) levels: an effect is ref - test.
+
+The last two are the decomposition study's probes: ``inheritance none`` is the alpha = 0
+counterfactual (the lifecycle runs with ``inherit_alpha`` 0: members still die, nothing of theirs
+is blended into a neighbour); ``alignment misaligned`` starts from the pre-aligned members with
+their weights rotated among the focus families, so each member holds what another family's
+specialist learned and self-play trains it on its own (declared) family: members trained on the
+wrong families.
+"""
+
+DEFAULT_LEVELS = {
+    "router": "sigmoid_floor",
+    "scope": "global",
+    "lifecycle": "off",
+    "evolution": "on",
+    "init": "pre_aligned",
+    "inheritance": "blend",
+    "alignment": "aligned",
+}
+"""Levels of the switches that an ablation neither varies nor fixes."""
+
+NICHE_SHARING = ("niche", "experts")
+"""`share_chains` settings under which a member's `focus_domain` decides what it learns."""
 
 HARNESS_EVOLVE_KEYS = ("population", "out", "members", "generations", "seed", "fitness_scope", "heldout_per_domain")
 """EvolveConfig fields the ablation sets per cell itself (so they cannot be in its `evolve` section)."""
@@ -35,11 +59,13 @@ class AblateConfig(FrozenConfig):
 
     out: Path = Field(Path("runs/ablate"), description="Folder of the ablation: cells, evolved populations, report.")
     population: Path | None = Field(
-        None, description="The pre-aligned starting population (default: the embedded sandbox population)."
+        None,
+        description="The pre-aligned starting population (default: the embedded sandbox population); a path with "
+        "{seed} names one population per seed (e.g. runs/recipe/seed{seed}-s0.5-family).",
     )
     factors: tuple[str, ...] = Field(
         ("router", "scope", "lifecycle"),
-        description="Switches to vary: router, scope, lifecycle, evolution, init.",
+        description="Switches to vary: router, scope, lifecycle, evolution, init, inheritance, alignment.",
     )
     design: Literal["full", "half"] = Field(
         "full",
@@ -48,7 +74,7 @@ class AblateConfig(FrozenConfig):
     fixed: dict[str, str] = Field(
         default_factory=dict,
         description="Levels of the switches that are not varied (defaults: router sigmoid_floor, scope global, "
-        "lifecycle off, evolution on, init pre_aligned).",
+        "lifecycle off, evolution on, init pre_aligned, inheritance blend, alignment aligned).",
     )
     seeds: tuple[int, ...] = Field((0, 1, 2), description="Seeds; every cell runs once per seed (paired by seed).")
     generations: int = Field(
@@ -82,6 +108,14 @@ class AblateConfig(FrozenConfig):
     interactions: tuple[tuple[str, str], ...] = Field(
         (), description="Pairs (A, B): report A's effect at each level of B and their difference."
     )
+    base_perturbation: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="The base-perturbation probe: each cell is also scored with Gaussian noise of this size "
+        "(relative to each base weight matrix's RMS, seeded by eval_seed) added to the base model, under the same "
+        "router and adapters; the report gives every effect on the perturbed base beside the plain one (None: off).",
+    )
     threads: int = Field(2, gt=0, description="torch threads of the router training and scoring.")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="vLLM memory fraction.")
 
@@ -96,6 +130,22 @@ class AblateConfig(FrozenConfig):
         if not v:
             raise ValueError("an ablation needs at least one factor")
         return v
+
+    @field_validator("population")
+    @classmethod
+    def _population(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            try:
+                str(v).format(seed=0)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(
+                    f"population {str(v)!r}: the only placeholder a path may hold is {{seed}} ({type(e).__name__}: {e})"
+                ) from None
+        return v
+
+    def population_for(self, seed: int) -> Path | None:
+        """The starting population of a seed: ``population`` with {seed} filled in (None: the embedded one)."""
+        return None if self.population is None else Path(str(self.population).format(seed=seed))
 
     @field_validator("seeds")
     @classmethod
@@ -145,6 +195,40 @@ class AblateConfig(FrozenConfig):
         RouterTrainConfig(**v)
         return v
 
+    def _level_used(self, factor: str, level: str) -> bool:
+        """Whether some cell runs with this switch at this level (varied, or fixed there)."""
+        return factor in self.factors or self.fixed.get(factor, DEFAULT_LEVELS[factor]) == level
+
+    def _check_probes(self) -> None:
+        """The probes must change something: refused when their test level would equal the reference."""
+        if self._level_used("inheritance", "none"):
+            if not self._level_used("lifecycle", "on"):
+                raise ValueError(
+                    "inheritance: the alpha = 0 counterfactual needs the lifecycle (vary it, or fix lifecycle: on)"
+                )
+            life = LifecycleConfig(**{**self.evolve.get("lifecycle", {}), "enabled": True})
+            if not life.inherit_alpha:
+                raise ValueError(
+                    "inheritance: evolve.lifecycle.inherit_alpha is 0, so 'blend' and 'none' are the same run; "
+                    "set it above 0"
+                )
+            if life.death_fitness is None and life.max_age is None:
+                raise ValueError(
+                    "inheritance: no member can die (set evolve.lifecycle.death_fitness or max_age), so nothing is "
+                    "ever inherited"
+                )
+        if self._level_used("alignment", "misaligned"):
+            share = self.evolve.get("share_chains", True)
+            if share not in NICHE_SHARING and not self.evolve.get("niche", False):
+                raise ValueError(
+                    "alignment: with share_chains "
+                    f"{share!r} and niche off nothing in the evolve run reads a member's focus family, so a "
+                    "misaligned start is the aligned one with its members renamed; set evolve.share_chains to "
+                    "niche or experts (members learn their own family), or evolve.niche: true"
+                )
+            if not self._level_used("init", "pre_aligned"):
+                raise ValueError("alignment: a random start has nothing to misalign; fix init: pre_aligned")
+
     @model_validator(mode="after")
     def _design(self) -> AblateConfig:
         both = sorted(set(self.factors) & set(self.fixed))
@@ -164,6 +248,7 @@ class AblateConfig(FrozenConfig):
                     "lifecycle 'on' would do nothing: set evolve.lifecycle.death_fitness or max_age, inherit_alpha "
                     "or svd_mutation"
                 )
+        self._check_probes()
         for pair in self.interactions:
             if len(pair) != 2 or pair[0] == pair[1] or any(f not in self.factors for f in pair):
                 raise ValueError(

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from trainer.study.ablate.config import ABLATION_FACTORS, AblateConfig
+from trainer.study.ablate.config import ABLATION_FACTORS, DEFAULT_LEVELS, AblateConfig
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -31,17 +31,11 @@ __all__ = [
     "stage_id",
 ]
 
-DEFAULT_LEVELS = {
-    "router": "sigmoid_floor",
-    "scope": "global",
-    "lifecycle": "off",
-    "evolution": "on",
-    "init": "pre_aligned",
-}
-"""Levels of the switches that an ablation neither varies nor fixes."""
-
-STAGE_FACTORS = ("init", "evolution", "scope", "lifecycle")
+STAGE_FACTORS = ("init", "evolution", "scope", "lifecycle", "inheritance", "alignment")
 """The switches that change the evolve run (the router only changes what is trained on its result)."""
+
+PROBE_FACTORS = ("inheritance", "alignment")
+"""Stage switches named in a stage's folder only away from their default level (older folders keep their names)."""
 
 
 class AblationError(ValueError):
@@ -79,7 +73,10 @@ def cell_id(levels: Mapping[str, str], factors: Sequence[str]) -> str:
 
 
 def stage_id(levels: Mapping[str, str]) -> str:
-    return "__".join(f"{f}-{levels[f]}" for f in STAGE_FACTORS)
+    """Folder-safe name of an evolve stage: its stage switches' levels (a probe's only away from its default)."""
+    return "__".join(
+        f"{f}-{levels[f]}" for f in STAGE_FACTORS if f not in PROBE_FACTORS or levels[f] != DEFAULT_LEVELS[f]
+    )
 
 
 @dataclass(frozen=True)
@@ -104,4 +101,6 @@ def plan(cfg: AblateConfig) -> list[Cell]:
 def config_hash(cfg: AblateConfig) -> str:
     """Hash of everything that changes a cell's result (not the seeds, the folder, or what only the report reads)."""
     payload = cfg.model_dump(mode="json", exclude={"seeds", "out", "threads", "gpu_memory_utilization", "interactions"})
+    if payload.get("base_perturbation") is None:  # off: the hash of a config from before the probe existed
+        payload.pop("base_perturbation", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

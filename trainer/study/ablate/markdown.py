@@ -20,10 +20,10 @@ def fmt_p(x: float | None) -> str:
     return "-" if x is None else (f"{x:.3f}" if x >= 0.001 else f"{x:.1e}")
 
 
-def _effect_row(name: str, e: Mapping[str, Any]) -> str:
+def _effect_row(name: str, e: Mapping[str, Any], note: str = "") -> str:
     if e.get("missing"):
         return f"| {name} | - | - | - | - | not estimable: {e['missing']} |"
-    return f"| {name} | {_f(e['mean'], 5)} | {_f(e['se'], 5)} | {fmt_p(e['p'])} | {e['n']} | |"
+    return f"| {name} | {_f(e['mean'], 5)} | {_f(e['se'], 5)} | {fmt_p(e['p'])} | {e['n']} | {note} |"
 
 
 def format_report(s: Mapping[str, Any]) -> str:
@@ -58,6 +58,25 @@ def format_report(s: Mapping[str, Any]) -> str:
                 lines.append(_effect_row(f"{it['factor']} | {it['by']}={level}", e))
             if "difference" in it:
                 lines.append(_effect_row(f"{it['factor']} | difference (on - off)", it["difference"]))
+    if "perturbed" in s:
+        probe = s["perturbed"]
+        lines += [
+            "",
+            f"## Effects on a perturbed base (sigma = {probe['sigma']} of each weight matrix's RMS, seed {probe['seed']})",
+            "",
+            "The same router and adapters, scored on the perturbed base: does an effect hold only in the exact base "
+            "the adapters were trained in?",
+            "",
+            "| factor (reference -> test) | mean delta | SE | p (paired t) | seeds | |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f, e in probe["effects"].items():
+            ref, test = s["factors"][f]
+            plain = s["effects"][f]
+            lines.append(_effect_row(f"{f} ({ref} -> {test})", e, f"plain base: {_f(plain['mean'], 5)}"))
+        for it in probe["interactions"]:
+            if "difference" in it:
+                lines.append(_effect_row(f"{it['factor']} x {it['by']} (difference)", it["difference"]))
     domains = sorted({d for per in s["domain_effects"].values() for d in per})
     if domains:
         lines += ["", "## Effects per domain (mean delta, p)", "", "| factor | " + " | ".join(domains) + " |"]
@@ -85,6 +104,15 @@ def format_report(s: Mapping[str, Any]) -> str:
             f"| {row['cell']} | {len(row['seeds'])} | {ms(row['balanced_log_ppl'])} | {ms(row['uniform_mixture'])} | "
             f"{ms(row['best_member'])} | {ms(row['base'])} | {ms(row['specialisation'], 3)} | {ms(row['seconds'], 0)} |"
         )
+    if "perturbed" in s:
+        lines += [
+            "",
+            "## Cells on the perturbed base (balanced log-PPL, mean +- SE over seeds)",
+            "",
+            "| cell | routed mixture | bare perturbed base |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {r['cell']} | {ms(r['perturbed'])} | {ms(r['perturbed_base'])} |" for r in s["cells"]]
     lines += ["", "## Missing cells", ""]
     if s["missing"]:
         lines += [f"- {m['cell']} seed {m['seed']}: {m['reason']}" for m in s["missing"]]

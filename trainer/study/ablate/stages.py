@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
 from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.fsutil import atomic_write_text, remove_tree
 from ensemble_serve.shared.lora import load_lora, save_lora
 from ensemble_serve.shared.offline_engine import OfflineEngine
-from ensemble_serve.shared.population import create_population, load_population, read_history
+from ensemble_serve.shared.population import Population, create_population, load_population, read_history
 from trainer.engines import population_lora_rank
 from trainer.evolve.config import EvolveConfig
 from trainer.evolve.lifecycle import fresh_adapter
@@ -33,17 +34,16 @@ from trainer.evolve.loop import run_evolve
 from trainer.evolve.run import RUN_FILE as EVOLVE_RUN_FILE
 from trainer.evolve.seeds import derive_seed
 from trainer.study.ablate.config import AblateConfig
-from trainer.study.ablate.design import stage_id
+from trainer.study.ablate.design import AblationError, stage_id
 
-__all__ = ["EvolveStages"]
+__all__ = ["EvolveStages", "misaligned_weights"]
 
 
 class EvolveStages:
     """Runs the evolve stages of an ablation on one shared vLLM engine (``close`` releases it)."""
 
-    def __init__(self, cfg: AblateConfig, source: Path, progress: bool = False) -> None:
+    def __init__(self, cfg: AblateConfig, progress: bool = False) -> None:
         self.cfg = cfg
-        self.source = source
         self.progress = progress
         self.evolve_base = EvolveConfig(**cfg.evolve)
         self.engine: OfflineEngine | None = None
@@ -56,33 +56,56 @@ class EvolveStages:
 
     # -- the starting populations
 
-    def start(self, init: str, seed: int) -> Path:
-        """The stage's starting population: the source itself (pre-aligned), or its re-initialised copy."""
-        if init == "pre_aligned":
-            return self.source
-        root = self.cfg.out / "starts" / f"random-seed-{seed}"
+    def source(self, seed: int) -> Path:
+        """The pre-aligned population a seed starts from (the config's, with {seed} filled in, or the embedded one)."""
+        return self.cfg.population_for(seed) or EMBEDDED_POPULATION
+
+    def start(self, levels: Mapping[str, str], seed: int) -> Path:
+        """The stage's starting population: the source itself, its misaligned copy, or its re-initialised copy."""
+        if levels["init"] == "pre_aligned" and levels["alignment"] == "aligned":
+            return self.source(seed)
+        kind = "random" if levels["init"] == "random" else "misaligned"
+        root = self.cfg.out / "starts" / f"{kind}-seed-{seed}"
         if not root.exists():
-            self._random_start(root, seed)
+            self._derived_start(root, seed, kind)
         return root
 
-    def _random_start(self, root: Path, seed: int) -> None:
-        """The source population's members re-initialised as PEFT initialises LoRA (B = 0), seeded per member."""
-        source = load_population(self.source)
+    def _derived_start(self, root: Path, seed: int, kind: str) -> None:
+        """A copy of the seed's source whose members are re-initialised as PEFT does (B = 0), or misaligned.
+
+        Misaligned: the members with a ``focus_domain``, in name order, each take the weights of the
+        next one (the last the first's), so no member holds what was trained for its own family;
+        members without a focus family (a branched population's shared seed) keep their own.
+        """
+        source = load_population(self.source(seed))
         base = source.manifest.base_model
         if base.path is not None and source.base_model_path is not None:
             base = base.model_copy(update={"path": os.path.relpath(source.base_model_path.resolve(), root.absolute())})
+        held = {m.name: m.name for m in source.manifest.members}
+        if kind == "misaligned":
+            held.update(misaligned_weights(source))
         members = [
-            m.model_copy(update={"path": f"members/{m.name}", "fitness": None, "domain_scores": {}, "parents": []})
+            m.model_copy(
+                update={
+                    "path": f"members/{m.name}",
+                    "fitness": None,
+                    "domain_scores": {},
+                    "parents": [],
+                    # a misaligned member says whose weights it holds (its focus family stays its slot's)
+                    "info": {**m.info, **({"weights_of": held[m.name]} if held[m.name] != m.name else {})},
+                }
+            )
             for m in source.manifest.members
         ]
         manifest = source.manifest.model_copy(update={"members": members, "base_model": base, "generation": 0})
-        with tempfile.TemporaryDirectory(prefix="ensemble-ablate-fresh-") as work:
+        with tempfile.TemporaryDirectory(prefix="ensemble-ablate-start-") as work:
             folders = {}
             for m in source.manifest.members:
-                rng = torch.Generator().manual_seed(derive_seed("ablate-random-init", seed, m.name))
-                folders[m.name] = save_lora(
-                    fresh_adapter(load_lora(source.member_dir(m.name)), rng), Path(work) / m.name
-                )
+                weights = load_lora(source.member_dir(held[m.name]))
+                if kind == "random":
+                    rng = torch.Generator().manual_seed(derive_seed("ablate-random-init", seed, m.name))
+                    weights = fresh_adapter(weights, rng)
+                folders[m.name] = save_lora(weights, Path(work) / m.name)
             root.parent.mkdir(parents=True, exist_ok=True)
             create_population(root, manifest, folders)
 
@@ -112,6 +135,8 @@ class EvolveStages:
         settings = dict(self.cfg.evolve)
         evolution = {**settings.pop("evolution", {}), "enabled": levels["evolution"] == "on"}
         lifecycle = {**settings.pop("lifecycle", {}), "enabled": levels["lifecycle"] == "on"}
+        if levels["inheritance"] == "none":
+            lifecycle["inherit_alpha"] = 0.0  # the alpha = 0 counterfactual: deaths as before, nothing blended
         return EvolveConfig(
             **settings,
             population=start,
@@ -131,7 +156,7 @@ class EvolveStages:
         population = folder / "population"
         if done.exists():
             return population, json.loads(done.read_text())
-        start = self.start(levels["init"], seed)
+        start = self.start(levels, seed)
         cfg = self.evolve_config(levels, seed, start, population)
         resume = (population / EVOLVE_RUN_FILE).exists()
         if population.exists() and not resume:
@@ -155,6 +180,32 @@ class EvolveStages:
         }
         atomic_write_text(done, json.dumps(summary, indent=2))
         return population, summary
+
+
+def misaligned_weights(population: Population) -> dict[str, str]:
+    """Whose weights each focused member takes in a misaligned start: the next focused member's, in name order.
+
+    Refused (:class:`AblationError`) when fewer than two families have a specialist: then every
+    rotation leaves some member with weights trained for its own family.
+    """
+    focused = sorted(m.name for m in population.manifest.members if m.info.get("focus_domain"))
+    families = {m.info.get("focus_domain") for m in population.manifest.members if m.info.get("focus_domain")}
+    if len(families) < 2:
+        raise AblationError(
+            f"{population.root}: a misaligned start needs specialists of at least two families (members with a "
+            f"focus_domain); this population has {sorted(families) or 'none'}"
+        )
+    focus = {m.name: m.info["focus_domain"] for m in population.manifest.members if m.name in focused}
+    # rotate by the smallest shift that moves every member off its own family (two specialists a family
+    # in name order, e.g. a0 a1 b0 b1, need a shift of two)
+    for shift in range(1, len(focused)):
+        moved = {n: focused[(i + shift) % len(focused)] for i, n in enumerate(focused)}
+        if all(focus[src] != focus[n] for n, src in moved.items()):
+            return moved
+    raise AblationError(
+        f"{population.root}: no rotation of the specialists moves every one of them off its own family "
+        f"({dict(sorted(focus.items()))}); one family holds more than half of them"
+    )
 
 
 def _stage_last(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

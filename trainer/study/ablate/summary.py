@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ensemble_serve.shared.fsutil import atomic_write_bytes, atomic_write_text
-from trainer.study.ablate.config import ABLATION_FACTORS, AblateConfig
-from trainer.study.ablate.design import AblationError, Cell, config_hash, levels_of, plan
+from trainer.study.ablate.config import ABLATION_FACTORS, DEFAULT_LEVELS, AblateConfig
+from trainer.study.ablate.design import PROBE_FACTORS, AblationError, Cell, config_hash, levels_of, plan
 from trainer.study.ablate.folder import REPORT_JSON, REPORT_MD, check_run_file, failed_path, read_results
 from trainer.study.ablate.markdown import format_report
 from trainer.study.ablate.plots import plot_domain_effects, plot_effects
@@ -49,7 +49,11 @@ def report(cfg: AblateConfig) -> dict[str, Any]:
     summary = {
         "config_hash": config_hash(cfg),
         "factors": {f: list(ABLATION_FACTORS[f]) for f in cfg.factors},
-        "fixed": {f: lv for f, lv in levels_of(cfg, {}).items() if f not in cfg.factors},
+        "fixed": {
+            f: lv
+            for f, lv in levels_of(cfg, {}).items()
+            if f not in cfg.factors and (f not in PROBE_FACTORS or lv != DEFAULT_LEVELS[f])
+        },
         "design": cfg.design,
         "seeds": list(cfg.seeds),
         "metric": "balanced log-PPL of held-out reference chains under the routed mixture; "
@@ -64,12 +68,30 @@ def report(cfg: AblateConfig) -> dict[str, Any]:
         "missing": missing,
         "complete": not missing,
     }
+    if cfg.base_perturbation is not None:
+        summary["perturbed"] = _perturbed(cfg, cells, found)
     atomic_write_text(cfg.out / REPORT_JSON, json.dumps(summary, indent=2))
     atomic_write_text(cfg.out / REPORT_MD, format_report(summary))
     for name, png in (("effects.png", plot_effects(summary)), ("domains.png", plot_domain_effects(summary))):
         if png is not None:
             atomic_write_bytes(cfg.out / name, png)
     return summary
+
+
+def _perturbed(cfg: AblateConfig, cells: Sequence[Cell], found: Found) -> dict[str, Any]:
+    """The base-perturbation probe: every effect and interaction again, on the perturbed base's figures."""
+    values: Values = {c.coded: {} for c in cells}
+    for cell, seed, r in found:
+        if "perturbed" in r:
+            values[cell.coded][seed] = r["perturbed"]["balanced_log_ppl"]
+    present = {k: v for k, v in values.items() if v}
+    return {
+        "sigma": cfg.base_perturbation,
+        "seed": cfg.eval_seed,
+        "metric": "the same, with the base model's weight matrices perturbed (the same router and adapters)",
+        "effects": {f: _effect_or_reason(present, f) for f in cfg.factors},
+        "interactions": [_interaction(present, a, b) for a, b in cfg.interactions],
+    }
 
 
 def _values(cells: Sequence[Cell], found: Found) -> tuple[Values, dict[str, Values]]:
@@ -151,6 +173,16 @@ def _cell_row(cfg: AblateConfig, cell: Cell, found: Found) -> dict[str, Any]:
         "best_member": _mean_se([r["reference"]["best_member"]["balanced_log_ppl"] for r in rows]),
         "base": _mean_se([r["reference"]["base"]["balanced_log_ppl"] for r in rows]),
         "specialisation": _mean_se([r["router"].get("specialisation_score", 0.0) for r in rows]),
+        **(
+            {
+                "perturbed": _mean_se([r["perturbed"]["balanced_log_ppl"] for r in rows if "perturbed" in r]),
+                "perturbed_base": _mean_se(
+                    [r["perturbed"]["reference"]["base"]["balanced_log_ppl"] for r in rows if "perturbed" in r]
+                ),
+            }
+            if cfg.base_perturbation is not None
+            else {}
+        ),
         "seconds": _mean_se([r["seconds"]["total"] for r in rows]),
     }
 
