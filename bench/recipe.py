@@ -277,6 +277,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--name", default="recipe", help="results: bench/results/NAME.json and NAME.png")
     add_common_args(ap)
     args = ap.parse_args()
     shares = [float(x) for x in args.shares.split(",")]
@@ -318,8 +319,21 @@ def main() -> None:
                     "default": summary_row(res["default"]),
                 }
             out["seeds"][seed] = per_seed
-    out["minutes"] = (time.perf_counter() - t_start) / 60
+            # written after every seed (complete: false until the last), so a long sweep cut short keeps its seeds
+            summarise(args, out, arms, costs, t_start, complete=seed == args.seeds - 1)
 
+
+def summarise(
+    args: argparse.Namespace,
+    out: dict[str, Any],
+    arms: dict[str, list[dict[str, Any]]],
+    costs: dict[str, dict[str, Any]],
+    t_start: float,
+    complete: bool,
+) -> None:
+    """The pooled arms, the error ratios against the generalists, the tables and the plot, written as NAME."""
+    out["complete"] = complete
+    out["minutes"] = (time.perf_counter() - t_start) / 60
     out["arms"] = {label: {**summary_row(recs), "training_cost": costs.get(label)} for label, recs in arms.items()}
     gen_labels = [k for k in arms if k.startswith("generalist")]
     out["against_generalists"] = {
@@ -328,11 +342,12 @@ def main() -> None:
         if label.endswith("default rule")
     }
     md = tables(out, gen_labels)
-    print(md)
+    if complete:
+        print(md)
     out["markdown"] = md
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(out, RESULTS / "recipe.png")
-    write_results("recipe", json.loads(json.dumps(out, default=str)))
+    plot(out, RESULTS / f"{args.name}.png")
+    write_results(args.name, json.loads(json.dumps(out, default=str)))
 
 
 def fmt(x: Sequence[float]) -> str:

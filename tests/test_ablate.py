@@ -213,7 +213,15 @@ def test_config_hash_ignores_seeds_out_and_machine_settings_only(tmp_path: Path)
     assert config_hash(cfg) != config_hash(make_cfg(tmp_path / "a", evolve={"train_steps": 3}))
 
 
-@pytest.mark.parametrize("name, cells", [("ablate.yaml", 8), ("ablate-regime.yaml", 4)])
+@pytest.mark.parametrize(
+    "name, cells",
+    [
+        ("ablate.yaml", 8),
+        ("ablate-regime.yaml", 4),
+        ("ablate-branched-regime.yaml", 4),
+        ("ablate-branched-inheritance.yaml", 2),
+    ],
+)
 def test_shipped_configs_are_valid(name: str, cells: int, tmp_path: Path):
     data = yaml.safe_load((CONFIGS / name).read_text())
     cfg = AblateConfig(**{**data, "out": tmp_path / "x"})

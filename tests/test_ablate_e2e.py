@@ -3,7 +3,8 @@
 A small 2 x 2 design (router x lifecycle, random-vs-pre-aligned start fixed to random so the
 PEFT re-initialisation path runs too) with 2 seeds: interrupted with Ctrl-C (SIGINT) after its
 first finished cell, it exits 130 and keeps that cell; the same command then finishes the rest
-without recomputing it, and a third run recomputes nothing. Slow: the engine starts twice.
+without recomputing it, and a third run recomputes nothing. Every cell is also scored on a
+perturbed base (the base-perturbation probe). Slow: the engine starts twice.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CONFIG = {
     "seeds": [0, 1],
     "generations": 1,
     "interactions": [["router", "lifecycle"]],
+    "base_perturbation": 0.1,
     "evolve": {
         "problems_per_generation": 6,
         "max_tokens": 48,
@@ -132,6 +134,13 @@ def test_ablate_cli_interrupted_then_resumed_recomputes_nothing(tmp_path):
     # the start was PEFT's initialisation (B = 0) trained for 2 steps: it stays close to the bare base
     assert abs(ref["uniform"]["balanced_log_ppl"] - ref["base"]["balanced_log_ppl"]) < 0.05
     assert set(cell["per_domain"]) == set(ref["base"]["per_domain"])
+    # the probe: the same router and adapters on a perturbed base, a worse bare base, every effect again
+    probe = cell["perturbed"]
+    assert set(probe["per_domain"]) == set(cell["per_domain"])
+    assert probe["reference"]["base"]["balanced_log_ppl"] > ref["base"]["balanced_log_ppl"]
+    assert summary["perturbed"]["sigma"] == 0.1
+    assert all(summary["perturbed"]["effects"][f]["n"] == 2 for f in ("router", "lifecycle"))
+    assert "Effects on a perturbed base" in (out / "ablation.md").read_text()
     # the lifecycle ran in the "on" stage (death_fitness above any fitness: a member died and was re-seeded)
     stage = out / "stages" / "init-random__evolution-on__scope-global__lifecycle-on" / "seed-0"
     assert json.loads((stage / "done.json").read_text())["last"]["lifecycle"]["deaths"]
