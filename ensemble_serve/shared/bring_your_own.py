@@ -31,6 +31,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from ensemble_serve.shared.embedded import EMBEDDED_POPULATION, EMBEDDED_REAL_POPULATION
 from ensemble_serve.shared.engine_config import VLLM_LORA_RANKS
 from ensemble_serve.shared.population.commit import create_population
 from ensemble_serve.shared.population.load import (
@@ -185,7 +186,9 @@ def _same_model(claimed: str, adapter: Path, base: BaseShapes) -> bool:
 
     - the name is a local model folder whose weights are the base's (the same sha256 fingerprint);
     - the adapter is a member of a population directory whose manifest names that base with the base's
-      fingerprint (a member offered to its base served from a folder of another name).
+      fingerprint (a member offered to its base served from a folder of another name);
+    - an embedded population's manifest names that base with the base's fingerprint (an adapter trained
+      on the sandbox substrate names it ``sandbox-substrate``, its folder is ``substrate``).
 
     Any other name is another model's as far as can be told: refused, unless --ignore-base-name.
     """
@@ -206,7 +209,8 @@ def _same_model(claimed: str, adapter: Path, base: BaseShapes) -> bool:
             return fingerprint_model_dir(p) == base_fingerprint()
         except PopulationError:
             return False
-    for root in (adapter.parent, adapter.parent.parent):  # members/<name> inside a population directory
+    # members/<name> inside a population directory, then the populations that ship with the package
+    for root in (adapter.parent, adapter.parent.parent, EMBEDDED_POPULATION, EMBEDDED_REAL_POPULATION):
         try:
             manifest = read_manifest(root)
         except (PopulationError, OSError, ValueError):

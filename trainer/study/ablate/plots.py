@@ -17,29 +17,47 @@ __all__ = ["plot_domain_effects", "plot_effects"]
 
 
 def plot_effects(s: Mapping[str, Any]) -> bytes | None:
-    """Bar chart of each factor's mean effect with +-1 SE bars and the p-value on top."""
+    """Bar chart of each factor's mean effect with +-1 SE bars and the p-value on top.
+
+    With the base-perturbation probe, each factor gets a second, hatched bar: its effect on the
+    perturbed base.
+    """
     rows = [(f, e) for f, e in s["effects"].items() if e.get("n")]
     if not rows:
         return None
-    fig = new_figure(max(4.4, 1.6 + 1.3 * len(rows)), 3.4)
-    ax = fig.add_subplot(1, 1, 1)
-    xs = range(len(rows))
-    means = [e["mean"] for _, e in rows]
-    errs = [e["se"] or 0.0 for _, e in rows]
-    colors = ["tab:green" if m > 0 else "tab:red" for m in means]
-    ax.bar(xs, means, yerr=errs, color=colors, capsize=4, alpha=0.8)
-    ax.axhline(0.0, color="black", lw=0.8)
-    for x, (m, err, (_, e)) in enumerate(zip(means, errs, rows)):
-        ax.annotate(
-            f"p={fmt_p(e['p'])}",
-            (x, m + (err if m >= 0 else -err)),
-            ha="center",
-            va="bottom" if m >= 0 else "top",
-            fontsize=8,
+    probe = (s.get("perturbed") or {}).get("effects", {})
+    series = [("plain base", [e for _, e in rows], "")]
+    if any((probe.get(f) or {}).get("n") for f, _ in rows):
+        series.append(
+            (f"perturbed base (sigma {s['perturbed']['sigma']:g})", [probe.get(f) or {} for f, _ in rows], "//")
         )
+    width = 0.8 / len(series)
+    fig = new_figure(max(4.4, 1.6 + 1.3 * len(rows) * len(series) ** 0.5), 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (label, effects, hatch) in enumerate(series):
+        for i, e in enumerate(effects):
+            if not e.get("n"):
+                continue
+            x = i + (k - (len(series) - 1) / 2) * width
+            m, err = e["mean"], e["se"] or 0.0
+            ax.bar(
+                x, m, width=width, yerr=err, color="tab:green" if m > 0 else "tab:red", capsize=4, alpha=0.8,
+                hatch=hatch, edgecolor="black" if hatch else None, label=label if i == 0 else None,
+            )  # fmt: skip
+            ax.annotate(
+                f"p={fmt_p(e['p'])}",
+                (x, m + (err if m >= 0 else -err)),
+                ha="center",
+                va="bottom" if m >= 0 else "top",
+                fontsize=7 if len(series) > 1 else 8,
+            )
+    ax.axhline(0.0, color="black", lw=0.8)
+    xs = range(len(rows))
     ax.set_xticks(list(xs), [f"{f}\n{s['factors'][f][0]}->{s['factors'][f][1]}" for f, _ in rows], fontsize=8)
     ax.set_ylabel("delta log-PPL (positive = improves)")
     ax.set_title("Effect on balanced log-PPL\n(mean +- SE over seeds)", fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
     return to_png(fig)
 
 
