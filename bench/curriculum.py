@@ -12,7 +12,10 @@ every seed, into runs/bench-curriculum/<arm>-s<seed>/:
 * ``retained``  configs/evolve-curriculum-retained.yaml: ``hidden`` plus each member's replay of its
                 own warm-up slice and the forgetting guard (issue 23, trainer/evolve/retention.py);
 * ``teachers``  configs/evolve-curriculum-teachers.yaml: ``retained`` with frozen teachers labelling
-                their families.
+                their families;
+* ``distill``   configs/evolve-curriculum-distill.yaml: ``hidden`` with the routed ensemble as the
+                teacher (each problem labelled by the consensus of the members the population's router
+                sends it to, trainer/evolve/routed.py).
 
 ``--population`` starts every run from another population instead of the embedded default; a
 ``{seed}`` in it is replaced by the run's seed (e.g. the branched populations that bench/recipe.py
@@ -54,6 +57,7 @@ ARMS = {
     "control": ("configs/evolve-curriculum-control.yaml", "m07"),
     "retained": ("configs/evolve-curriculum-retained.yaml", None),
     "teachers": ("configs/evolve-curriculum-teachers.yaml", None),
+    "distill": ("configs/evolve-curriculum-distill.yaml", None),
 }
 FIGURES = ("ensemble_vote", "niche_vote", "best_member", "mean_member")
 

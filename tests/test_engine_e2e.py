@@ -233,3 +233,41 @@ def test_calibrate_evolves_the_routing_table_with_the_members_frozen(engine, emb
     assert table["method"] == report["method"] == ("evolved" if routing["kept"] else "labelled")
     assert "routing evolution (4 generations)" in format_report(report)
     assert {m: adapter_digest(load_population(pop).member_dir(m)) for m in names} == before  # frozen
+
+
+def test_the_routed_ensemble_labels_self_play(engine, embedded_population: Path, tmp_path):
+    """label_peers: routed on the real engine: the population's router picks each problem's 4 labellers (the
+    default request's size), their consensus labels it, the members learn from the chains that reach it."""
+    from ensemble_serve.shared.population import read_history
+    from trainer.evolve.config import EvolveConfig
+    from trainer.evolve.loop import run_evolve
+
+    settings = dict(
+        population=embedded_population,
+        generations=1,
+        labels="hidden",
+        fitness={"consensus": 1.0},
+        label_rule="consensus",
+        min_agreement=0.5,
+        domains=("add", "sub"),
+        difficulties=(1, 2),
+        problems_per_generation=8,
+        samples_per_member=1,
+        train_steps=1,
+        train_batch_size=4,
+        evolution={"enabled": False},
+        heldout_per_domain=0,
+    )
+    root, (record,) = run_evolve(
+        EvolveConfig(**settings, out=tmp_path / "routed", label_peers="routed"), progress=False, engine=engine
+    )
+    routed = record["routed_labellers"]
+    assert routed["top_k"] == 4 and routed["problems"] == 8
+    assert 0.0 <= routed["own_family_share"] <= 0.5  # two specialists a family among the 4 routed members
+    assert read_history(root)[-1]["routed_labellers"] == routed
+    audit = record["labels_audit"]
+    assert audit["labelled"] > 0 and record["train"]["labelled"] > 0  # the routed consensus labelled problems
+    # the same generation labelled by every member: same chains (same seeds), other labellers
+    _, (plain,) = run_evolve(EvolveConfig(**settings, out=tmp_path / "all"), progress=False, engine=engine)
+    assert "routed_labellers" not in plain
+    assert plain["train"]["problems"] == record["train"]["problems"]

@@ -755,6 +755,28 @@ def test_prepare_run_member_subset(pop_copy: Path, tmp_path: Path) -> None:
         prepare_run(cfg_for(pop_copy, tmp_path / "none", members=("m09",)), resume=False)
 
 
+def test_a_copy_keeps_the_router_and_the_table_and_a_subset_drops_them(tmp_path: Path) -> None:
+    """`--out` copies what the server loads beside the members; a subset cannot use either (positional gates,
+    one row a member) and its manifest no longer names them."""
+    from ensemble_serve.shared.embedded import EMBEDDED_POPULATION
+    from ensemble_serve.shared.population.reliability import read_reliability
+    from ensemble_serve.shared.router import load_router
+
+    source = load_population(EMBEDDED_POPULATION)
+    out = tmp_path / "whole"
+    prepare_run(EvolveConfig(population=EMBEDDED_POPULATION, out=out), resume=False)
+    copied = load_population(out)
+    assert copied.manifest.router == source.manifest.router
+    assert load_router(out / "router", expected_members=copied.names).members == source.names
+    assert read_reliability(out / "reliability.json", copied.names, copied.manifest.base_model.name)
+    assert not list(out.glob(".*tmp*"))
+    part = tmp_path / "part"
+    prepare_run(EvolveConfig(population=EMBEDDED_POPULATION, out=part, members=("m00", "m01")), resume=False)
+    sub = load_population(part)
+    assert sub.names == ["m00", "m01"] and sub.manifest.router is None and sub.manifest.reliability is None
+    assert not (part / "router").exists() and not (part / "reliability.json").exists()
+
+
 # --------------------------------------------------------------------------- 9. commit
 
 

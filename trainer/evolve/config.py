@@ -248,10 +248,18 @@ class EvolveConfig(FrozenConfig, RemoteSettings):
         description="With labels hidden: consensus (the majority of every chain) or leave_self_out (a member's "
         "chains are checked against the majority of the OTHER members' chains).",
     )
-    label_peers: Literal["all", "niche"] = Field(
+    label_peers: Literal["all", "niche", "routed"] = Field(
         "all",
-        description="Whose chains label a problem (and score the curriculum's cells): all members, or niche (the "
-        "members whose `focus_domain` is the problem's domain, when it has any; all members otherwise).",
+        description="Whose chains label a problem (and score the curriculum's cells): all members, niche (the "
+        "members whose `focus_domain` is the problem's domain, when it has any; all members otherwise), or routed "
+        "(the members the population's router sends the prompt to, its top `label_top_k`: the routed ensemble's "
+        "consensus teaches; needs a router).",
+    )
+    label_top_k: int | None = Field(
+        None,
+        ge=1,
+        description="With label_peers routed: how many routed members label a problem (None: the population's "
+        "default request's `members`, else the router's top_k, else 2).",
     )
     max_length_ratio: float | None = Field(
         None,
@@ -369,6 +377,14 @@ class EvolveConfig(FrozenConfig, RemoteSettings):
         ret = self.retention
         if ret.teachers and self.labels != "hidden":
             raise ValueError("retention.teachers labels with the teachers' chains: it needs labels: hidden")
+        if self.label_top_k is not None and self.label_peers != "routed":
+            raise ValueError(
+                f"label_top_k sizes the routed labellers: it needs label_peers: routed, not {self.label_peers}"
+            )
+        if ret.teachers and self.label_peers == "routed":
+            raise ValueError(
+                "retention.teachers and label_peers: routed both choose who labels a problem; use one of them"
+            )
         if ret.validates and self.data is not None and ret.data is None:
             raise ValueError(
                 "retention.guard and retention.teachers validate on labelled problems: a run on a dataset needs "

@@ -3,7 +3,8 @@
 * :func:`pseudo_labels`: the answer each problem's chains are checked against, the truth where the
   run may read it (``labels: ground_truth``), else a confident consensus (:func:`confident`);
 * :func:`member_labels`: the same for every member, or with labels hidden each member's own labels
-  from its labelling peers (:func:`labellers`: all members or the problem's niche; ``label_rule:
+  from its labelling peers (:func:`labellers`: all members, the problem's niche, or the members the
+  router sends it to; ``label_rule:
   leave_self_out`` leaves the member itself out, so it never grades its own chains);
 * :func:`labelling_chains`: per problem, the labelling members' chains (what the curriculum scores);
 * :func:`training_examples`: each member's verified chains (its own and, by ``share_chains``, its
@@ -53,12 +54,18 @@ def labellers(
     cfg: EvolveConfig,
     focus: Mapping[str, str | None] | None = None,
     teachers: Mapping[str, str] | None = None,
+    routed: Sequence[Sequence[str]] | None = None,
 ) -> list[list[str]]:
     """Per problem, the members whose chains label it: every member, or with ``label_peers: niche``
     the members whose focus domain is the problem's domain (every member when none is); with frozen
-    `teachers` ({family: member}, :mod:`trainer.evolve.retention`) the family's teacher alone."""
+    `teachers` ({family: member}, :mod:`trainer.evolve.retention`) the family's teacher alone; with
+    ``label_peers: routed`` the `routed` group of each problem (:mod:`trainer.evolve.routed`)."""
     if teachers:
         return [[teachers[p.domain]] if p.domain in teachers else list(members) for p in problems]
+    if cfg.label_peers == "routed":
+        if routed is None or len(routed) != len(problems):
+            raise ValueError("label_peers: routed needs each problem's routed members")
+        return [list(group) or list(members) for group in routed]
     if cfg.label_peers != "niche" or not focus:
         return [list(members) for _ in problems]
     return [niche_group(members, focus, p.domain) for p in problems]
@@ -70,9 +77,10 @@ def labelling_chains(
     members: Sequence[str],
     cfg: EvolveConfig,
     focus: Mapping[str, str | None] | None = None,
+    routed: Sequence[Sequence[str]] | None = None,
 ) -> list[list[Candidate]]:
     """Per problem, the chains of its labelling members (:func:`labellers`): what the curriculum scores."""
-    groups = labellers(problems, members, cfg, focus)
+    groups = labellers(problems, members, cfg, focus, routed=routed)
     return [[c for m in group for c in candidates[m][i]] for i, group in enumerate(groups)]
 
 
@@ -89,15 +97,16 @@ def member_labels(
     cfg: EvolveConfig,
     focus: Mapping[str, str | None] | None = None,
     teachers: Mapping[str, str] | None = None,
+    routed: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, list[str | None]]:
     """Each member's labels: the truth with labels visible; with labels hidden the confident majority
     of the labelling members' chains (:func:`labellers`), all of them (``label_rule: consensus``) or
     all but the member itself (``leave_self_out``: a member never grades its own chains); with
-    `teachers`, the family's teacher's chains."""
+    `teachers`, the family's teacher's chains; with `routed` groups, the routed members' chains."""
     if cfg.labels == "ground_truth":
         shared = pseudo_labels(ev, cfg)
         return {m: shared for m in ev.members}
-    groups = labellers(ev.problems, ev.members, cfg, focus, teachers)
+    groups = labellers(ev.problems, ev.members, cfg, focus, teachers, routed)
     if cfg.label_rule == "consensus" and cfg.label_peers == "all" and not teachers:
         shared = pseudo_labels(ev, cfg)
         return {m: shared for m in ev.members}

@@ -107,6 +107,7 @@ from trainer.evolve.records import (
     train_summary,
 )
 from trainer.evolve.retention import choose_teachers, retained_examples
+from trainer.evolve.routed import RoutedPeers, RoutedPeersError, routed_summary
 from trainer.evolve.run import RUN_FILE, EvolveError, Interrupted, load_members, prepare_run, stop_signals
 from trainer.evolve.sampling import self_play
 from trainer.evolve.step import check_operators, evolutionary_step
@@ -147,6 +148,12 @@ class Evolver(Workers):
             except ControlError as e:
                 raise EvolveError(str(e)) from None
         check_operators(cfg.evolution, self.population)
+        self.routed = None  # label_peers: routed: the population's router picks each problem's labellers
+        if cfg.label_peers == "routed":
+            try:
+                self.routed = RoutedPeers(self.population, cfg)
+            except RoutedPeersError as e:
+                raise EvolveError(str(e)) from None
         if cfg.labels == "hidden" and cfg.label_rule == "leave_self_out" and len(self.population.names) < 2:
             raise EvolveError(
                 "label_rule leave_self_out labels a member by the OTHER members' chains: it needs at least two "
@@ -203,6 +210,7 @@ class Evolver(Workers):
 
         with timed(seconds, "generate"):  # 1. self-play
             problems, candidates = self._self_play(g, plan)
+            routed = self._routed_groups(problems)
 
         with timed(seconds, "score"):  # 2. scoring
             weights = load_members(pop)
@@ -219,7 +227,7 @@ class Evolver(Workers):
                 teachers = choose_teachers(pop, before) if cfg.retention.teachers else {}
         with timed(seconds, "train"):  # 3. gradient phase
             focus = self._focus(pop)
-            labels = member_labels(ev, cfg, focus, teachers)
+            labels = member_labels(ev, cfg, focus, teachers, routed)
             examples = retained_examples(
                 training_examples(ev, labels, cfg, focus), pop, teachers, cfg.retention, cfg, g, self.dataset
             )
@@ -250,6 +258,8 @@ class Evolver(Workers):
         )
         if teachers:
             record["teachers"] = teachers
+        if routed is not None:
+            record["routed_labellers"] = routed_summary(problems, routed, focus, self.routed.k)
         if self.retried:  # lost workers whose tasks ran again (same arguments, same results)
             record["retried"] = list(self.retried)
         self._remote_events(record)
@@ -259,7 +269,7 @@ class Evolver(Workers):
         truth = plan.truth if plan is not None else generation_truth(cfg, g, self.dataset)
         record["labels_audit"] = label_audit(ev, labels, truth)
         if plan is not None:
-            chains = labelling_chains(candidates, problems, pop.names, cfg, focus)
+            chains = labelling_chains(candidates, problems, pop.names, cfg, focus, routed)
             record["curriculum"] = after_self_play(plan, chains, cfg.curriculum.backoff, self._ladder)
         self._commit(manifest, adapters, record)
         return self._finish_pending()
@@ -278,7 +288,9 @@ class Evolver(Workers):
 
         def probe(problems: Sequence[Problem]) -> list[list[Candidate]]:
             cands = self_play(engine, names, problems, cfg, g, progress=False, purpose="probe-sample")
-            return labelling_chains(cands, problems, names, cfg, self._focus(self.population))
+            return labelling_chains(
+                cands, problems, names, cfg, self._focus(self.population), self._routed_groups(problems)
+            )
 
         ctx = ProposerContext(
             generation=g,
@@ -326,6 +338,10 @@ class Evolver(Workers):
         )
         self._commit(manifest, adapters, record)
         return self._finish_pending()
+
+    def _routed_groups(self, problems: Sequence[Problem]) -> list[list[str]] | None:
+        """Each problem's labellers as the population's router picks them (label_peers: routed), else None."""
+        return None if self.routed is None else self.routed.groups(problems, self.population.names)
 
     @staticmethod
     def _focus(pop: Population) -> dict[str, str | None]:

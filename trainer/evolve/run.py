@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ensemble_serve.shared.fsutil import atomic_write_text
+from ensemble_serve.shared.fsutil import atomic_write_text, copy_file_durable, remove_tree
 from ensemble_serve.shared.lora import LoraError, LoraWeights, align_modules, check_compatible, load_lora
 from ensemble_serve.shared.population import Population, create_population, load_population, read_manifest
 from trainer.evolve.config import EvolveConfig
@@ -57,6 +58,8 @@ def config_hash(cfg: EvolveConfig) -> str:
         data.pop("lifecycle")
     if data.get("fitness_scope") == "global":
         data.pop("fitness_scope")
+    if data.get("label_top_k") is None:
+        data.pop("label_top_k", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -140,10 +143,31 @@ def _copy_population(cfg: EvolveConfig) -> None:
     base = source.manifest.base_model
     if base.path is not None and source.base_model_path is not None:
         base = base.model_copy(update={"path": os.path.relpath(source.base_model_path.resolve(), out.absolute())})
-    manifest = source.manifest.model_copy(
-        update={"members": [m.model_copy(update={"path": f"members/{m.name}"}) for m in members], "base_model": base}
+    update: dict[str, Any] = {
+        "members": [m.model_copy(update={"path": f"members/{m.name}"}) for m in members],
+        "base_model": base,
+    }
+    whole = [m.name for m in members] == source.names
+    if not whole:  # the router's gates and the table's rows are for every member: a subset keeps neither
+        update.update(router=None, reliability=None)
+    create_population(
+        out, source.manifest.model_copy(update=update), {m.name: source.member_dir(m.name) for m in members}
     )
-    create_population(out, manifest, {m.name: source.member_dir(m.name) for m in members})
+    if whole:  # the router and the reliability table come along, as `ensemble-serve up` would find them
+        for entry, default in ((source.manifest.router, "router"), (source.manifest.reliability, "reliability.json")):
+            if entry:
+                _copy_into(source.root / str(entry.get("path", default)), out / str(entry.get("path", default)))
+
+
+def _copy_into(src: Path, dest: Path) -> None:
+    """Copy a file or folder of the source population into the new one (a missing source is left missing)."""
+    if src.is_dir():
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        remove_tree(tmp)
+        shutil.copytree(src, tmp)
+        os.rename(tmp, dest)
+    elif src.is_file():
+        copy_file_durable(src, dest)
 
 
 def load_members(population: Population) -> dict[str, LoraWeights]:
