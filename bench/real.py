@@ -1,6 +1,7 @@
 """The real model's population against every alternative a user has (issue 22's targets).
 
     python bench/real.py [--population DIR] [--per-cell 4] [--latency-prompts 16]
+    python bench/real.py --population DIR --only-ensemble --baseline-rows bench/results/real_rows.json --name NAME
 
 All on the natural tasks' held-out problems (the stream bench/real_base.py uses, minus any prompt of the
 dev split the population was evaluated and routed on), one chat turn each, temperature 0.7,
@@ -18,6 +19,11 @@ The baselines' adapters are served by further servers (`--model BASE --lora-modu
 rank: vLLM sizes its LoRA buffers by the engine's `--max-lora-rank`, and a rank-8 adapter served beside a
 rank-64 one was far slower on the CPU. Rows are written to bench/results/real_rows.json as each
 condition ends.
+
+`--only-ensemble` asks only the population (its default request, its best member and router top-1); with
+`--baseline-rows` the baselines' rows of an earlier run on the same problems (same `--per-cell` and
+`--exclude`, checked by the problems' families) are compared with it, paired by problem: another population
+against the same generalists without serving them again. `--name` names the result files.
 Accuracy with 95% Wilson intervals; differences against the ensemble as paired bootstrap 95% intervals
 (scipy); completion tokens per problem; the share of chains with an answer. Latency: `--latency-prompts`
 prompts sent one at a time, the ensemble's default request and the base's n=8 request interleaved, p50
@@ -261,6 +267,13 @@ def main() -> None:
     ap.add_argument("--latency-prompts", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument(
+        "--only-ensemble", action="store_true", help="ask only the population (no base, merges, generalists)"
+    )
+    ap.add_argument(
+        "--baseline-rows", type=Path, default=None, help="an earlier run's rows file: its baselines join the report"
+    )
+    ap.add_argument("--name", default="real", help="results: bench/results/NAME.json and NAME_rows.json")
+    ap.add_argument(
         "--from-rows",
         action="store_true",
         help="no requests: summarise bench/results/real_rows.json (the rows of the last run; latency from real.json)",
@@ -275,8 +288,10 @@ def main() -> None:
     spm = int((pop.manifest.ensemble_defaults or {}).get("samples_per_member", 1))
     print(f"{len(problems)} test problems; best member by dev accuracy: {best}")
     if args.from_rows:
-        saved = json.loads((RESULTS / "real_rows.json").read_text())
-        old = json.loads((RESULTS / "real.json").read_text()) if (RESULTS / "real.json").is_file() else {}
+        saved = json.loads((RESULTS / f"{args.name}_rows.json").read_text())
+        old = (
+            json.loads((RESULTS / f"{args.name}.json").read_text()) if (RESULTS / f"{args.name}.json").is_file() else {}
+        )
         report(args, problems, best, saved["seconds"], saved["rows"], old.get("latency"))
         return
 
@@ -289,15 +304,14 @@ def main() -> None:
             server = servers.start_ensemble(*extra, name="ensemble-real", timeout=600)
             models = [m.id for m in server.client().models.list().data]
             ensemble, base_name = models[0], pop.manifest.base_model.name
-            conditions: list[tuple[str, str, str, dict[str, Any] | None]] = [
-                ("ensemble", ensemble, "ensemble", None),
-                ("ensemble + system", ensemble, "ensemble+system", None),
-            ]
+            conditions: list[tuple[str, str, str, dict[str, Any] | None]] = [("ensemble", ensemble, "ensemble", None)]
             every = {**ALL_MEMBERS, "members": len(pop.names)}  # a count: the defaults' `members` would apply
-            if (pop.manifest.ensemble_defaults or {}) != every:
-                conditions.append(("ensemble, every member x1, no router", ensemble, "ensemble", every))
+            if not args.only_ensemble:
+                conditions.append(("ensemble + system", ensemble, "ensemble+system", None))
+                if (pop.manifest.ensemble_defaults or {}) != every:
+                    conditions.append(("ensemble, every member x1, no router", ensemble, "ensemble", every))
+                conditions.append(("base SC@8", base_name, "sc", None))
             conditions += [
-                ("base SC@8", base_name, "sc", None),
                 (f"best member SC@8 ({best})", best, "sc", None),
                 ("router top-1 SC@8", ensemble, "routed", None),
             ]
@@ -308,58 +322,101 @@ def main() -> None:
                 )
                 seconds[label] = round(time.perf_counter() - t0, 1)
                 print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
-                write_json("real_rows", {"seconds": seconds, "rows": results})  # so far, in case a later step fails
-            lat = latency(server.client(timeout=600), ensemble, base_name, problems[: args.latency_prompts])
-            print(json.dumps(lat))
+                write_json(f"{args.name}_rows", {"seconds": seconds, "rows": results})  # so far, in case a step fails
+            lat = None
+            if args.latency_prompts:
+                lat = latency(server.client(timeout=600), ensemble, base_name, problems[: args.latency_prompts])
+                print(json.dumps(lat))
             servers.stop(server)
-
-            merges = merge_members(base, population if args.population else pop.root, work / "merges")
-            adapters = dict(merges)
-            for g in args.generalists:
-                gp = load_population(g)
-                adapters[f"generalist_r{gp.manifest.members[0].rank}"] = gp.member_dir(gp.names[0])
-            # Adapters up to rank MAX_SERVED_RANK share one LoRA server. Higher ranks are merged into the base and
-            # served as plain models: on this CPU a server started with --max-lora-rank 64 did not finish one
-            # condition in 17 minutes (rank 8: 3-5 min), and a merged adapter computes the same function.
-            lora: dict[str, Path] = {}
-            merged: dict[str, Path] = {}
-            for name, folder in adapters.items():
-                rank = json.loads((folder / "adapter_config.json").read_text())["r"]
-                (lora if rank <= MAX_SERVED_RANK else merged)[name] = folder
-            groups: list[tuple[str, list[str], list[str]]] = []
-            if lora:
-                mods = [f"{n}={p}" for n, p in lora.items()]
-                groups.append((f"baselines-r{MAX_SERVED_RANK}", ["--model", str(base), "--lora-modules", *mods,
-                               "--max-lora-rank", str(MAX_SERVED_RANK)], list(lora)))  # fmt: skip
-            for name, folder in merged.items():
-                plain = merged_model(base, folder, work / f"{name}-merged")
-                # a plain model still needs one adapter to start `--model` mode; the base (merged) is what is asked
-                groups.append((f"{name}-merged", ["--model", str(plain), "--lora-modules",
-                               f"{best}={pop.member_dir(best)}", "--ignore-base-name"], [name]))  # fmt: skip
-            for server_name, flags, names in groups:
-                baselines = servers.start_ensemble(*flags, name=server_name, timeout=600)
-                ids = [m.id for m in baselines.client().models.list().data]
-                plain_id = next(i for i in ids if i not in {"ensemble", best, *names})
-                for name in names:
-                    label = f"{name} SC@8" + (" (merged into the base)" if name in merged else "")
-                    model = plain_id if name in merged else name
-                    t0 = time.perf_counter()
-                    results[label] = asyncio.run(run_condition(baselines, model, problems, "sc", args.concurrency))
-                    seconds[label] = round(time.perf_counter() - t0, 1)
-                    print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
-                    write_json("real_rows", {"seconds": seconds, "rows": results})
-                servers.stop(baselines)
+            if not args.only_ensemble:
+                run_baselines(args, servers, base, pop, population, best, problems, work, results, seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if args.baseline_rows is not None:
+        results.update(earlier_baselines(args.baseline_rows, problems, results))
     report(args, problems, best, seconds, results, lat)
+
+
+def run_baselines(
+    args: argparse.Namespace,
+    servers: ServerSet,
+    base: Path,
+    pop: Any,
+    population: Path,
+    best: str,
+    problems: Sequence[Problem],
+    work: Path,
+    results: dict[str, list[dict]],
+    seconds: dict[str, float],
+) -> None:
+    """The merges and the generalists, each on a server of its rank (or merged into the base), n=8 each."""
+    merges = merge_members(base, population if args.population else pop.root, work / "merges")
+    adapters = dict(merges)
+    for g in args.generalists:
+        gp = load_population(g)
+        adapters[f"generalist_r{gp.manifest.members[0].rank}"] = gp.member_dir(gp.names[0])
+    # Adapters up to rank MAX_SERVED_RANK share one LoRA server. Higher ranks are merged into the base and
+    # served as plain models: on this CPU a server started with --max-lora-rank 64 did not finish one
+    # condition in 17 minutes (rank 8: 3-5 min), and a merged adapter computes the same function.
+    lora: dict[str, Path] = {}
+    merged: dict[str, Path] = {}
+    for name, folder in adapters.items():
+        rank = json.loads((folder / "adapter_config.json").read_text())["r"]
+        (lora if rank <= MAX_SERVED_RANK else merged)[name] = folder
+    groups: list[tuple[str, list[str], list[str]]] = []
+    if lora:
+        mods = [f"{n}={p}" for n, p in lora.items()]
+        groups.append((f"baselines-r{MAX_SERVED_RANK}", ["--model", str(base), "--lora-modules", *mods,
+                       "--max-lora-rank", str(MAX_SERVED_RANK)], list(lora)))  # fmt: skip
+    for name, folder in merged.items():
+        plain = merged_model(base, folder, work / f"{name}-merged")
+        # a plain model still needs one adapter to start `--model` mode; the base (merged) is what is asked
+        groups.append((f"{name}-merged", ["--model", str(plain), "--lora-modules",
+                       f"{best}={pop.member_dir(best)}", "--ignore-base-name"], [name]))  # fmt: skip
+    for server_name, flags, names in groups:
+        baselines = servers.start_ensemble(*flags, name=server_name, timeout=600)
+        ids = [m.id for m in baselines.client().models.list().data]
+        plain_id = next(i for i in ids if i not in {"ensemble", best, *names})
+        for name in names:
+            label = f"{name} SC@8" + (" (merged into the base)" if name in merged else "")
+            model = plain_id if name in merged else name
+            t0 = time.perf_counter()
+            results[label] = asyncio.run(run_condition(baselines, model, problems, "sc", args.concurrency))
+            seconds[label] = round(time.perf_counter() - t0, 1)
+            print(f"{label}: {sum(r['correct'] for r in results[label])}/{len(problems)} in {seconds[label]} s")
+            write_json(f"{args.name}_rows", {"seconds": seconds, "rows": results})
+        servers.stop(baselines)
+
+
+def earlier_baselines(path: Path, problems: Sequence[Problem], results: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The baselines' rows of an earlier run on the same problems (checked by count and family, in order)."""
+    saved = json.loads(path.read_text())["rows"]
+    out = {}
+    for label, rows in saved.items():
+        if (
+            label in results
+            or label.startswith("ensemble")
+            or label.startswith("best member")
+            or label.startswith("router")
+        ):
+            continue  # the earlier population's own conditions are not baselines of this one
+        if [r["domain"] for r in rows] != [p.domain for p in problems]:
+            raise SystemExit(
+                f"{path}: {label!r} was measured on other problems (use the same --per-cell and --exclude)"
+            )
+        out[f"{label} (earlier run)"] = rows
+    return out
 
 
 def cli_args(args: argparse.Namespace) -> list[str]:
     """The arguments of this run as a command line (none that is unset; --from-rows is not a setting)."""
     out = []
     for k, v in vars(args).items():
-        if v is None or k == "from_rows":
+        if v is None or v is False or k == "from_rows":
+            continue
+        if v is True:
+            out.append(f"--{k.replace('_', '-')}")
             continue
         out += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
     return out
@@ -405,7 +462,7 @@ def report(
     print("answer found, per family:\n" + md_table(["family", *summary], cov))
     print(json.dumps(lat))
     write_json(
-        "real",
+        args.name,
         {
             "command": "python bench/real.py " + " ".join(cli_args(args)),
             "machine": machine(),
