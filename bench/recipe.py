@@ -110,7 +110,7 @@ def population_for(args: argparse.Namespace, seed: int, share: float, cut: str) 
     cfg = init_config(args, seed, share, cut, out)
     done = out / ".prepared"
     t0 = time.perf_counter()
-    if not done.is_file() or json.loads(done.read_text()).get("config") != cfg.model_dump_json():
+    if not done.is_file() or not same_recipe(json.loads(done.read_text()).get("config"), cfg):
         init_population(cfg)
         train_s = time.perf_counter() - t0
         run_cli("eval", "--config", str(ROOT / "configs/eval.yaml"), "--population", str(out), "--update-manifest")
@@ -126,6 +126,15 @@ def population_for(args: argparse.Namespace, seed: int, share: float, cut: str) 
         "training_cost": manifest.training_cost,
         "train_s": json.loads(done.read_text())["train_s"],
     }
+
+
+def same_recipe(stored: str | None, cfg: Any) -> bool:
+    """Whether a cached population was made by this config; where the checkout lies (base, out) is no part of it."""
+    if stored is None:
+        return False
+    where = ("base", "out")
+    old = {k: v for k, v in json.loads(stored).items() if k not in where}
+    return old == {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k not in where}
 
 
 def generalists_for(args: argparse.Namespace, seed: int) -> dict[str, dict[str, Any]]:
