@@ -220,6 +220,7 @@ def test_config_hash_ignores_seeds_out_and_machine_settings_only(tmp_path: Path)
         ("ablate-regime.yaml", 4),
         ("ablate-branched-regime.yaml", 4),
         ("ablate-branched-inheritance.yaml", 2),
+        ("ablate-branched-niche.yaml", 2),
     ],
 )
 def test_shipped_configs_are_valid(name: str, cells: int, tmp_path: Path):
