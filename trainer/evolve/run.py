@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ensemble_serve.shared.fsutil import atomic_write_text, copy_file_durable, remove_tree
+from ensemble_serve.shared.fsutil import atomic_write_text, copy_file_durable, remove_tree, tmp_dir_beside
 from ensemble_serve.shared.lora import LoraError, LoraWeights, align_modules, check_compatible, load_lora
 from ensemble_serve.shared.population import Population, create_population, load_population, read_manifest
 from trainer.evolve.config import EvolveConfig
@@ -162,10 +162,12 @@ def _copy_population(cfg: EvolveConfig) -> None:
 def _copy_into(src: Path, dest: Path) -> None:
     """Copy a file or folder of the source population into the new one (a missing source is left missing)."""
     if src.is_dir():
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        remove_tree(tmp)
-        shutil.copytree(src, tmp)
-        os.rename(tmp, dest)
+        tmp = tmp_dir_beside(dest)  # the population's own pattern: build beside, then rename into place
+        try:
+            shutil.copytree(src, tmp / dest.name)
+            os.rename(tmp / dest.name, dest)
+        finally:
+            remove_tree(tmp)
     elif src.is_file():
         copy_file_durable(src, dest)
 

@@ -188,14 +188,14 @@ def misaligned_weights(population: Population) -> dict[str, str]:
     Refused (:class:`AblationError`) when fewer than two families have a specialist: then every
     rotation leaves some member with weights trained for its own family.
     """
-    focused = sorted(m.name for m in population.manifest.members if m.info.get("focus_domain"))
-    families = {m.info.get("focus_domain") for m in population.manifest.members if m.info.get("focus_domain")}
+    focus = {m.name: m.info["focus_domain"] for m in population.manifest.members if m.info.get("focus_domain")}
+    focused = sorted(focus)
+    families = set(focus.values())
     if len(families) < 2:
         raise AblationError(
             f"{population.root}: a misaligned start needs specialists of at least two families (members with a "
             f"focus_domain); this population has {sorted(families) or 'none'}"
         )
-    focus = {m.name: m.info["focus_domain"] for m in population.manifest.members if m.name in focused}
     # rotate by the smallest shift that moves every member off its own family (two specialists a family
     # in name order, e.g. a0 a1 b0 b1, need a shift of two)
     for shift in range(1, len(focused)):
