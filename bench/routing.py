@@ -14,7 +14,12 @@ sandbox ensemble), on one vLLM engine over the shared substrate:
 Equal inference tokens: the same chains are voted three ways. Intervals: 95% t over seeds of the
 paired difference (evolved minus labelled) on the same test problems.
 
-    python bench/routing.py [--seeds 0,1,2] [--generations 20] [--per-domain 16] [--test 192]
+With ``--gates`` (``calibrate --routing-gates``) the router's per-member offsets evolve with the table and
+every vote is the routed calibrated vote of the default request's k members (the population's default
+``members``, else its router's ``top_k``): labelled table with the trained router against the evolved
+table with the evolved offsets, on the same chains.
+
+    python bench/routing.py [--seeds 0,1,2] [--generations 20] [--per-domain 16] [--test 192] [--gates --name N]
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 from _common import EMBEDDED_POPULATION, ROOT, fmt_interval, md_table, rel, seed_interval, write_json
 
 from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import load_population
 from ensemble_serve.shared.voting import vote
-from trainer.calibration.command import CalibrateConfig, calibration_problems, labelled_estimates
+from trainer.calibration.command import CalibrateConfig, calibration_problems, gate_choice, labelled_estimates
 from trainer.calibration.routing import evolve_routing, vote_accuracy
 from trainer.scoring import answer_is_right, greedy_candidates
 from trainer.tasks.sandbox import generate_problems
@@ -38,9 +44,10 @@ BRANCHED = "runs/bench-recipe/seed{seed}-s0.5-family-m6x200"
 LEVELS = (1, 2, 3, 4)
 
 
-def majority_accuracy(problems, cands) -> float:
+def majority_accuracy(problems, cands, chosen=None) -> float:
     right = sum(
-        answer_is_right(vote([cands[m][i] for m in cands], "majority").answer, p) for i, p in enumerate(problems)
+        answer_is_right(vote([cands[m][i] for m in (cands if chosen is None else chosen[i])], "majority").answer, p)
+        for i, p in enumerate(problems)
     )
     return right / len(problems)
 
@@ -53,12 +60,30 @@ def measure(engine: OfflineEngine, pop_dir: Path, seed: int, args: argparse.Name
     cands = {m: row for m, row in greedy_candidates(engine, names, cal, args.max_tokens, "auto").items()}
     per_domain, _ = labelled_estimates(cal, cands)
     start = {d: {m: e.p for m, e in row.items()} for d, row in per_domain.items()}
+    router = gate_choice(pop, cal)[0] if args.gates else None
     t0 = time.perf_counter()
-    result = evolve_routing(cal, cands, start, args.generations, args.size, args.sigma, seed=4321 + seed)
+    result = evolve_routing(cal, cands, start, args.generations, args.size, args.sigma, seed=4321 + seed, router=router)
     search_s = time.perf_counter() - t0
     test = generate_problems(args.test, 2026 + seed, split="heldout", difficulties=list(LEVELS))
     tc = {m: row for m, row in greedy_candidates(engine, names, test, args.max_tokens, "auto").items()}
     every = list(range(len(test)))
+    if args.gates:  # the routed vote: the trained router's top-k, then the evolved offsets' top-k
+        test_router = gate_choice(pop, test)[0]
+        trained, moved = test_router.chosen(names), test_router.chosen(names, np.array(result.offsets))
+        test_votes = {
+            "majority": round(majority_accuracy(test, tc, trained), 4),
+            "labelled": round(vote_accuracy(test, tc, start, every, trained), 4),
+            "evolved": round(vote_accuracy(test, tc, result.p, every, moved), 4),
+            "voters_changed": round(sum(a != b for a, b in zip(trained, moved, strict=True)) / len(test), 4),
+            "k": test_router.k,
+            "offsets": dict(zip(names, result.offsets, strict=True)),
+        }
+    else:
+        test_votes = {
+            "majority": round(majority_accuracy(test, tc), 4),
+            "labelled": round(vote_accuracy(test, tc, start, every), 4),
+            "evolved": round(vote_accuracy(test, tc, result.p, every), 4),
+        }
     return {
         "population": rel(pop_dir),
         "seed": seed,
@@ -70,11 +95,7 @@ def measure(engine: OfflineEngine, pop_dir: Path, seed: int, args: argparse.Name
         "kept": result.kept,
         "best_per_generation": result.best_per_generation,
         "search_s": round(search_s, 1),
-        "test": {
-            "majority": round(majority_accuracy(test, tc), 4),
-            "labelled": round(vote_accuracy(test, tc, start, every), 4),
-            "evolved": round(vote_accuracy(test, tc, result.p, every), 4),
-        },
+        "test": test_votes,
     }
 
 
@@ -87,6 +108,8 @@ def main() -> None:
     ap.add_argument("--per-domain", type=int, default=16, help="calibration problems per domain and level")
     ap.add_argument("--test", type=int, default=192, help="test problems per seed (a multiple of 24)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--gates", action="store_true", help="evolve the router's offsets too; routed votes")
+    ap.add_argument("--name", default="routing", help="results file name under bench/results/")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     started = time.perf_counter()
@@ -109,7 +132,7 @@ def main() -> None:
     branched = [r for r in runs if r["branched"]]
     diff = [r["test"]["evolved"] - r["test"]["labelled"] for r in branched]
     summary = {"evolved_minus_labelled_branched": diff}
-    path = write_json("routing", {"args": vars(args), "wall_s": round(total, 1), "summary": summary, "runs": runs})
+    path = write_json(args.name, {"args": vars(args), "wall_s": round(total, 1), "summary": summary, "runs": runs})
     print(
         md_table(
             [

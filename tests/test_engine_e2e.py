@@ -208,6 +208,7 @@ def test_calibrate_evolves_the_routing_table_with_the_members_frozen(engine, emb
     """Routing-only evolution on the real engine: the members' greedy chains once, then the table's weights
     evolve; the table is written as `evolved` only when its vote beats the labelled one on the check half."""
     from ensemble_serve.shared.adapters import adapter_digest
+    from ensemble_serve.shared.router import load_router
     from ensemble_serve.testing.servers import copy_embedded
     from trainer.calibration.command import CalibrateConfig, format_report, run_calibrate
 
@@ -233,6 +234,21 @@ def test_calibrate_evolves_the_routing_table_with_the_members_frozen(engine, emb
     assert table["method"] == report["method"] == ("evolved" if routing["kept"] else "labelled")
     assert "routing evolution (4 generations)" in format_report(report)
     assert {m: adapter_digest(load_population(pop).member_dir(m)) for m in names} == before  # frozen
+
+    # the router's offsets too: fitness is the routed vote of the default request's 4 members
+    router_before = (pop / "router" / "router.safetensors").read_bytes()
+    report = run_calibrate(cfg.model_copy(update={"routing_gates": True}), engine=engine)
+    gates = report["routing"]["gates"]
+    assert gates["k"] == 4 and list(gates["offsets"]) == names
+    manifest = load_population(pop).manifest
+    if report["routing"]["kept"]:  # the router is rewritten with its offsets; it loads for this population
+        assert (pop / "router" / "router.safetensors").read_bytes() != router_before
+        assert manifest.router["evolved"]["k"] == 4 and "router with its evolved offsets" in format_report(report)
+        load_router(pop / "router", expected_members=names, base_model=manifest.base_model.name)
+    else:
+        assert (pop / "router" / "router.safetensors").read_bytes() == router_before
+        assert "evolved" not in manifest.router
+    assert {m: adapter_digest(load_population(pop).member_dir(m)) for m in names} == before
 
 
 def test_the_routed_ensemble_labels_self_play(engine, embedded_population: Path, tmp_path):

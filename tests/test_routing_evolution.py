@@ -3,13 +3,14 @@ frozen. Pure logic on fixed chains; calibrate runs it on the real engine in test
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from ensemble_serve.shared.population.reliability import ReliabilityTable
 from ensemble_serve.shared.voting import candidate_from_text
 from trainer.calibration.command import CalibrateConfig
-from trainer.calibration.routing import evolve_routing, halves, vote_accuracy
+from trainer.calibration.routing import GateChoice, evolve_routing, halves, vote_accuracy
 from trainer.tasks.sandbox import Problem
 
 
@@ -76,6 +77,7 @@ def test_a_table_that_cannot_be_beaten_is_not_kept():
         ({"routing_population": 3}, "routing_population"),
         ({"routing_sigma": 0}, "routing_sigma"),
         ({"routing_sigma": float("inf")}, "routing_sigma"),
+        ({"routing_gates": True}, "set routing_generations too"),
     ],
 )
 def test_bad_routing_settings_are_refused_when_the_config_is_read(settings, message):
@@ -95,3 +97,77 @@ def test_held_out_calibration_problems_fall_in_both_halves():
 
     fit, check = halves(calibration_problems(CalibrateConfig(per_domain=4)))
     assert len(fit) > 30 and len(check) > 30
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_evolution_moves_the_router_to_the_expert():
+    """The router sends every prompt to twin b alone (k = 1): no table can fix a vote of one. The router's
+    offsets evolve with the table, and the routed vote learns to ask the expert a instead."""
+    problems, cands = _twins_outvote_the_expert()
+    logits = np.tile([0.0, 1.0, 0.5], (len(problems), 1))  # b, then c, then a
+    router = GateChoice(logits=logits, gates=_sigmoid, k=1)
+    assert router.chosen(list(cands)) == [["b"]] * len(problems)
+    start = {"add": {"a": 0.8, "b": 0.7, "c": 0.7}}
+
+    table_only = evolve_routing(problems, cands, start, generations=15, size=12, sigma=0.5, seed=3, router=None)
+    assert table_only.offsets is None
+    result = evolve_routing(problems, cands, start, generations=15, size=12, sigma=0.5, seed=3, router=router)
+    assert result.check_accuracy["start"] == pytest.approx(0.7, abs=0.1) and result.kept
+    a, b, c = result.offsets
+    assert a > b + 1.0 and a > c + 0.5  # a's gate is now the largest
+    every = list(range(len(problems)))
+    assert vote_accuracy(problems, cands, result.p, every, router.chosen(list(cands), np.array(result.offsets))) == (
+        pytest.approx(0.8)
+    )
+    again = evolve_routing(problems, cands, start, generations=15, size=12, sigma=0.5, seed=3, router=router)
+    assert again == result  # deterministic
+
+
+def test_gate_choice_takes_the_top_k_as_the_server_does():
+    logits = np.array([[0.0, 2.0, 2.0], [1.0, 0.0, np.nan]])
+    choice = GateChoice(logits=logits, gates=_sigmoid, k=2)
+    # ties go to the lower index; a row whose gates are not finite is voted by every member (unrouted)
+    assert choice.chosen(["a", "b", "c"]) == [["b", "c"], ["a", "b", "c"]]
+    assert choice.chosen(["a", "b", "c"], np.array([3.0, 0.0, -1.0]))[0] == ["a", "b"]  # voters in slot order
+
+
+@pytest.mark.parametrize(
+    "logits, k, message",
+    [
+        (np.zeros((4, 3)), 3, "k=3 of 3 members"),
+        (np.zeros((4, 3)), 0, "k=0 of 3 members"),
+        (np.zeros(3), 1, "must be \\[problems, members\\]"),
+    ],
+)
+def test_a_router_with_nothing_to_choose_is_refused(logits, k, message):
+    with pytest.raises(ValueError, match=message):
+        GateChoice(logits=logits, gates=_sigmoid, k=k)
+
+
+def test_router_logits_of_another_shape_are_refused():
+    problems, cands = _twins_outvote_the_expert(20)
+    router = GateChoice(logits=np.zeros((19, 3)), gates=_sigmoid, k=1)
+    with pytest.raises(ValueError, match="for 20 problems and 3 members"):
+        evolve_routing(problems, cands, {"add": {"a": 0.8, "b": 0.7, "c": 0.7}}, generations=1, router=router)
+
+
+def test_routing_gates_without_a_router_is_refused_before_the_engine_starts(tmp_path):
+    """A population with no router (or a broken one) is refused with the reason; nothing is written."""
+    from ensemble_serve.shared.population import read_manifest, write_manifest
+    from ensemble_serve.testing.servers import copy_embedded
+    from trainer.calibration.command import run_calibrate
+
+    pop = copy_embedded(tmp_path, as_shipped=True)
+    cfg = CalibrateConfig(population=pop, per_domain=1, routing_generations=2, routing_gates=True)
+    (pop / "router" / "router.safetensors").write_bytes(b"not a safetensors file")
+    before = (pop / "reliability.json").read_bytes()
+    with pytest.raises(ValueError, match="the population's router cannot be used"):
+        run_calibrate(cfg, engine=object())  # never reached: the router is checked first
+    manifest = read_manifest(pop)
+    write_manifest(pop, manifest.model_copy(update={"router": None}))
+    with pytest.raises(ValueError, match="this population has none"):
+        run_calibrate(cfg, engine=object())
+    assert (pop / "reliability.json").read_bytes() == before

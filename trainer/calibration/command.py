@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, field_validator, model_validator
 
 from ensemble_serve.shared.engine_config import EngineConfig
 from ensemble_serve.shared.offline_engine import OfflineEngine
-from ensemble_serve.shared.population import load_population, read_manifest, write_manifest
+from ensemble_serve.shared.population import Population, load_population, read_manifest, write_manifest
 from ensemble_serve.shared.population.reliability import (
     Estimate,
     Method,
@@ -39,10 +40,18 @@ from ensemble_serve.shared.population.reliability import (
     table_entry,
     write_reliability,
 )
-from ensemble_serve.shared.router import DEFAULT_FEATURE, RouterFeatures
+from ensemble_serve.shared.router import (
+    DEFAULT_FEATURE,
+    ROUTER_DIR,
+    Router,
+    RouterError,
+    RouterFeatures,
+    load_router,
+)
 from ensemble_serve.shared.voting import Candidate
 from trainer.calibration import routing
 from trainer.calibration.agreement import fit_one_coin
+from trainer.router.command import install_router
 from trainer.scoring import greedy_answers, is_right
 from trainer.settings import ALL_DOMAINS, FrozenConfig, RemoteSettings, check_difficulties, check_domains
 from trainer.tasks.sandbox import Problem, generate_problems, load_jsonl
@@ -74,6 +83,12 @@ class CalibrateConfig(FrozenConfig, RemoteSettings):
         "so the calibrated vote is right most often on half of the problems, the members frozen; the table is "
         "kept only if its vote beats the labelled table's on the other half (0: off).",
     )
+    routing_gates: bool = Field(
+        False,
+        description="With routing_generations: the router's per-member offsets (its logits' bias, which decide "
+        "each prompt's top-k) evolve with the table, and fitness is the routed calibrated vote of the default "
+        "request's k members; the router is rewritten with them when the table is kept. Needs a router.",
+    )
     routing_population: int = Field(12, ge=4, description="Tables per generation of the routing evolution.")
     routing_sigma: float = Field(
         0.5, gt=0, le=5, allow_inf_nan=False, description="Mutation step of the routing evolution (logits)."
@@ -90,6 +105,8 @@ class CalibrateConfig(FrozenConfig, RemoteSettings):
             raise ValueError(
                 "routing_generations evolves the table against checked answers: it needs labels: ground_truth"
             )
+        if self.routing_gates and not self.routing_generations:
+            raise ValueError("routing_gates evolves the router's offsets with the table: set routing_generations too")
         return self
 
 
@@ -165,6 +182,51 @@ def domain_centroids(base: Path, problems: Sequence[Problem], feature: str) -> d
     return out
 
 
+def gate_choice(population: Population, problems: Sequence[Problem]) -> tuple[routing.GateChoice, Router]:
+    """The population's router on these problems (logits computed once) and the default request's k.
+
+    k is the population's default ``members``, else the router entry's ``top_k``. Refused (ValueError):
+    no router, one that does not load for this population, no base model folder, k of every member."""
+    entry = population.manifest.router
+    if not entry:
+        raise ValueError(
+            "routing_gates evolves the population's router, and this population has none "
+            "(train one with `ensemble-train router`)"
+        )
+    if population.base_model_path is None:
+        raise ValueError("routing_gates needs the base model's folder (the router's features)")
+    try:
+        router = load_router(
+            population.root / str(entry.get("path", ROUTER_DIR)),
+            expected_members=population.names,
+            base_model=population.manifest.base_model.name,
+        )
+    except RouterError as e:
+        raise ValueError(f"routing_gates: the population's router cannot be used: {e}") from None
+    k = (population.manifest.ensemble_defaults or {}).get("members") or entry.get("top_k")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise ValueError(
+            "routing_gates: neither the population's default request nor its router says how many members a "
+            "routed request asks (set it with `ensemble-serve defaults DIR --set '{\"members\": K}'`)"
+        )
+    features = RouterFeatures(population.base_model_path)([p.prompt for p in problems], router.feature)
+    with torch.inference_mode():
+        logits = router.logits(features).double().numpy()
+
+    def gates(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return router.gates_from_logits(torch.from_numpy(x).to(router.out.weight.dtype)).double().numpy()
+
+    return routing.GateChoice(logits=logits, gates=gates, k=k), router
+
+
+def with_offsets(router: Router, offsets: Sequence[float]) -> Router:
+    """The router with `offsets` added to its output layer's bias (its logits), the rest unchanged."""
+    with torch.no_grad():
+        router.out.bias += torch.tensor(list(offsets), dtype=router.out.bias.dtype)
+    return router
+
+
 def vote_accuracy(problems: Sequence[Problem], cands: dict[str, list[Candidate]], per_domain: dict) -> float | None:
     """Accuracy of a `calibrated` vote of every member on these problems, with the given estimates."""
     if any(p.answer is None for p in problems):
@@ -193,6 +255,7 @@ def run_calibrate(cfg: CalibrateConfig, engine: OfflineEngine | None = None) -> 
         problems = [Problem(p.prompt, None, None, p.domain, p.difficulty) for p in problems]
     elif any(p.answer is None for p in problems):
         raise ValueError("labels: ground_truth needs an answer on every problem (or use labels: hidden)")
+    gates, router = gate_choice(population, problems) if cfg.routing_gates else (None, None)  # before the engine
     ecfg = EngineConfig(gpu_memory_utilization=cfg.gpu_memory_utilization)
     answers = greedy_answers(population, population.names, problems, cfg.max_tokens, ecfg, engine=engine, remote=cfg)
     cands: dict[str, list[Candidate]] = {m: row for m, row in answers.items() if m is not None}
@@ -213,6 +276,7 @@ def run_calibrate(cfg: CalibrateConfig, engine: OfflineEngine | None = None) -> 
             cfg.routing_sigma,
             cfg.seed,
             progress=True,
+            router=gates,
         )
         if routed.kept:
             method = "evolved"
@@ -251,7 +315,19 @@ def run_calibrate(cfg: CalibrateConfig, engine: OfflineEngine | None = None) -> 
             "best_per_generation": routed.best_per_generation,
             "kept": routed.kept,
         }
+        if gates is not None:
+            report["routing"]["gates"] = {"k": gates.k, "offsets": dict(zip(cands, routed.offsets or [], strict=True))}
     if not cfg.dry_run:
+        if router is not None and routed is not None and routed.kept:
+            # the router first: if it cannot be written, neither is the table (both stay as they were)
+            entry = dict(population.manifest.router or {})
+            entry["evolved"] = {
+                "generations": cfg.routing_generations,
+                "k": gates.k,
+                "check_accuracy": routed.check_accuracy,
+            }
+            install_router(population.root, with_offsets(router, routed.offsets or []), entry)
+            report["router_written"] = str(Path(population.root) / ROUTER_DIR)
         write_reliability(population.root, table)
         manifest = read_manifest(population.root)
         write_manifest(population.root, manifest.model_copy(update={"reliability": table_entry(table)}))
@@ -283,6 +359,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"-> {r['fit_accuracy']['evolved']:.3f}, on the check half {r['check_accuracy']['start']:.3f} -> "
             f"{r['check_accuracy']['evolved']:.3f}: {verdict}"
         )
+        if "gates" in r:
+            offsets = ", ".join(f"{m} {v:+.2f}" for m, v in r["gates"]["offsets"].items())
+            lines.append(f"  routed vote of the top {r['gates']['k']}; the router's evolved offsets: {offsets}")
+    if "router_written" in report:
+        lines.append(f"wrote the router with its evolved offsets into {report['router_written']}")
     if "written" in report:
         lines.append(f"wrote {report['written']} and the manifest's reliability entry")
     return "\n".join(lines)

@@ -14,6 +14,12 @@ labelled table, the starting point. The evolved table is kept only when its vote
 table's on the check half, which the search never saw; the report gives both figures. The comparison
 leans towards the labelled table: its estimates counted the check half's answers too.
 
+With the router (``routing_gates``), its per-member offsets evolve too: one number per member added to
+the router's logits (its output layer's bias), which moves who is in each prompt's top-k. Fitness is then
+the routed calibrated vote, the server's default request with ``route`` and ``members: k``: the members
+of the top-k gates, each weighted by its table entry. The router's logits on the problems are computed
+once (the router and the base model frozen), so a generation still costs votes only.
+
 Deterministic: everything random comes from one generator seeded with the config's seed.
 """
 
@@ -21,8 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -44,6 +50,8 @@ class RoutingResult:
     """The same on the check half (never seen by the search)."""
     best_per_generation: list[float]
     """The best fitness of each generation (fit half), for the record and the plot."""
+    offsets: list[float] | None = None
+    """With a router: the evolved per-member offsets of its logits (members in `cands` order), else None."""
 
     @property
     def kept(self) -> bool:
@@ -62,6 +70,43 @@ def halves(problems: Sequence[Problem]) -> tuple[list[int], list[int]]:
     return fit, check
 
 
+@dataclass(frozen=True)
+class GateChoice:
+    """The router's part of the routing channel: its logits on the problems, its gating rule, and k.
+
+    ``logits`` is ``[N, M]`` (problems x members in `cands` order), computed once; ``gates`` turns
+    logits into gates by the router's rule (softmax rows, or floored sigmoids at its temperature).
+    A prompt's voters are the members of its `k` largest gates, ties to the lower index, as the server
+    takes them; a row with a gate that is not finite is voted by every member (the server votes unrouted).
+    """
+
+    logits: np.ndarray
+    gates: Callable[[np.ndarray], np.ndarray] = field(compare=False)
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.logits.ndim != 2:
+            raise ValueError(f"router logits must be [problems, members], got shape {list(self.logits.shape)}")
+        if not 1 <= self.k < self.logits.shape[1]:
+            raise ValueError(
+                f"the routed vote asks k={self.k} of {self.logits.shape[1]} members: with every member (or none) "
+                "asked, the router's gates choose nothing to evolve"
+            )
+
+    def chosen(self, names: Sequence[str], offsets: np.ndarray | None = None) -> list[list[str]]:
+        """Per problem, the names of its voters under the router's logits moved by `offsets` ``[M]``."""
+        logits = self.logits if offsets is None else self.logits + offsets[None, :]
+        gates = np.asarray(self.gates(logits), dtype=np.float64)
+        out = []
+        for row in gates:
+            if not np.isfinite(row).all():
+                out.append(list(names))
+                continue
+            top = sorted(np.argsort(-row, kind="stable")[: self.k])
+            out.append([names[j] for j in top])
+        return out
+
+
 def _logit(p: float) -> float:
     q = min(max(p, P_MIN), P_MAX)
     return math.log(q / (1.0 - q))
@@ -72,15 +117,19 @@ def vote_accuracy(
     cands: Mapping[str, Sequence[Candidate]],
     p: Mapping[str, Mapping[str, float]],
     idx: Sequence[int],
+    chosen: Sequence[Sequence[str]] | None = None,
 ) -> float:
-    """The calibrated vote's accuracy on the problems `idx`, every member weighted by `p` of the problem's domain."""
+    """The calibrated vote's accuracy on the problems `idx`, each member weighted by `p` of the problem's domain.
+
+    Every member votes, or with `chosen` (per problem, e.g. :meth:`GateChoice.chosen`) only those."""
     if not idx:
         return 0.0
     right = 0
     for i in idx:
         d = problems[i].domain
-        weights = {m: log_odds_weight(p[d][m]) for m in cands}
-        result = vote([cands[m][i] for m in cands], "calibrated", VoteContext(member_weights=weights))
+        voters = list(cands) if chosen is None else chosen[i]
+        weights = {m: log_odds_weight(p[d][m]) for m in voters}
+        result = vote([cands[m][i] for m in voters], "calibrated", VoteContext(member_weights=weights))
         right += answer_is_right(result.answer, problems[i])
     return right / len(idx)
 
@@ -102,30 +151,44 @@ def evolve_routing(
     sigma: float = 0.5,
     seed: int = 0,
     progress: bool = False,
+    router: GateChoice | None = None,
 ) -> RoutingResult:
-    """Evolve the table's p (per domain and member) from `start` for `generations` generations of `size`.
+    """Evolve the table's p (per domain and member) from `start` for `generations` generations of `size`,
+    and with `router` its per-member offsets from 0 (fitness: the routed calibrated vote).
 
     Elitism (the best two stay), tournaments of three, uniform crossover, and a Gaussian step of `sigma`
-    on a quarter of the logits of each child."""
+    on a quarter of the genes (logits) of each child."""
     if generations < 1 or size < 4:
         raise ValueError("routing evolution needs at least 1 generation and a population of at least 4")
     members = list(cands)
     domains = sorted(start)
+    if router is not None and router.logits.shape != (len(problems), len(members)):
+        raise ValueError(
+            f"router logits of shape {list(router.logits.shape)} for {len(problems)} problems and {len(members)} members"
+        )
     fit, check = halves(problems)
-    x0 = np.array([[_logit(start[d][m]) for m in members] for d in domains])
+    table0 = np.array([[_logit(start[d][m]) for m in members] for d in domains])
+    n_table = table0.size
+    # one genome: the table's logits, then (with a router) one offset per member, starting at 0
+    g0 = np.concatenate([table0.ravel(), np.zeros(len(members) if router is not None else 0)])
     rng = np.random.default_rng(seed)
 
-    def table(x: np.ndarray) -> dict[str, dict[str, float]]:
+    def table(g: np.ndarray) -> dict[str, dict[str, float]]:
+        x = g[:n_table].reshape(table0.shape)
         return {
             d: {m: round(1.0 / (1.0 + math.exp(-x[i, j])), 6) for j, m in enumerate(members)}
             for i, d in enumerate(domains)
         }
 
-    def fitness(x: np.ndarray) -> tuple[float, float]:
-        return vote_accuracy(problems, cands, table(x), fit), -float(np.abs(x - x0).mean())
+    def accuracy(g: np.ndarray, idx: Sequence[int]) -> float:
+        chosen = router.chosen(members, g[n_table:]) if router is not None else None
+        return vote_accuracy(problems, cands, table(g), idx, chosen)
 
-    pop = [x0] + [x0 + rng.normal(0.0, sigma, x0.shape) for _ in range(size - 1)]
-    scores = [fitness(x) for x in pop]
+    def fitness(g: np.ndarray) -> tuple[float, float]:
+        return accuracy(g, fit), -float(np.abs(g - g0).mean())
+
+    pop = [g0] + [g0 + rng.normal(0.0, sigma, g0.shape) for _ in range(size - 1)]
+    scores = [fitness(g) for g in pop]
     best = []
     for _ in tqdm(range(generations), desc="routing evolution", disable=not progress, unit="gen", leave=False):
         order = sorted(range(size), key=lambda k: scores[k], reverse=True)
@@ -134,23 +197,17 @@ def evolve_routing(
         children = []
         while len(children) < size - 2:
             a, b = (_tournament(pop, scores, rng) for _ in range(2))
-            child = np.where(rng.random(x0.shape) < 0.5, a, b)
-            mask = rng.random(x0.shape) < 0.25
-            children.append(child + mask * rng.normal(0.0, sigma, x0.shape))
+            child = np.where(rng.random(g0.shape) < 0.5, a, b)
+            mask = rng.random(g0.shape) < 0.25
+            children.append(child + mask * rng.normal(0.0, sigma, g0.shape))
         pop = [pop[order[0]], pop[order[1]]] + children
-        scores = [scores[order[0]], scores[order[1]]] + [fitness(x) for x in children]
+        scores = [scores[order[0]], scores[order[1]]] + [fitness(g) for g in children]
     winner = pop[max(range(size), key=lambda k: scores[k])]
     best.append(round(max(scores)[0], 4))
-    evolved, labelled = table(winner), table(x0)
     return RoutingResult(
-        p=evolved,
-        fit_accuracy={
-            "start": round(vote_accuracy(problems, cands, labelled, fit), 4),
-            "evolved": round(vote_accuracy(problems, cands, evolved, fit), 4),
-        },
-        check_accuracy={
-            "start": round(vote_accuracy(problems, cands, labelled, check), 4),
-            "evolved": round(vote_accuracy(problems, cands, evolved, check), 4),
-        },
+        p=table(winner),
+        fit_accuracy={"start": round(accuracy(g0, fit), 4), "evolved": round(accuracy(winner, fit), 4)},
+        check_accuracy={"start": round(accuracy(g0, check), 4), "evolved": round(accuracy(winner, check), 4)},
         best_per_generation=best,
+        offsets=[round(float(v), 6) for v in winner[n_table:]] if router is not None else None,
     )
