@@ -48,9 +48,10 @@ embedded-population: install
 	$(BIN)/ensemble-train calibrate --population $(EMBEDDED)/population --labels ground_truth
 	$(BIN)/ensemble-serve defaults $(EMBEDDED)/population --set "$$(cat configs/ensemble-defaults.json)"
 
-# Rebuild the embedded real ensemble (about 70 minutes on 2 cores; configs/real/ says why each number):
-# natural-task data (train, and a dev split for evaluation and routing), 8 specialists, the two
-# compute-matched generalists bench/real.py compares them with, then the shipped copy.
+# Rebuild the embedded real ensemble (about 65 minutes on 2 cores; configs/real/ says why each number):
+# natural-task data (train, and a dev split for evaluation and routing), a shared seed and 8 specialists
+# branched from it (configs/real/init.yaml), the two compute-matched generalists bench/real.py compares
+# them with, then the shipped copy.
 REAL_RUNS := runs/real
 REAL_BASE = $$($(BIN)/ensemble-train base --embedded-real --path-only)
 embedded-real: install
