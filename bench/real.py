@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from _common import RESULTS, ServerSet, machine, md_table, write_json
 from scipy import stats
+from specialists import paired
 
 from ensemble_serve.shared.embedded import EMBEDDED_REAL_POPULATION, embedded_real_gguf
 from ensemble_serve.shared.gguf import cached_conversion
@@ -243,7 +244,10 @@ def summarise(name: str, rows: list[dict], reference: list[dict] | None) -> dict
         for f in NATURAL_FAMILIES
     }
     if reference is not None:
-        out["ensemble_minus_this"] = paired_diff([r["correct"] for r in reference], [r["correct"] for r in rows])
+        ours, theirs = [r["correct"] for r in reference], [r["correct"] for r in rows]
+        out["ensemble_minus_this"] = paired_diff(ours, theirs)
+        ratio = paired(ours, theirs)["error_ratio"]  # the ensemble's error / this one's, paired bootstrap
+        out["error_ratio"] = {"mean": round(ratio[0], 3), "low": round(ratio[1], 3), "high": round(ratio[2], 3)}
     return out
 
 
@@ -276,7 +280,8 @@ def main() -> None:
     ap.add_argument(
         "--from-rows",
         action="store_true",
-        help="no requests: summarise bench/results/real_rows.json (the rows of the last run; latency from real.json)",
+        help="no requests: summarise bench/results/NAME_rows.json (the last run's rows, and the baselines of "
+        "--baseline-rows; latency from NAME.json)",
     )
     args = ap.parse_args()
 
@@ -292,7 +297,10 @@ def main() -> None:
         old = (
             json.loads((RESULTS / f"{args.name}.json").read_text()) if (RESULTS / f"{args.name}.json").is_file() else {}
         )
-        report(args, problems, best, saved["seconds"], saved["rows"], old.get("latency"))
+        rows = saved["rows"]
+        if args.baseline_rows is not None:
+            rows.update(earlier_baselines(args.baseline_rows, problems, rows))
+        report(args, problems, best, saved["seconds"], rows, old.get("latency"))
         return
 
     results: dict[str, list[dict]] = {}
@@ -390,17 +398,20 @@ def run_baselines(
 
 
 def earlier_baselines(path: Path, problems: Sequence[Problem], results: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """The baselines' rows of an earlier run on the same problems (checked by count and family, in order)."""
+    """The baselines' rows of an earlier run on the same problems (checked by count and family, in order), and
+    the earlier population's default request (another recipe's ensemble, paired with this one)."""
     saved = json.loads(path.read_text())["rows"]
     out = {}
     for label, rows in saved.items():
-        if (
+        if label == "ensemble":
+            label = "earlier population's default request"
+        elif (
             label in results
             or label.startswith("ensemble")
             or label.startswith("best member")
             or label.startswith("router")
         ):
-            continue  # the earlier population's own conditions are not baselines of this one
+            continue  # the earlier population's other conditions (its members, its variants) are left out
         if [r["domain"] for r in rows] != [p.domain for p in problems]:
             raise SystemExit(
                 f"{path}: {label!r} was measured on other problems (use the same --per-cell and --exclude)"
@@ -434,12 +445,13 @@ def report(
     summary = {label: summarise(label, rows, None if label == "ensemble" else ref) for label, rows in results.items()}
     table = []
     for label, s in summary.items():
-        d = s.get("ensemble_minus_this")
+        d, e = s.get("ensemble_minus_this"), s.get("error_ratio")
         table.append(
             [
                 label,
                 f"{s['accuracy']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]",
                 "" if d is None else f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
+                "" if e is None else f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]",
                 s["tokens_per_problem"],
                 s.get("coverage", ""),
             ]
@@ -450,6 +462,7 @@ def report(
                 "condition",
                 "accuracy [95% CI]",
                 "ensemble minus this [95% CI]",
+                "ensemble's error / this one's [95% CI]",
                 "completion tokens / problem",
                 "answer found",
             ],
