@@ -155,18 +155,24 @@ def test_router_logits_of_another_shape_are_refused():
 
 
 def test_routing_gates_without_a_router_is_refused_before_the_engine_starts(tmp_path):
-    """A population with no router (or a broken one) is refused with the reason; nothing is written."""
+    """No router, a broken one, or a default request that names its members: refused with the reason before the
+    engine is asked anything; nothing is written."""
     from ensemble_serve.shared.population import read_manifest, write_manifest
     from ensemble_serve.testing.servers import copy_embedded
     from trainer.calibration.command import run_calibrate
 
     pop = copy_embedded(tmp_path, as_shipped=True)
     cfg = CalibrateConfig(population=pop, per_domain=1, routing_generations=2, routing_gates=True)
-    (pop / "router" / "router.safetensors").write_bytes(b"not a safetensors file")
     before = (pop / "reliability.json").read_bytes()
+    manifest = read_manifest(pop)
+    named = {**(manifest.ensemble_defaults or {}), "members": ["m00", "m01"]}  # a list bypasses the router
+    write_manifest(pop, manifest.model_copy(update={"ensemble_defaults": named}))
+    with pytest.raises(ValueError, match="names its members, so the router chooses none"):
+        run_calibrate(cfg, engine=object())
+    write_manifest(pop, manifest)
+    (pop / "router" / "router.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="the population's router cannot be used"):
         run_calibrate(cfg, engine=object())  # never reached: the router is checked first
-    manifest = read_manifest(pop)
     write_manifest(pop, manifest.model_copy(update={"router": None}))
     with pytest.raises(ValueError, match="this population has none"):
         run_calibrate(cfg, engine=object())

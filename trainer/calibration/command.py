@@ -204,6 +204,11 @@ def gate_choice(population: Population, problems: Sequence[Problem]) -> tuple[ro
     except RouterError as e:
         raise ValueError(f"routing_gates: the population's router cannot be used: {e}") from None
     k = (population.manifest.ensemble_defaults or {}).get("members") or entry.get("top_k")
+    if isinstance(k, list):
+        raise ValueError(
+            "routing_gates: the population's default request names its members, so the router chooses none; "
+            "set a count instead (`ensemble-serve defaults DIR --set '{\"members\": K}'`)"
+        )
     if not isinstance(k, int) or isinstance(k, bool):
         raise ValueError(
             "routing_gates: neither the population's default request nor its router says how many members a "

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -70,7 +70,7 @@ def halves(problems: Sequence[Problem]) -> tuple[list[int], list[int]]:
     return fit, check
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GateChoice:
     """The router's part of the routing channel: its logits on the problems, its gating rule, and k.
 
@@ -81,7 +81,7 @@ class GateChoice:
     """
 
     logits: np.ndarray
-    gates: Callable[[np.ndarray], np.ndarray] = field(compare=False)
+    gates: Callable[[np.ndarray], np.ndarray]
     k: int
 
     def __post_init__(self) -> None:
