@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 install:
 	bash scripts/install.sh
 
-# Serve the embedded ensemble (SmolLM2-135M-Instruct's specialists) on 127.0.0.1:8000; the first start
+# Serve the embedded ensemble (nine SmolLM2-135M-Instruct adapters) on 127.0.0.1:8000; the first start
 # converts the packaged model into ~/.cache/ensemble-serve/ (about 20 s). The toy: `ensemble-serve up --embedded sandbox`.
 serve: install
 	$(BIN)/ensemble-serve up
