@@ -36,7 +36,7 @@ from ensemble_serve.shared.offline_engine import OfflineEngine
 from ensemble_serve.shared.population import load_population
 from ensemble_serve.shared.voting import vote
 from trainer.calibration.command import CalibrateConfig, calibration_problems, gate_choice, labelled_estimates
-from trainer.calibration.routing import evolve_routing, vote_accuracy
+from trainer.calibration.routing import GateChoice, evolve_routing, vote_accuracy
 from trainer.scoring import answer_is_right, greedy_candidates
 from trainer.tasks.sandbox import generate_problems
 
@@ -60,15 +60,18 @@ def measure(engine: OfflineEngine, pop_dir: Path, seed: int, args: argparse.Name
     cands = {m: row for m, row in greedy_candidates(engine, names, cal, args.max_tokens, "auto").items()}
     per_domain, _ = labelled_estimates(cal, cands)
     start = {d: {m: e.p for m, e in row.items()} for d, row in per_domain.items()}
-    router = gate_choice(pop, cal)[0] if args.gates else None
+    test = generate_problems(args.test, 2026 + seed, split="heldout", difficulties=list(LEVELS))
+    router = test_router = None
+    if args.gates:  # the router's logits on both sets at once (one copy of the base for the features)
+        both = gate_choice(pop, [*cal, *test])[0]
+        router = GateChoice(logits=both.logits[: len(cal)], gates=both.gates, k=both.k)
+        test_router = GateChoice(logits=both.logits[len(cal) :], gates=both.gates, k=both.k)
     t0 = time.perf_counter()
     result = evolve_routing(cal, cands, start, args.generations, args.size, args.sigma, seed=4321 + seed, router=router)
     search_s = time.perf_counter() - t0
-    test = generate_problems(args.test, 2026 + seed, split="heldout", difficulties=list(LEVELS))
     tc = {m: row for m, row in greedy_candidates(engine, names, test, args.max_tokens, "auto").items()}
     every = list(range(len(test)))
-    if args.gates:  # the routed vote: the trained router's top-k, then the evolved offsets' top-k
-        test_router = gate_choice(pop, test)[0]
+    if test_router is not None:  # the routed vote: the trained router's top-k, then the evolved offsets' top-k
         trained, moved = test_router.chosen(names), test_router.chosen(names, np.array(result.offsets))
         test_votes = {
             "majority": round(majority_accuracy(test, tc, trained), 4),

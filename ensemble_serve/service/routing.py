@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ensemble_serve.shared.population import Population
-from ensemble_serve.shared.router import RouterError, RouterFeatures, load_router, safe_gates
+from ensemble_serve.shared.router import RouterError, RouterFeatures, load_population_router, safe_gates
 
 log = logging.getLogger("ensemble_serve")
 
@@ -31,11 +31,8 @@ class Routing:
         entry = population.manifest.router
         if not entry:
             return cls()
-        folder = population.root / str(entry.get("path", "router"))
         try:
-            router = load_router(
-                folder, expected_members=population.names, base_model=population.manifest.base_model.name
-            )
+            router = load_population_router(population)
             if population.base_model_path is None:
                 raise RouterError("the router needs the base model's folder for its features; the manifest has none")
             # a refresh (every evolve generation) keeps the base model's copy: the base cannot change under a server

@@ -46,7 +46,7 @@ from ensemble_serve.shared.router import (
     Router,
     RouterError,
     RouterFeatures,
-    load_router,
+    load_population_router,
 )
 from ensemble_serve.shared.voting import Candidate
 from trainer.calibration import routing
@@ -196,11 +196,7 @@ def gate_choice(population: Population, problems: Sequence[Problem]) -> tuple[ro
     if population.base_model_path is None:
         raise ValueError("routing_gates needs the base model's folder (the router's features)")
     try:
-        router = load_router(
-            population.root / str(entry.get("path", ROUTER_DIR)),
-            expected_members=population.names,
-            base_model=population.manifest.base_model.name,
-        )
+        router = load_population_router(population)
     except RouterError as e:
         raise ValueError(f"routing_gates: the population's router cannot be used: {e}") from None
     k = (population.manifest.ensemble_defaults or {}).get("members") or entry.get("top_k")

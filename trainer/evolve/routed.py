@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ensemble_serve.shared.population import Population
-from ensemble_serve.shared.router import RouterError, RouterFeatures, load_router, top_k
+from ensemble_serve.shared.router import RouterError, RouterFeatures, load_population_router, top_k
 from trainer.evolve.config import EvolveConfig
 from trainer.tasks.sandbox import Problem
 
@@ -47,10 +47,7 @@ class RoutedPeers:
         if population.base_model_path is None:
             raise RoutedPeersError("label_peers: routed needs the base model's folder (the router's features)")
         try:
-            self.router = load_router(
-                population.root / str(entry.get("path", "router")),
-                base_model=population.manifest.base_model.name,
-            )
+            self.router = load_population_router(population, check_members=False)  # positional: counted below
         except RouterError as e:
             raise RoutedPeersError(f"label_peers: routed: the population's router cannot be used: {e}") from None
         n = len(population.names)

@@ -28,7 +28,14 @@ from ensemble_serve.shared.router.model import (
     RouterVariant,
     anneal_temperature,
 )
-from ensemble_serve.shared.router.store import ROUTER_CONFIG, ROUTER_DIR, ROUTER_WEIGHTS, load_router, save_router
+from ensemble_serve.shared.router.store import (
+    ROUTER_CONFIG,
+    ROUTER_DIR,
+    ROUTER_WEIGHTS,
+    load_population_router,
+    load_router,
+    save_router,
+)
 
 __all__ = [
     "DEFAULT_FEATURE",
@@ -43,6 +50,7 @@ __all__ = [
     "RouterFeatures",
     "RouterVariant",
     "anneal_temperature",
+    "load_population_router",
     "load_router",
     "normalised_weights",
     "safe_gates",

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -23,7 +24,10 @@ from safetensors.torch import load_file, save
 from ensemble_serve.shared.fsutil import fsync_dir, remove_tree, tmp_dir_beside
 from ensemble_serve.shared.router.model import Router, RouterConfig, RouterError
 
-__all__ = ["ROUTER_CONFIG", "ROUTER_DIR", "ROUTER_WEIGHTS", "load_router", "save_router"]
+if TYPE_CHECKING:
+    from ensemble_serve.shared.population import Population
+
+__all__ = ["ROUTER_CONFIG", "ROUTER_DIR", "ROUTER_WEIGHTS", "load_population_router", "load_router", "save_router"]
 
 ROUTER_DIR = "router"
 """Name of the router folder inside a population directory (reserved by the population format)."""
@@ -158,3 +162,20 @@ def load_router(
     router = Router(cfg)
     router.load_state_dict(_read_weights(root, router))
     return router.eval()
+
+
+def load_population_router(population: Population, check_members: bool = True) -> Router | None:
+    """The router the population's manifest names (its ``router`` entry's folder), or None when it names none.
+
+    The base model is always checked; the member list too unless ``check_members`` is False (a trainer that
+    uses the gates by position while evolution renames the members checks their number itself). Every
+    failure is a :class:`RouterError`.
+    """
+    entry = population.manifest.router
+    if not entry:
+        return None
+    return load_router(
+        population.root / str(entry.get("path", ROUTER_DIR)),
+        expected_members=population.names if check_members else None,
+        base_model=population.manifest.base_model.name,
+    )
